@@ -1,0 +1,10 @@
+"""Fused token-weighted PPO loss (vocab-parallel) with a pure-torch reference.
+
+- ``token_logprob_entropy``: per-token log-prob + entropy without a float32 copy of the logits.
+- ``token_weighted_ppo_loss``: PPO/GSPO + KL + entropy loss composed from ``megatron_rl.algos`` on top.
+Triton kernels run for CUDA tensors when Triton is installed; otherwise the chunked torch path.
+"""
+from megatron_rl.kernels.backends import get_backend, register_backend, triton_available
+from megatron_rl.kernels.logprob import token_logprob_entropy
+
+__all__ = ["token_logprob_entropy", "get_backend", "register_backend", "triton_available"]
