@@ -1,0 +1,104 @@
+"""Build Megatron-Core `GPTModel`s (actor, reference, critic/discriminator trunk)
+from a `ModelArch`, for the current tensor/pipeline-parallel rank."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rl.models.hf_config import ModelArch, parse_dtype
+from megatron_rl.models.layer_specs import get_layer_spec, resolve_layer_spec_name
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Megatron splits the vocabulary evenly over TP ranks; pad only when needed."""
+    return ((vocab_size + tp - 1) // tp) * tp
+
+
+def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | None = None,
+                       sequence_parallel: bool = False, **overrides):
+    from megatron.core import parallel_state as mpu
+    from megatron.core.transformer import TransformerConfig
+
+    dt = parse_dtype(dtype)
+    tp = mpu.get_tensor_model_parallel_world_size()
+    pp = mpu.get_pipeline_model_parallel_world_size()
+    if arch.num_kv_heads % tp:
+        raise ValueError(f"num_key_value_heads={arch.num_kv_heads} is not divisible by tensor parallel size {tp}")
+    if arch.num_layers % pp:
+        raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pipeline parallel size {pp}")
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        params_dtype=dt,
+        pipeline_dtype=dt,
+        bf16=(dt == torch.bfloat16),
+        fp16=(dt == torch.float16),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=0.02,
+    )
+    if recompute in ("selective", "full"):
+        kwargs["recompute_granularity"] = recompute
+        if recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    elif recompute not in (None, "none"):
+        raise ValueError(f"recompute must be none|selective|full, got {recompute!r}")
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(arch: ModelArch, dtype="float32", layer_spec: str = "local", *,
+                vp_stage: int | None = None, **config_overrides):
+    """The GPTModel chunk for this rank (pre/post-process set from the PP stage).
+
+    Logits come out vocab-parallel (`parallel_output=True`): `[seq, batch, vocab/tp]`
+    or, through `megatron_rl.models.forward`, `[batch, seq, vocab/tp]`.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    cfg = transformer_config(arch, dtype, **config_overrides)
+    spec_name = resolve_layer_spec_name(layer_spec)
+    spec = get_layer_spec(spec_name)
+    tp = mpu.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size(arch.vocab_size, tp),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=mpu.is_pipeline_first_stage(ignore_virtual=True),
+        post_process=mpu.is_pipeline_last_stage(ignore_virtual=True),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )
+    model.arch = arch                   # what the weight mapping and engines read
+    model.layer_spec_name = spec_name
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny random HF checkpoints and multi-process launching."""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+                  intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=96, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, hidden_act="silu")
+
+
+def make_tiny_hf(out_dir, family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> str:
+    """Save a random tiny LlamaForCausalLM / Qwen2ForCausalLM as an HF directory."""
+    import transformers
+
+    cfg = dict(TINY_LLAMA, tie_word_embeddings=tie, **overrides)
+    if family == "qwen2":
+        cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        config = transformers.Qwen2Config(**cfg)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        config = transformers.LlamaConfig(**cfg)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():   # non-trivial norms and biases so the mapping is really tested
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in n else 0.0))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return str(out_dir)
+
+
+def _worker(rank, world, port, fn, args, errq):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    try:
+        torch.set_num_threads(1)
+        fn(rank, world, *args)
+    except Exception:
+        errq.put((rank, traceback.format_exc()))
+        raise
+
+
+def run_multiproc(fn, world: int = 2, args: tuple = ()) -> None:
+    """Run `fn(rank, world, *args)` in `world` spawned processes (gloo via env://)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    errq = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, errq)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    if not errq.empty():
+        rank, tb = errq.get()
+        raise AssertionError(f"rank {rank} failed:\n{tb}")
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise AssertionError(f"worker exit codes {bad}")
