@@ -6,5 +6,6 @@ Triton kernels run for CUDA tensors when Triton is installed; otherwise the chun
 """
 from megatron_rl.kernels.backends import get_backend, register_backend, triton_available
 from megatron_rl.kernels.logprob import token_logprob_entropy
+from megatron_rl.kernels.ppo_loss import token_weighted_ppo_loss
 
-__all__ = ["token_logprob_entropy", "get_backend", "register_backend", "triton_available"]
+__all__ = ["token_logprob_entropy", "token_weighted_ppo_loss", "get_backend", "register_backend", "triton_available"]
