@@ -33,6 +33,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
     Stable for large logits; -inf logits (masked vocabulary entries) contribute 0.
     """
-    probs = torch.softmax(logits, dim=-1)
-    finite_logits = torch.where(torch.isneginf(logits), torch.zeros_like(logits), logits)
-    return torch.logsumexp(logits, dim=-1) - (probs * finite_logits).sum(-1)
+    # Shift by the max first (entropy is shift-invariant) so lse(z) - E[z] does not cancel.
+    z = logits - logits.detach().amax(dim=-1, keepdim=True)
+    probs = torch.softmax(z, dim=-1)
+    finite_z = torch.where(torch.isneginf(z), torch.zeros_like(z), z)
+    return torch.logsumexp(z, dim=-1) - (probs * finite_z).sum(-1)
