@@ -143,3 +143,17 @@ def gae_advantage(token_rewards: torch.Tensor, values: torch.Tensor, response_ma
         adv[:, t] = last_gae
     returns = (adv + values) * valid
     return masked_whiten(adv, valid) * valid, returns
+
+
+@torch.no_grad()
+def groups_with_signal(token_rewards: torch.Tensor, group_index: Sequence[Hashable] | torch.Tensor,
+                       atol: float = 0.0) -> torch.Tensor:
+    """Bool `[batch]`: True where the sample's group has outcome rewards that differ.
+
+    DAPO's dynamic sampling drops groups whose rewards are all equal (their GRPO
+    advantage is 0, so they only dilute the batch); a group of one counts as no signal.
+    """
+    check_finite(token_rewards=token_rewards)
+    scores = token_rewards.sum(-1)
+    count, _, std = _group_stats(scores, _group_ids(group_index, scores.shape[0]))
+    return (count > 1) & (std > atol)

@@ -142,3 +142,9 @@ def test_uniform_adapter_ignores_unused_args_and_requires_needed_ones():
     with pytest.raises(ValueError, match="'gae' needs 'values'"):
         get_advantage_estimator("gae")(token_rewards=torch.zeros(1, 2), response_mask=torch.ones(1, 2),
                                        gamma=1.0, lam=1.0)
+
+
+def test_groups_with_signal_flags_groups_whose_rewards_differ():
+    from megatron_rl.algos import groups_with_signal
+    flags = groups_with_signal(_outcome([1.0, 1.0, 0.0, 1.0, 5.0]), ["a", "a", "b", "b", "c"])
+    assert flags.tolist() == [False, False, True, True, False]

@@ -1,0 +1,94 @@
+"""`AlgosConfig`: the YAML section that selects and parameterises the RL algorithm.
+
+Names are validated against the registries at construction, so a typo fails at
+config load with the list of valid names, not mid-run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_rl.algos.registry import (ADVANTAGE_ESTIMATORS, AGG_MODES, KL_CONTROLLERS, POLICY_LOSSES,
+                                        Registry)
+from megatron_rl.algos.token_weights import APPLY_TO
+
+
+@dataclass
+class VGRConfig:
+    """VGR token weights from the actor's attention (see `algos.vgr`)."""
+    enabled: bool = False
+    last_k: int | None = 4            # average the last k layers (None: all)
+    smooth_sigma: float = 0.0         # Gaussian smoothing along the response (0: off)
+    clip_min: float = 0.2
+    clip_max: float = 3.0
+
+
+@dataclass
+class AlgosConfig:
+    # Advantage estimation: a name in ADVANTAGE_ESTIMATORS and its parameters.
+    adv_estimator: str = "grpo"
+    gamma: float = 1.0
+    lam: float = 1.0
+    norm_by_std: bool = True          # False: Dr.GRPO (no std normalisation)
+    adv_eps: float = 1e-6
+
+    # Policy loss: a name in POLICY_LOSSES. GSPO wants tiny clip ranges (paper: 3e-4 / 4e-4).
+    policy_loss: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.2            # > clip_low: DAPO clip-higher
+    clip_c: float | None = 3.0        # dual-clip bound for negative advantages (None: off)
+    loss_agg_mode: str = "token-mean"
+    norm_len: int | None = None       # Dr.GRPO constant for seq-mean-token-sum-norm (None: response_len)
+
+    # KL to the reference: as a loss term and/or inside the reward.
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_kind: str = "low_var_kl"  # any KL_PENALTIES name, '+' suffix for straight-through
+    use_kl_in_reward: bool = False
+    kl_in_reward_kind: str = "kl"
+    kl_ctrl: str = "fixed"            # a name in KL_CONTROLLERS
+    kl_coef: float = 0.001
+    target_kl: float | None = None    # adaptive controller only
+    kl_horizon: float | None = None   # adaptive controller only
+
+    # Entropy bonus and critic.
+    entropy_coef: float = 0.0
+    value_clip: float | None = 0.5
+
+    # Token weights: where they apply ("pg" or "mask", see algos.token_weights).
+    token_weights_apply_to: str = "pg"
+    vgr: VGRConfig = field(default_factory=VGRConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vgr, dict):
+            self.vgr = VGRConfig(**self.vgr)
+        _check_name("algos.adv_estimator", self.adv_estimator, ADVANTAGE_ESTIMATORS)
+        _check_name("algos.policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_name("algos.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        _check_name("algos.kl_ctrl", self.kl_ctrl, KL_CONTROLLERS)
+        from megatron_rl.algos.kl import get_kl_penalty
+        for key in ("kl_loss_kind", "kl_in_reward_kind"):
+            try:
+                get_kl_penalty(getattr(self, key))
+            except ValueError as err:
+                raise ValueError(f"algos.{key}: {err}") from None
+        if self.token_weights_apply_to not in APPLY_TO:
+            raise ValueError(f"algos.token_weights_apply_to must be one of {APPLY_TO}, "
+                             f"got '{self.token_weights_apply_to}'")
+        if self.clip_c is not None and self.clip_c <= 1.0:
+            raise ValueError(f"algos.clip_c must be > 1 (or null), got {self.clip_c}")
+        if self.kl_ctrl == "adaptive" and (not self.target_kl or not self.kl_horizon):
+            raise ValueError("algos.kl_ctrl 'adaptive' needs algos.target_kl > 0 and algos.kl_horizon > 0")
+
+    def policy_loss_kwargs(self) -> dict:
+        """Keyword arguments for `POLICY_LOSSES[self.policy_loss]` beyond the tensors."""
+        kwargs = {"clip_low": self.clip_low, "clip_high": self.clip_high}
+        if self.policy_loss == "ppo":
+            kwargs["clip_c"] = self.clip_c
+        return kwargs
+
+
+def _check_name(key: str, name: str, registry: Registry) -> None:
+    try:
+        registry.lookup(name)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
