@@ -66,11 +66,13 @@ def kl_penalised_rewards(token_scores: torch.Tensor, old_logprob: torch.Tensor, 
                          response_mask: torch.Tensor, kl_coef: float, kind: str = "kl"):
     """KL-in-reward (PPO/RLHF style): r_t = score_t - kl_coef * KL_t on valid tokens.
 
-    Returns (rewards, mean KL over valid tokens) - the mean feeds `KLController.update`.
+    Returns (rewards, current KL) where current KL is the per-sequence token mean averaged
+    over sequences (as verl), the value `KLController.update` expects.
     """
     check_finite(token_scores=token_scores)
-    kl = kl_penalty(old_logprob, ref_logprob, kind) * (response_mask > 0).to(token_scores.dtype)
-    return token_scores - kl_coef * kl, masked_mean(kl, (response_mask > 0).to(kl.dtype))
+    valid = (response_mask > 0).to(token_scores.dtype)
+    kl = kl_penalty(old_logprob, ref_logprob, kind) * valid
+    return token_scores - kl_coef * kl, masked_mean(kl, valid, dim=-1).mean()
 
 
 class FixedKLController:

@@ -29,7 +29,7 @@ APPLY_TO = ("pg", "mask")
 
 def align_token_weights(weights: torch.Tensor | Sequence, response_len: int,
                         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Weights as a float tensor `[batch, response_len]`: rows padded with 1.0 or truncated.
+    """Weights as a float CPU tensor `[batch, response_len]`: rows padded with 1.0 or truncated.
 
     Accepts a 2-D tensor, a list of 1-D tensors or a list of lists (ragged rows allowed).
     Integer inputs are converted to float, never the other way round.

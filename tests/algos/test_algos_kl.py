@@ -88,3 +88,11 @@ def test_adaptive_controller_requires_target_and_horizon():
         kl_controller("adaptive", init_kl_coef=0.1, target_kl=1.0)
     with pytest.raises(ValueError, match="'fixed'"):
         kl_controller("adaptiv", init_kl_coef=0.1)
+
+
+def test_current_kl_is_mean_of_per_sequence_means():
+    old = torch.zeros(2, 3)
+    ref = -torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    _, current = kl_penalised_rewards(torch.zeros(2, 3), old, ref, mask, kl_coef=0.0)
+    assert current.item() == pytest.approx((1.0 + 4.0) / 2)
