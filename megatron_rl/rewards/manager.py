@@ -1,0 +1,158 @@
+"""Score a list of responses with the configured rewards.
+
+    manager = RewardManager(cfg.reward)
+    result = manager.score(responses, samples)        # or manager.score_batch(batch, responses)
+    result.scores, result.extras, result.token_weights, result.metrics
+
+A failing or timed-out call gets `fallback_score`, is counted (`reward/failures`,
+`reward/timeouts`) and logged with the sample's uid; the step goes on. A NaN or
+infinite score is a bug, not bad luck: it raises with the uid.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from megatron_rl.rewards.config import RewardConfig
+from megatron_rl.rewards.loader import load_function
+from megatron_rl.rewards.pool import FAIL, OK, TIMEOUT, WorkerPool
+from megatron_rl.rewards.registry import REWARDS, call_reward, get_reward
+
+log = logging.getLogger(__name__)
+
+
+def register_custom_functions(custom: dict[str, str]) -> None:
+    for name, spec in custom.items():
+        REWARDS.register(name)(load_function(spec))
+
+
+def _score_one(name: str, response: str, sample: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    # Runs in a worker: resolves by name so that nothing but plain data is pickled.
+    return call_reward(get_reward(name), response, sample, kwargs)
+
+
+@dataclass
+class RewardResult:
+    scores: list[float]
+    extras: list[dict[str, Any]]                       # per-sample info from dict returns
+    token_weights: list[Any | None]                    # per-sample weights, or None
+    reward_names: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RewardManager:
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+        register_custom_functions(cfg.custom_functions)
+        for name in {cfg.name, *cfg.data_source_map.values()}:
+            get_reward(name)                           # unknown names fail at start-up
+        self.pool = WorkerPool(cfg.executor, cfg.num_workers, cfg.timeout_s, cfg.mp_start_method,
+                               initializer=register_custom_functions, initargs=(dict(cfg.custom_functions),))
+
+    def reward_name(self, sample: dict[str, Any]) -> str:
+        cfg = self.cfg
+        source = sample.get("data_source")
+        if not cfg.select_by_data_source or source is None:
+            return cfg.name
+        name = cfg.data_source_map.get(source, source)
+        if name not in REWARDS:
+            raise ValueError(f"sample {sample.get('uid', '?')}: no reward for data_source '{source}'; "
+                             f"map it in reward.data_source_map or register a reward of that name "
+                             f"(registered: {sorted(REWARDS)})")
+        return name
+
+    def kwargs_for(self, name: str) -> dict[str, Any]:
+        kwargs = dict(self.cfg.kwargs.get(name, {}))
+        if name == "format":
+            kwargs.setdefault("pattern", self.cfg.format_pattern)
+        return kwargs
+
+    def score(self, responses: Sequence[str], samples: Sequence[dict[str, Any]]) -> RewardResult:
+        if len(responses) != len(samples):
+            raise ValueError(f"{len(responses)} responses for {len(samples)} samples")
+        names = [self.reward_name(s) for s in samples]
+        tasks = [(n, r, s, self.kwargs_for(n)) for n, r, s in zip(names, responses, samples)]
+        outcomes = self.pool.map(_score_one, tasks)
+
+        scores, extras, weights = [], [], []
+        failures = timeouts = 0
+        for (status, value), name, sample in zip(outcomes, names, samples):
+            uid = sample.get("uid", "?")
+            if status != OK:
+                failures += status == FAIL
+                timeouts += status == TIMEOUT
+                why = value if status == FAIL else f"timed out after {self.cfg.timeout_s}s"
+                log.warning("reward '%s' on sample %s: %s; using fallback_score=%s", name, uid, why,
+                            self.cfg.fallback_score)
+                value = self.cfg.fallback_score
+            score, extra, tw = _unpack(value, name, uid)
+            scores.append(score)
+            extras.append(extra)
+            weights.append(tw)
+        metrics = _metrics(scores, names, samples)
+        metrics.update({"reward/failures": float(failures), "reward/timeouts": float(timeouts)})
+        return RewardResult(scores, extras, weights, names, metrics)
+
+    def score_batch(self, batch, responses: Sequence[str]) -> RewardResult:
+        """Score a rolled-out `Batch`: sets `token_rewards` [B, R] (the score on the last
+        response token), `token_weights` when any reward returned them (1.0 elsewhere),
+        and `score`/`reward_extras` in each sample record."""
+        from megatron_rl.algos.token_weights import align_token_weights
+        from megatron_rl.rewards.token_rewards import to_token_rewards
+
+        result = self.score(responses, batch.samples)
+        mask = batch["response_mask"]
+        batch["token_rewards"] = to_token_rewards(result.scores, mask)
+        if any(w is not None for w in result.token_weights):
+            rows = [w if w is not None else [] for w in result.token_weights]
+            batch["token_weights"] = align_token_weights(rows, mask.shape[1], dtype=batch["token_rewards"].dtype)
+        for sample, score, extra in zip(batch.samples, result.scores, result.extras):
+            sample["score"] = score
+            sample["reward_extras"] = extra
+        return result
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> "RewardManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _unpack(value: Any, name: str, uid: str) -> tuple[float, dict[str, Any], Any | None]:
+    extra: dict[str, Any] = {}
+    token_weights = None
+    if isinstance(value, dict):
+        if "score" not in value:
+            raise TypeError(f"reward '{name}' returned a dict without 'score' for sample {uid}: {sorted(value)}")
+        extra = {k: v for k, v in value.items() if k not in ("score", "token_weights")}
+        token_weights = value.get("token_weights")
+        value = value["score"]
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"reward '{name}' returned {type(value).__name__} for sample {uid}; "
+                        f"expected a float or a dict with 'score'") from None
+    if not math.isfinite(score):
+        raise ValueError(f"reward '{name}' returned {score} for sample {uid}")
+    return score, extra, token_weights
+
+
+def _metrics(scores: list[float], names: list[str], samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    n = len(scores)
+    if n == 0:
+        return {}
+    mean = sum(scores) / n
+    out = {"reward/mean": mean, "reward/std": math.sqrt(sum((s - mean) ** 2 for s in scores) / n),
+           "reward/max": max(scores), "reward/min": min(scores)}
+    by_source: dict[str, list[float]] = {}
+    for s, sample in zip(scores, samples):
+        by_source.setdefault(str(sample.get("data_source", "")), []).append(s)
+    if len(by_source) > 1:
+        for source, vals in by_source.items():
+            out[f"reward/{source or 'unknown'}/mean"] = sum(vals) / len(vals)
+    return out
