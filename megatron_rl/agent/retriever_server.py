@@ -1,0 +1,197 @@
+"""A lexical (BM25) retriever over a JSONL corpus, served over HTTP.
+
+    python -m megatron_rl.agent.retriever_server --corpus corpus.jsonl [--port 8000] [--topk 3]
+
+API (Search-R1's): `POST /retrieve {"queries": [...], "topk": k, "return_scores": bool}`
+-> `{"result": [[{"document": {"id", "contents"}, "score"}, ...] per query]}`;
+`GET /health` -> `{"status": "ok", "documents": N}`. Bound to loopback by default:
+the server has no authentication. Corpus lines hold `id` and `contents`, or `title`
+and `text` (stored as `title\\ntext`, the first line becoming the title for clients).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+import numpy as np
+
+
+def load_corpus(path: str) -> list[dict]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
+            if "contents" in rec:
+                contents = rec["contents"]
+            elif "text" in rec:
+                contents = f"{rec['title']}\n{rec['text']}" if rec.get("title") else rec["text"]
+            else:
+                raise ValueError(f"{path}:{line_no}: expected 'contents' or 'title'+'text', "
+                                 f"got keys {sorted(rec)}")
+            docs.append({"id": str(rec.get("id", len(docs))), "contents": contents})
+    if not docs:
+        raise ValueError(f"{path}: corpus is empty")
+    return docs
+
+
+# Backends: build(list of texts) -> search(queries, k) -> (doc indices [Q, k], scores [Q, k]).
+BACKENDS: dict[str, Callable] = {}
+
+
+def register_backend(name: str):
+    def deco(fn):
+        BACKENDS[name] = fn
+        return fn
+    return deco
+
+
+@register_backend("bm25s")
+def _bm25s(texts: list[str]):
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    def search(queries: list[str], k: int):
+        tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
+        docs, scores = retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return docs, scores
+    return search
+
+
+@register_backend("rank_bm25")
+def _rank_bm25(texts: list[str]):
+    import re
+
+    from rank_bm25 import BM25Okapi
+
+    def tok(s):
+        return re.findall(r"\w\w+", s.lower())
+
+    bm25 = BM25Okapi([tok(t) for t in texts])
+
+    def search(queries: list[str], k: int):
+        scores = np.stack([bm25.get_scores(tok(q)) for q in queries])
+        idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return idx, np.take_along_axis(scores, idx, 1)
+    return search
+
+
+class BM25Index:
+    """The corpus plus a BM25 search function from the chosen backend."""
+
+    def __init__(self, docs: list[dict], backend: str = "bm25s"):
+        if backend not in BACKENDS:
+            raise KeyError(f"unknown retriever backend '{backend}'; available: {sorted(BACKENDS)}")
+        self.docs = docs
+        t0 = time.perf_counter()
+        self._search = BACKENDS[backend]([d["contents"] for d in docs])
+        self.build_s = time.perf_counter() - t0
+        self.backend = backend
+
+    def search(self, queries: list[str], topk: int, return_scores: bool = True) -> list[list[dict]]:
+        if not queries:
+            return []
+        k = max(1, min(topk, len(self.docs)))
+        idx, scores = self._search(queries, k)
+        out = []
+        for row_idx, row_scores in zip(idx, scores):
+            hits = []
+            for i, s in zip(row_idx.tolist(), row_scores.tolist()):
+                hit = {"document": dict(self.docs[i])}
+                if return_scores:
+                    hit["score"] = float(s)
+                hits.append(hit)
+            out.append(hits)
+        return out
+
+
+def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 8000,
+                default_topk: int = 3, max_queries: int = 4096) -> ThreadingHTTPServer:
+    """An HTTP server over `index` (not started: call `serve_forever()`; port 0 = any free)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):   # one line per request is noise at RL rates
+            pass
+
+        def _reply(self, code: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/health":
+                self._reply(200, {"status": "ok", "documents": len(index.docs), "backend": index.backend})
+            else:
+                self._reply(404, {"error": f"no route GET {self.path}; use GET /health or POST /retrieve"})
+
+        def do_POST(self):
+            if self.path.rstrip("/") != "/retrieve":
+                self._reply(404, {"error": f"no route POST {self.path}; use POST /retrieve"})
+                return
+            try:
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                queries = req["queries"]
+                if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+                    raise ValueError("'queries' must be a list of strings")
+                if len(queries) > max_queries:
+                    raise ValueError(f"{len(queries)} queries exceed the limit of {max_queries}")
+                topk = int(req.get("topk") or default_topk)
+                result = index.search(queries, topk, bool(req.get("return_scores", False)))
+            except (ValueError, KeyError, TypeError) as e:
+                self._reply(400, {"error": f"bad /retrieve request: {type(e).__name__}: {e}"})
+                return
+            self._reply(200, {"result": result})
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+    """Start `server` on a daemon thread (tests, notebooks); stop with `server.shutdown()`."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megatron-rl serve-retriever", description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True, help="JSONL with id+contents or title+text per line")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; no auth!)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--topk", type=int, default=3, help="hits per query when a request gives none")
+    p.add_argument("--backend", default="bm25s", choices=sorted(BACKENDS))
+    args = p.parse_args(argv)
+    docs = load_corpus(args.corpus)
+    index = BM25Index(docs, args.backend)
+    server = make_server(index, args.host, args.port, args.topk)
+    host, port = server.server_address[:2]
+    print(f"retriever: {len(docs)} documents indexed with {args.backend} in {index.build_s:.1f}s; "
+          f"serving http://{host}:{port}/retrieve", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
