@@ -37,6 +37,12 @@ def _combine(m, s, t, x_label, tp_group):
     return x_label - logz, entropy, logz
 
 
+def _local_labels(labels: torch.Tensor, vocab_local: int, tp_group) -> torch.Tensor:
+    """Flat int64 labels relative to this rank's first vocab id."""
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    return (labels.reshape(-1).to(torch.int64) - rank * vocab_local).contiguous()
+
+
 def _is_user_storage(t: torch.Tensor) -> bool:
     """True when writing into ``t`` would overwrite a leaf (parameters, user data)."""
     base = t if t._base is None else t._base
@@ -87,8 +93,7 @@ def token_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=N
     logits2d = logits.reshape(-1, vocab_local)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    labels_local = (labels.reshape(-1).to(torch.int64) - rank * vocab_local).contiguous()
+    labels_local = _local_labels(labels, vocab_local, tp_group)
     if inplace_backward and logits.requires_grad and _is_user_storage(logits2d):
         warnings.warn("token_logprob_entropy: inplace_backward ignored for leaf logits (would overwrite them)")
         inplace_backward = False

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_rl.kernels import token_logprob_entropy, token_weighted_ppo_loss
+from megatron_rl.kernels import linear_token_logprob, token_logprob_entropy, token_weighted_ppo_loss
 from tests.helpers import run_multiproc
 
 B, T, V = 2, 5, 40  # V split in halves of 20
@@ -46,7 +46,26 @@ def _tp_worker(rank, world):
     torch.testing.assert_close(h2, h1, atol=1e-12, rtol=0)
     torch.testing.assert_close(loss2, loss1, atol=1e-12, rtol=0)
     torch.testing.assert_close(grad2, grad1[..., rank * half:(rank + 1) * half], atol=1e-12, rtol=0)
+    _check_linear_tp(rank, group)
     dist.destroy_process_group()
+
+
+def _check_linear_tp(rank, group):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, T, 8, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    half = V // 2
+    results = []
+    for w, grp in ((weight, None), (weight[rank * half:(rank + 1) * half], group)):
+        h_in, w_in = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = linear_token_logprob(h_in, w_in, labels, tp_group=grp, chunk_tokens=3)
+        results.append((lp, ent, *torch.autograd.grad((lp + 0.5 * ent).sum(), (h_in, w_in))))
+    (lp1, h1, gh1, gw1), (lp2, h2, gh2, gw2) = results
+    torch.testing.assert_close(lp2, lp1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(h2, h1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gh2, gh1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gw2, gw1[rank * half:(rank + 1) * half], atol=1e-12, rtol=0)
 
 
 @pytest.mark.multiproc
