@@ -10,7 +10,8 @@ device-to-device copy bandwidth measured in the same run. "extra" is the peak
 allocation above logits + inputs during forward+backward, the returned gradient
 included (so out-of-place methods carry >= 100% for it). Shapes/methods that do not
 fit are reported as OOM. With --sweep, first times Triton launch configs on one shape
-and uses the fastest.
+and uses the fastest. A second table times the LM head + log-prob/entropy
+(hidden 4096): matmul then kernel vs ``linear_token_logprob`` (no full logits).
 
     PYTHONPATH=. python tools/bench_fused_loss.py [--sweep] [--iters 10]
 """
@@ -22,7 +23,7 @@ import statistics
 
 import torch
 
-from megatron_rl.kernels import token_logprob_entropy
+from megatron_rl.kernels import linear_token_logprob, token_logprob_entropy
 from megatron_rl.kernels import triton_logprob
 
 TOKENS = (8192, 32768)
@@ -119,11 +120,54 @@ def sweep(tokens=8192, vocab=128256, iters=5):
     torch.cuda.empty_cache()
 
 
+def linear_table(tokens=8192, hidden_size=4096, vocabs=(128256, 152064), iters=5):
+    """LM head + log-prob/entropy: matmul then fused kernel vs linear_token_logprob (no full logits)."""
+    print("\n| tokens | hidden | vocab | logits GB | method | fwd+bwd ms | peak extra GB | extra % logits |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|")
+    for vocab in vocabs:
+        hidden = (torch.randn(tokens, hidden_size, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+        weight = (torch.randn(vocab, hidden_size, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+        labels = torch.randint(0, vocab, (tokens,), device="cuda")
+        g = torch.randn(tokens, device="cuda")
+        methods = {
+            "matmul + naive-lp+ent": lambda: naive_lp_ent(hidden @ weight.T, labels),
+            "matmul + fused-inplace": lambda: token_logprob_entropy(hidden @ weight.T, labels, inplace_backward=True),
+            "linear_token_logprob": lambda: linear_token_logprob(hidden, weight, labels),
+        }
+        nbytes = tokens * vocab * 2
+        for name, fn in methods.items():
+            try:
+                runs = []
+                for _ in range(iters + 1):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    start.record()
+                    lp, h = fn()
+                    grads = torch.autograd.grad((lp * g + h * g).sum(), (hidden, weight))
+                    end.record()
+                    torch.cuda.synchronize()
+                    runs.append((start.elapsed_time(end), torch.cuda.max_memory_allocated() - base))
+                    del lp, h, grads
+                ms, extra = statistics.median(r[0] for r in runs[1:]), max(r[1] for r in runs[1:])
+                print(f"| {tokens} | {hidden_size} | {vocab} | {nbytes / 1e9:.2f} | {name} | {ms:.2f} | "
+                      f"{extra / 1e9:.2f} | {100 * extra / nbytes:.0f}% |", flush=True)
+            except torch.cuda.OutOfMemoryError:
+                print(f"| {tokens} | {hidden_size} | {vocab} | {nbytes / 1e9:.2f} | {name} | OOM | | |", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        del hidden, weight
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--no-linear", action="store_true", help="skip the LM-head (linear_token_logprob) table")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name} ({props.total_memory / 2**30:.0f} GiB)  torch {torch.__version__}  "
@@ -157,6 +201,8 @@ def main():
             del leaf, labels, g_lp, g_h
             gc.collect()
             torch.cuda.empty_cache()
+    if not args.no_linear:
+        linear_table(iters=args.iters)
 
 
 if __name__ == "__main__":

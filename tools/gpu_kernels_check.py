@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from megatron_rl.kernels import reference, token_logprob_entropy, token_weighted_ppo_loss
+from megatron_rl.kernels import linear_token_logprob, token_logprob_entropy, token_weighted_ppo_loss
 
 DEVICE = "cuda"
 TOL = {"logprob": 1e-4, "entropy": 1e-4, "grad": 2e-2}  # grad: bf16 output rounding dominates
@@ -75,6 +75,26 @@ def run_loss_case(seed=0):
     return ok
 
 
+def run_linear_case(seed=0, tokens=600, hidden_size=512, vocab=32000):
+    """linear_token_logprob on bf16: Triton path vs torch path (values, d hidden, d weight)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, device=DEVICE, generator=g).bfloat16()
+    weight = (torch.randn(vocab, hidden_size, device=DEVICE, generator=g) * 0.05).bfloat16()
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE, generator=g)
+    g_lp, g_h = torch.randn(tokens, device=DEVICE, generator=g), torch.randn(tokens, device=DEVICE, generator=g)
+    out = {}
+    for backend in ("torch", "triton"):
+        h_in, w_in = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent = linear_token_logprob(h_in, w_in, labels, chunk_tokens=128, backend=backend)
+        out[backend] = (lp.detach(), ent.detach(), *torch.autograd.grad((lp * g_lp + ent * g_h).sum(), (h_in, w_in)))
+    (lp0, e0, gh0, gw0), (lp1, e1, gh1, gw1) = out["torch"], out["triton"]
+    errs = {"logprob": rel_err(lp1, lp0), "entropy": rel_err(e1, e0), "grad": max(norm_rel_err(gh1, gh0),
+                                                                                  norm_rel_err(gw1, gw0))}
+    ok = all(errs[k] <= TOL[k] for k in errs)
+    print(f"{'ok  ' if ok else 'FAIL'} {f'linear bf16 {tokens}x{hidden_size}x{vocab}':<34} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
+    return ok
+
+
 def main() -> int:
     global DEVICE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,6 +124,7 @@ def main() -> int:
                                                           0.7, (-70, 70), 3, True)]
     ok = all([run_case(*c, seed=args.seed + i) for i, c in enumerate(cases)])
     ok = (args.cpu or run_loss_case(args.seed)) and ok
+    ok = (args.cpu or run_linear_case(args.seed)) and ok
     print("ALL OK" if ok else "FAILURES")
     return 0 if ok else 1
 
