@@ -162,16 +162,29 @@ def linear_table(tokens=8192, hidden_size=4096, vocabs=(128256, 152064), iters=5
         torch.cuda.empty_cache()
 
 
+def profile(tokens=8192, vocab=49152):
+    """Kernel-level breakdown of one fused-inplace forward+backward (torch.profiler)."""
+    leaf, labels, g_lp, g_h = make_inputs(tokens, vocab)
+    measure(fused_inplace, leaf, labels, g_lp, g_h, True, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(fused_inplace, leaf, labels, g_lp, g_h, True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--profile", action="store_true", help="also print a kernel breakdown at 8192 x 49152")
     ap.add_argument("--no-linear", action="store_true", help="skip the LM-head (linear_token_logprob) table")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name} ({props.total_memory / 2**30:.0f} GiB)  torch {torch.__version__}  "
           f"triton {__import__('triton').__version__}")
+    if args.profile:
+        profile()
     if args.sweep:
         sweep()
     bw = copy_bandwidth()
