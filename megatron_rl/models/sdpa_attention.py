@@ -1,0 +1,183 @@
+"""Core attention on PyTorch's fused kernels, and the "sdpa" layer spec.
+
+Megatron-Core's local `DotProductAttention` materialises the `[b, heads, s, s]`
+score tensor (baddbmm + fp32 softmax + bmm): at sequence 4096 that is most of a
+step's time and memory. `SDPAttention` keeps the same constructor and forward
+interface but calls `torch.nn.functional.scaled_dot_product_attention` (flash /
+memory-efficient kernels on GPU), and accepts packed sequences (THD layout with
+`PackedSeqParams.cu_seqlens_*`), which the local module refuses:
+
+- packed on CUDA: `torch.nn.attention.varlen.varlen_attn` (flash varlen, torch >= 2.10);
+- packed elsewhere (CPU, older torch): one causal SDPA call per sequence.
+
+The "sdpa" spec is Megatron's local spec with this core attention and, on GPU,
+Megatron's fused SwiGLU (`bias_swiglu_impl`, torch.compile'd and recomputing its
+input in backward). Use it where Transformer Engine is absent; "te" stays the GPU
+default when importable.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from megatron_rl.models.layer_specs import register_layer_spec
+
+
+def _varlen_fn():
+    """`varlen_attn` with a causal flag, or None where this torch lacks it.
+
+    torch 2.10 takes `is_causal=True`; 2.11+ takes `window_size=(-1, 0)`.
+    """
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None, False
+
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
+    return fn, "enable_gqa" in params
+
+
+_VARLEN, _VARLEN_GQA = _varlen_fn()
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in for `DotProductAttention` (same arguments) backed by fused SDPA kernels.
+
+    Inputs are `[s, b, heads, head_dim]` (or `[t, heads, head_dim]` when packed);
+    the output is `[s, b, heads * head_dim]` (or `[t, heads * head_dim]`). The mask is
+    Megatron's boolean convention, True = masked out; with no mask attention is causal.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention: context_parallel_size must be 1 (use the 'te' spec for CP)")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"SDPAttention: softmax_type {config.softmax_type!r} is not supported (only 'vanilla')")
+        if config.window_size is not None:
+            raise ValueError("SDPAttention: sliding-window attention is not supported")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups, tp)
+        self.head_dim = config.kv_channels
+        # apply_query_key_layer_scaling divides the scale by layer_number and the fp32
+        # softmax multiplies it back: the net scale is the plain one.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> Tensor:
+        if attention_bias is not None:
+            raise ValueError("SDPAttention: attention_bias is not supported")
+        p = self.dropout_p if self.training else 0.0
+        if packed_seq_params is not None:
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"SDPAttention: packed qkv_format {packed_seq_params.qkv_format!r}, expected 'thd'")
+            return self._packed(query, key, value, packed_seq_params, p)
+        # [s, b, n, d] -> [b, n, s, d]; SDPA takes the strided views as they are.
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if attention_mask is None:
+            causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and q.size(2) > 1
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal,
+                                                 scale=self.softmax_scale, enable_gqa=self.groups != self.heads)
+        else:
+            # The memory-efficient kernel takes a mask but not grouped kv heads: expand them.
+            k, v = self._expand_kv(k, v, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
+                                                 scale=self.softmax_scale)
+        sq, b = query.size(0), query.size(1)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def _expand_kv(self, k: Tensor, v: Tensor, dim: int):
+        if self.groups == self.heads:
+            return k, v
+        rep = self.heads // self.groups
+        return k.repeat_interleave(rep, dim=dim), v.repeat_interleave(rep, dim=dim)
+
+    def _packed(self, q: Tensor, k: Tensor, v: Tensor, params: PackedSeqParams, p: float) -> Tensor:
+        """q/k/v `[t, n, d]`; attention stays causal within each `cu_seqlens` segment."""
+        if p > 0:
+            raise ValueError("SDPAttention: attention dropout is not supported with packed sequences")
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+        if not torch.equal(cu_q, cu_k):
+            raise ValueError("SDPAttention: packed self-attention needs cu_seqlens_q == cu_seqlens_kv")
+        t = q.size(0)
+        if q.is_cuda and _VARLEN is not None:
+            if not _VARLEN_GQA:
+                k, v = self._expand_kv(k, v, dim=1)
+            cu = cu_q.to(device=q.device, dtype=torch.int32)
+            max_len = int(params.max_seqlen_q or (cu[1:] - cu[:-1]).max())
+            out = _VARLEN(q, k, v, cu, cu, max_len, max_len, self.softmax_scale)
+            return out.reshape(t, self.heads * self.head_dim)
+        k, v = self._expand_kv(k, v, dim=1)
+        lengths = (cu_q[1:] - cu_q[:-1]).tolist()
+        outs = []
+        for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+            qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs))   # [1, n, len, d]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=qs.size(2) > 1, scale=self.softmax_scale)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs).reshape(t, self.heads * self.head_dim)
+
+
+class FusedSwiGLUMLP(MLP):
+    """Megatron's MLP with its fused SwiGLU path switched on for this module only.
+
+    `bias_activation_fusion` is a global config flag our provider turns off for CPU
+    runs; the fused kernel is torch.compile'd and saves only the fc1 output.
+    """
+
+    def __init__(self, config: TransformerConfig, *args, **kwargs):
+        if config.gated_linear_unit and config.activation_func is F.silu and not config.bias_activation_fusion:
+            config = copy.copy(config)
+            config.bias_activation_fusion = True
+        super().__init__(config, *args, **kwargs)
+
+
+def sdpa_layer_spec(qk_layernorm: bool = False, fused_swiglu: Optional[bool] = None):
+    """Local spec with `SDPAttention`; `fused_swiglu` defaults to "on GPU"."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm))
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if fused_swiglu is None:
+        fused_swiglu = torch.cuda.is_available()
+    if fused_swiglu:
+        spec.submodules.mlp.module = FusedSwiGLUMLP
+    return spec
+
+
+@register_layer_spec("sdpa")
+def _sdpa_spec(qk_layernorm: bool = False):
+    return sdpa_layer_spec(qk_layernorm=qk_layernorm)
