@@ -10,6 +10,7 @@ non-daemon, delays interpreter exit until it returns).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -28,8 +29,9 @@ def guarded(fn: Callable, *args) -> tuple[str, Any]:
         return FAIL, f"{type(e).__name__}: {e}"
 
 
-def _noop() -> None:
-    return None
+def _worker_pid() -> int:
+    time.sleep(0.05)   # so that one fast worker cannot answer for a slow-starting one
+    return os.getpid()
 
 
 class WorkerPool:
@@ -49,12 +51,18 @@ class WorkerPool:
                 self._executor = ProcessPoolExecutor(
                     self.num_workers, mp_context=multiprocessing.get_context(self.mp_start_method),
                     initializer=self.initializer, initargs=self.initargs)
-                # Start every worker now, so that process start-up (imports, seconds) is
-                # not charged to the first calls' time limits.
-                wait([self._executor.submit(_noop) for _ in range(self.num_workers)])
+                self._wait_for_workers(self._executor)
             else:
                 self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="reward")
         return self._executor
+
+    def _wait_for_workers(self, executor: ProcessPoolExecutor, limit_s: float = 300.0) -> None:
+        """Block until every worker has answered once, so that process start-up (imports,
+        seconds under load) is not charged to the first calls' time limits."""
+        seen: set[int] = set()
+        give_up = time.monotonic() + limit_s
+        while len(seen) < self.num_workers and time.monotonic() < give_up:
+            seen.update(f.result() for f in [executor.submit(_worker_pid) for _ in range(self.num_workers)])
 
     def _discard(self) -> None:
         if self._executor is None:
@@ -76,7 +84,8 @@ class WorkerPool:
         while pending or inflight:
             while pending and len(inflight) < self.num_workers:
                 i = pending.popleft()
-                inflight[self._pool().submit(guarded, fn, *tasks[i])] = (i, time.monotonic() + self.timeout_s)
+                future = self._pool().submit(guarded, fn, *tasks[i])   # may start workers first
+                inflight[future] = (i, time.monotonic() + self.timeout_s)
             next_deadline = min(d for _, d in inflight.values())
             done, _ = wait(list(inflight), timeout=max(0.0, next_deadline - time.monotonic()),
                            return_when=FIRST_COMPLETED)

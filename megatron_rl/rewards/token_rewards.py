@@ -1,14 +1,21 @@
-"""Place sequence scores on tokens."""
+"""Place sequence scores on tokens.
+
+torch is imported on use: reward worker processes import this package, and their
+start-up time should not include torch's.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def to_token_rewards(scores: Sequence[float] | torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """[B, R] float: each row's score on its last valid response token (mask > 0), zero
     elsewhere. A row with an empty response gets nothing (its score cannot be placed)."""
+    import torch
+
     if response_mask.dim() != 2:
         raise ValueError(f"response_mask must be [B, R], got shape {tuple(response_mask.shape)}")
     scores = torch.as_tensor(scores, dtype=torch.float32)
