@@ -4,9 +4,10 @@
 ``token_logprob_entropy(hidden @ weight.T, labels)`` but computes the logits one
 chunk of tokens at a time (forward), and recomputes each chunk in backward where
 its gradient is written into the chunk in place and immediately contracted into
-``d hidden`` and ``d weight``. Peak extra memory is one chunk of logits plus a
-float32 ``d weight`` accumulator, against the whole ``[tokens, vocab]`` logits and
+``d hidden`` and ``d weight``. Peak extra memory is one chunk of logits (plus the
+``d weight`` that any backward returns), against the whole ``[tokens, vocab]`` logits and
 its gradient otherwise; the price is one extra LM-head matmul (the recompute).
+``d weight`` is accumulated in the weight's dtype (rounded once per chunk).
 """
 from __future__ import annotations
 
@@ -47,8 +48,7 @@ class _LinearTokenLogprob(torch.autograd.Function):
         grad_entropy = torch.zeros_like(logz) if grad_entropy is None else grad_entropy
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden2d) if need_hidden else None
-        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
         for lo, hi in _chunks(hidden2d.shape[0], ctx.chunk_rows):
             logits = hidden2d[lo:hi] @ weight.T
             ctx.backend.backward(logits, labels_local[lo:hi], ctx.inv_temp, logz[lo:hi], entropy[lo:hi],
@@ -56,12 +56,10 @@ class _LinearTokenLogprob(torch.autograd.Function):
             if need_hidden:
                 torch.matmul(logits, weight, out=grad_hidden[lo:hi])
             if need_weight:
-                grad_weight += (logits.T @ hidden2d[lo:hi]).to(acc_dtype)
+                grad_weight.addmm_(logits.T, hidden2d[lo:hi])  # fp32 inside the GEMM, no weight-sized temp
             del logits
         if need_hidden and ctx.tp_group is not None and dist.get_world_size(ctx.tp_group) > 1:
             dist.all_reduce(grad_hidden, group=ctx.tp_group)  # hidden is replicated over the vocab split
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
