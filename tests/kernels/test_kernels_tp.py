@@ -1,4 +1,4 @@
-"""Vocab-parallel (TP=2, gloo) log-prob/entropy and loss equal the unsplit TP=1 result."""
+"""Vocab-parallel (TP=2, gloo) log-prob/entropy, loss and LM-head form equal the unsplit TP=1 result."""
 import pytest
 import torch
 import torch.distributed as dist
