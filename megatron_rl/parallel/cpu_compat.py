@@ -98,5 +98,22 @@ def install_cpu_shims() -> bool:
     tutils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
+    # 6. LanguageModule.setup_embeddings_and_output_layer (tied embeddings under PP)
+    #    moves the shared weight with `weight.data.cuda()` before all-reducing it
+    #    between the first and last stage; keep it on the CPU for that call only.
+    from megatron.core.models.common.language_module import language_module as lm
+
+    orig_setup = lm.LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_on_cpu(self, *a, **k):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *aa, **kk: t  # type: ignore[assignment]
+        try:
+            return orig_setup(self, *a, **k)
+        finally:
+            torch.Tensor.cuda = cuda  # type: ignore[assignment]
+
+    lm.LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
     _INSTALLED = True
     return True

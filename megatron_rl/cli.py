@@ -1,0 +1,103 @@
+"""`megatron-rl` command line: train, convert, plot, serve-retriever, check-logits."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {}
+
+
+def command(name: str, help: str):
+    def deco(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+    return deco
+
+
+@command("train", "run RL training: megatron-rl train --config FILE [section.key=value ...]")
+def _train(sub):
+    sub.add_argument("--config", required=True)
+    sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.optim.lr=1e-6")
+
+    def run(args):
+        from megatron_rl.trainer.main import train_main
+        return train_main(args.config, args.overrides)
+    return run
+
+
+@command("convert", "convert checkpoints: hf-to-mcore | mcore-to-hf")
+def _convert(sub):
+    conv = sub.add_subparsers(dest="direction", required=True)
+    a = conv.add_parser("hf-to-mcore", help="HF safetensors dir -> Megatron distributed checkpoint")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--tp", type=int, default=1)
+    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--dtype", default="float32")
+    b = conv.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF safetensors dir")
+    b.add_argument("--mcore-dir", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--dtype", default=None)
+
+    def run(args):
+        from checkpoints_conversion.convert import main_hf_to_mcore, main_mcore_to_hf
+        return (main_hf_to_mcore if args.direction == "hf-to-mcore" else main_mcore_to_hf)(args)
+    return run
+
+
+@command("plot", "write a PNG of the reward and KL curves of a run: megatron-rl plot RUN_DIR")
+def _plot(sub):
+    sub.add_argument("run_dir")
+    sub.add_argument("--out", default=None)
+
+    def run(args):
+        from megatron_rl.logging import plot_run
+        print(plot_run(args.run_dir, args.out))
+    return run
+
+
+@command("serve-retriever", "start the BM25 retriever server for search agents")
+def _serve(sub):
+    sub.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args):
+        from megatron_rl.agent.retriever_server import main
+        return main(args.rest)
+    return run
+
+
+@command("check-logits", "compare Megatron and HF transformers logits of a checkpoint")
+def _check(sub):
+    sub.add_argument("--model", required=True, help="HF directory")
+    sub.add_argument("--tol", type=float, default=1e-3)
+
+    def run(args):
+        from megatron_rl.models.parity import main as parity_main
+        return parity_main(args.model, args.tol)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-rl", description="RL post-training on Megatron-Core")
+    subs = p.add_subparsers(dest="command", required=True)
+    runners = {}
+    for name, (fn, help_) in COMMANDS.items():
+        runners[name] = fn(subs.add_parser(name, help=help_, description=help_))
+    p.set_defaults(_runners=runners)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megatron_rl.config import ConfigError
+    try:
+        rc = args._runners[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

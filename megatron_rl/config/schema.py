@@ -1,0 +1,135 @@
+"""The root experiment config: typed sections with their defaults in one place.
+
+Sections owned by feature packages (data, reward, logging, agent, steering, ...) are
+defined next to their code and mounted here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_rl.algos.config import AlgosConfig
+from megatron_rl.data.config import DataConfig
+
+
+def _optional(module: str, name: str):
+    """Feature sections are mounted if their package provides one (keeps this file
+    importable while a feature is being built)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        @dataclass
+        class _Empty:
+            enable: bool = False
+        _Empty.__name__ = name
+        return _Empty
+
+
+RewardConfig = _optional("megatron_rl.rewards.config", "RewardConfig")
+LoggingConfig = _optional("megatron_rl.logging.config", "LoggingConfig")
+AgentConfig = _optional("megatron_rl.agent.config", "AgentConfig")
+SteeringConfig = _optional("megatron_rl.steering.config", "SteeringConfig")
+GADConfig = _optional("megatron_rl.trainer.gad_config", "GADConfig")
+TokenWeightsConfig = _optional("megatron_rl.trainer.token_weights_config", "TokenWeightsConfig")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""                    # HF directory or megatron-rl Megatron checkpoint
+    tokenizer_path: str | None = None  # defaults to `path`
+    dtype: str = "float32"            # float32 | bfloat16
+    layer_spec: str = "auto"          # auto | local | sdpa | te
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+    recompute: str = "none"           # none | selective | full
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"     # constant | cosine | linear
+    distributed_optimizer: bool | None = None   # None: on for GPU, off on CPU
+
+
+@dataclass
+class ActorConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    fused_loss: str = "auto"          # auto (fused kernels on GPU) | on | off
+    ppo_epochs: int = 1
+    mini_batch_size: int = 0          # samples per optimizer step; 0 = the whole batch
+    micro_batch_size: int = 4         # samples per forward/backward
+    max_tokens_per_microbatch: int = 0  # >0: dynamic micro-batches by token budget
+
+
+@dataclass
+class RefConfig:
+    enable: bool | None = None        # None: on when a KL term is used
+    offload: bool = False             # keep on CPU between uses (GPU only)
+
+
+@dataclass
+class CriticConfig:
+    enable: bool = False
+    path: str | None = None           # trunk init; defaults to model.path
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    cliprange_value: float = 0.5
+    ppo_epochs: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "native"            # native | vllm
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    val_greedy: bool = True
+    val_temperature: float = 0.0
+    logprob_mode: str = "recompute"   # recompute | rollout (use the engine's log-probs)
+    gpu_memory_utilization: float = 0.5   # vLLM
+    colocate: bool = True
+    weight_sync_bucket_mb: int = 256
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 10
+    seed: int = 1234
+    val_before_train: bool = True
+    val_every: int = 0                # 0: only before and after
+    save_every: int = 0               # 0: only at the end
+    keep_last: int = 2
+    run_dir: str = "runs/default"
+    resume: str = "auto"              # auto | none | PATH
+    deterministic: bool = False
+    critic_warmup: int = 0
+    num_threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    algos: AlgosConfig = field(default_factory=AlgosConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    gad: GADConfig = field(default_factory=GADConfig)
+    token_weights: TokenWeightsConfig = field(default_factory=TokenWeightsConfig)
