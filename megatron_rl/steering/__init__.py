@@ -1,6 +1,12 @@
 """SAE steering: sae-lens SAE loading, residual-stream interventions driven by a
 `SteeringController`, and a strength predictor trained with a GRPO-style policy gradient."""
 from megatron_rl.steering.config import PredictorConfig, SteeringConfig
-from megatron_rl.steering.sae import SAE, load_sae
+from megatron_rl.steering.sae import SAE, load_sae, save_sae
+from megatron_rl.steering.interventions import INTERVENTIONS, Intervention, build_intervention, register_intervention
+from megatron_rl.steering.hooks import capture_layer_output, find_layer, run_until_captured
+from megatron_rl.steering.controller import SCOPES, SteeringController
+from megatron_rl.steering.build import build_steering
 
-__all__ = ["SAE", "load_sae", "SteeringConfig", "PredictorConfig"]
+__all__ = ["SAE", "load_sae", "save_sae", "SteeringConfig", "PredictorConfig", "INTERVENTIONS", "Intervention",
+           "build_intervention", "register_intervention", "capture_layer_output", "find_layer",
+           "run_until_captured", "SCOPES", "SteeringController", "build_steering"]

@@ -266,3 +266,19 @@ def load_sae(path_or_release: str | Path, sae_id: str | None = None, device=None
         if key not in cfg:
             raise ValueError(f"{path / CFG_FILE}: missing {key!r}")
     return SAE(cfg, _read_weights(path, cfg, device, dtype), source=str(path))
+
+
+def save_sae(sae: SAE, path: str | Path) -> Path:
+    """Write `sae` in the sae-lens 6 layout (`cfg.json` with a `metadata` dict + safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta_keys = ("hook_name", "model_name", "hook_head_index", "sae_lens_version")
+    cfg = {k: v for k, v in sae.cfg.items() if k not in meta_keys}
+    cfg.update(dtype=str(sae.dtype).replace("torch.", ""), normalize_activations=sae.normalize_activations,
+               apply_b_dec_to_input=sae.apply_b_dec_to_input, architecture=sae.architecture,
+               metadata={"sae_lens_version": "6.0.0", **{k: sae.cfg[k] for k in meta_keys[:3] if k in sae.cfg}})
+    (path / CFG_FILE).write_text(json.dumps(cfg, indent=1))
+    save_file({k: v.contiguous().cpu() for k, v in sae.state_dict().items()}, str(path / WEIGHTS_FILE))
+    return path
