@@ -4,7 +4,7 @@
 
 API (Search-R1's): `POST /retrieve {"queries": [...], "topk": k, "return_scores": bool}`
 -> `{"result": [[{"document": {"id", "contents"}, "score"}, ...] per query]}`;
-`GET /health` -> `{"status": "ok", "documents": N}`. Bound to loopback by default:
+`GET /health` -> `{"status": "ok", "documents": N, ...}`. Bound to loopback by default:
 the server has no authentication. Corpus lines hold `id` and `contents`, or `title`
 and `text` (stored as `title\\ntext`, the first line becoming the title for clients).
 """
@@ -57,15 +57,23 @@ def register_backend(name: str):
 
 @register_backend("bm25s")
 def _bm25s(texts: list[str]):
+    """bm25s on numpy; with numba installed its compiled scorer (~15x more queries/s on
+    a 100k corpus), compiled here by a warm-up query so no request pays the JIT."""
+    import importlib.util
+
     import bm25s
 
-    retriever = bm25s.BM25()
+    backend = "numba" if importlib.util.find_spec("numba") is not None else "numpy"
+    retriever = bm25s.BM25(backend=backend)
     retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
 
     def search(queries: list[str], k: int):
         tokens = bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)
-        docs, scores = retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        docs, scores = retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1,
+                                          backend_selection=backend)
         return docs, scores
+    search(["warm up"], 1)
+    search.name = "bm25s" if backend == "numpy" else "bm25s+numba"
     return search
 
 
@@ -97,7 +105,7 @@ class BM25Index:
         t0 = time.perf_counter()
         self._search = BACKENDS[backend]([d["contents"] for d in docs])
         self.build_s = time.perf_counter() - t0
-        self.backend = backend
+        self.backend = getattr(self._search, "name", backend)
 
     def search(self, queries: list[str], topk: int, return_scores: bool = True) -> list[list[dict]]:
         if not queries:
@@ -136,7 +144,8 @@ def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 8000,
 
         def do_GET(self):
             if self.path.rstrip("/") == "/health":
-                self._reply(200, {"status": "ok", "documents": len(index.docs), "backend": index.backend})
+                self._reply(200, {"status": "ok", "documents": len(index.docs), "backend": index.backend,
+                                 "index_build_s": round(index.build_s, 3)})
             else:
                 self._reply(404, {"error": f"no route GET {self.path}; use GET /health or POST /retrieve"})
 

@@ -37,7 +37,8 @@ def test_scores_are_left_out_unless_asked_and_topk_defaults_to_server_value(retr
 def test_health_and_bad_requests(retriever):
     base = retriever.url.rsplit("/", 1)[0]
     with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-        assert json.loads(resp.read()) == {"status": "ok", "documents": 5, "backend": "bm25s"}
+        health = json.loads(resp.read())
+    assert (health["status"], health["documents"]) == ("ok", 5) and health["backend"].startswith("bm25s")
     with pytest.raises(urllib.error.HTTPError) as e:
         post(retriever.url, {"queries": "not a list"})
     assert e.value.code == 400 and "'queries' must be a list" in json.loads(e.value.read())["error"]
@@ -64,7 +65,7 @@ def test_module_entry_point_serves_on_loopback(corpus_path):
                              "--port", str(port), "--topk", "1"], stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}/retrieve"
-        for _ in range(200):
+        for _ in range(1200):          # up to a minute (numba, if installed, compiles first)
             try:
                 res = post(url, {"queries": ["Kelmar"]})
                 break
