@@ -179,19 +179,23 @@ def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
     return thread
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="megatron-rl serve-retriever", description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The server's options on `p` (a CLI can mount them on its own subcommand parser)."""
     p.add_argument("--corpus", required=True, help="JSONL with id+contents or title+text per line")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; no auth!)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--topk", type=int, default=3, help="hits per query when a request gives none")
     p.add_argument("--backend", default="bm25s", choices=sorted(BACKENDS))
-    args = p.parse_args(argv)
+    return p
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load, index and serve until interrupted (args from `add_arguments`)."""
     docs = load_corpus(args.corpus)
     index = BM25Index(docs, args.backend)
     server = make_server(index, args.host, args.port, args.topk)
     host, port = server.server_address[:2]
-    print(f"retriever: {len(docs)} documents indexed with {args.backend} in {index.build_s:.1f}s; "
+    print(f"retriever: {len(docs)} documents indexed with {index.backend} in {index.build_s:.1f}s; "
           f"serving http://{host}:{port}/retrieve", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -200,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megatron-rl serve-retriever", description=__doc__.split("\n")[0])
+    return serve(add_arguments(p).parse_args(argv))
 
 
 if __name__ == "__main__":
