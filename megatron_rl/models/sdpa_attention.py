@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -134,13 +135,17 @@ class SDPAttention(MegatronModule):
         if not torch.equal(cu_q, cu_k):
             raise ValueError("SDPAttention: packed self-attention needs cu_seqlens_q == cu_seqlens_kv")
         t = q.size(0)
+        global _VARLEN
         if q.is_cuda and _VARLEN is not None:
-            if not _VARLEN_GQA:
-                k, v = self._expand_kv(k, v, dim=1)
             cu = cu_q.to(device=q.device, dtype=torch.int32)
             max_len = int(params.max_seqlen_q or (cu[1:] - cu[:-1]).max())
-            out = _VARLEN(q, k, v, cu, cu, max_len, max_len, self.softmax_scale)
-            return out.reshape(t, self.heads * self.head_dim)
+            kx, vx = (k, v) if _VARLEN_GQA else self._expand_kv(k, v, dim=1)
+            try:
+                out = _VARLEN(q, kx, vx, cu, cu, max_len, max_len, self.softmax_scale)
+                return out.reshape(t, self.heads * self.head_dim)
+            except (RuntimeError, TypeError, NotImplementedError) as e:   # e.g. no flash kernel for this dtype/arch
+                warnings.warn(f"SDPAttention: varlen_attn failed ({e}); using one SDPA call per sequence")
+                _VARLEN = None
         k, v = self._expand_kv(k, v, dim=1)
         lengths = (cu_q[1:] - cu_q[:-1]).tolist()
         outs = []
