@@ -7,7 +7,9 @@ all samples are answered in one `batch_call` per tool and injected as
 corrective note. Injected tokens carry `info_mask` 1, `rollout_logprob` 0 and (with
 `state_masking`) `response_mask` 0: the policy is never trained to predict tool output.
 After `max_turns` tool turns one last turn runs without tools. The wrapper speaks the
-same protocol, so it composes with steering or any other wrapper.
+same protocol, so it composes with steering or any other wrapper. The inner engine
+sees each row's sample dict plus `agent_turn` and `agent_index` (its row in the
+expanded batch), e.g. for per-sample seeding or steering strengths.
 """
 from __future__ import annotations
 
@@ -106,7 +108,9 @@ class AgentRolloutEngine:
             mask[r, width - len(c):] = 1
         samples = [dict(rows.samples[i], agent_turn=turn, agent_index=i) for i in active]
         left = max(budget - len(episodes[i].tokens) for i in active)
-        turn_sampling = replace(sampling, n=1, stop=stops, max_new_tokens=min(sampling.max_new_tokens, left))
+        seed = None if sampling.seed is None else sampling.seed + turn    # fresh noise per turn
+        turn_sampling = replace(sampling, n=1, stop=stops, seed=seed,
+                                max_new_tokens=min(sampling.max_new_tokens, left))
         out = self.engine.generate(Batch({"prompt_ids": ids, "prompt_mask": mask}, samples), turn_sampling)
         if len(out) != len(active):
             raise RuntimeError(f"inner engine {type(self.engine).__name__} returned {len(out)} rows "

@@ -77,3 +77,8 @@ def test_module_entry_point_serves_on_loopback(corpus_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_server_module_does_not_import_torch():
+    code = "import sys, megatron_rl.agent.retriever_server; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
