@@ -16,10 +16,13 @@ _INSTALLED = False
 
 
 class _CpuTorchProxy(types.ModuleType):
-    """A stand-in for the `torch` module seen by schedules.py: `device="cuda"` -> cpu.
+    """A stand-in for the `torch` module of a few Megatron modules: tensor factories
+    called with `device="cuda"` make CPU tensors instead.
 
-    megatron/core/pipeline_parallel/schedules.py (0.16.1) calls
-    `torch.zeros([], dtype=torch.int, device="cuda")` for token counting.
+    Megatron-Core 0.16.1 does this in pipeline_parallel/schedules.py (token counts),
+    optimizer/optimizer.py (loss-scale and found-inf scalars), optimizer/clip_grads.py
+    (norm accumulators), distributed/param_and_grad_buffer.py (a warm-up tensor) and
+    utils.py (the local multi-tensor L2 norm).
     """
 
     def __init__(self):
@@ -29,10 +32,22 @@ class _CpuTorchProxy(types.ModuleType):
         return getattr(torch, name)
 
     @staticmethod
-    def zeros(*args, **kwargs):
+    def _cpu(kwargs):
         if str(kwargs.get("device", "cpu")).startswith("cuda"):
             kwargs["device"] = "cpu"
-        return torch.zeros(*args, **kwargs)
+        return kwargs
+
+    def zeros(self, *args, **kwargs):
+        return torch.zeros(*args, **self._cpu(kwargs))
+
+    def ones(self, *args, **kwargs):
+        return torch.ones(*args, **self._cpu(kwargs))
+
+    def empty(self, *args, **kwargs):
+        return torch.empty(*args, **self._cpu(kwargs))
+
+    def tensor(self, *args, **kwargs):
+        return torch.tensor(*args, **self._cpu(kwargs))
 
 
 def install_cpu_shims() -> bool:
@@ -79,10 +94,13 @@ def install_cpu_shims() -> bool:
     if hasattr(mrandom, "initialize_rng_tracker"):
         mrandom.initialize_rng_tracker = lambda *a, **k: None
 
-    # 4. schedules.py's `torch.zeros(..., device="cuda")` (see _CpuTorchProxy).
-    from megatron.core.pipeline_parallel import schedules
+    # 4. Tensor factories with device="cuda" (see _CpuTorchProxy).
+    import importlib
 
-    schedules.torch = _CpuTorchProxy()
+    for mod in ("megatron.core.pipeline_parallel.schedules", "megatron.core.optimizer.optimizer",
+                "megatron.core.optimizer.clip_grads", "megatron.core.distributed.param_and_grad_buffer",
+                "megatron.core.utils"):
+        importlib.import_module(mod).torch = _CpuTorchProxy()
 
     # 5. transformer/utils.py `get_default_causal_mask` builds its mask with
     #    device="cuda"; fusions/fused_softmax.py imported it by name.
@@ -114,6 +132,23 @@ def install_cpu_shims() -> bool:
             torch.Tensor.cuda = cuda  # type: ignore[assignment]
 
     lm.LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+    # 7. optimizer/clip_grads.py `clip_grad_by_total_norm_fp32` asserts
+    #    `param.grad.type() == 'torch.cuda.FloatTensor'`; same math on CPU tensors.
+    from megatron.core.optimizer import clip_grads, optimizer as moptimizer
+
+    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for g in grads:
+                g.mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
 
     _INSTALLED = True
     return True
