@@ -1,0 +1,99 @@
+"""`StrengthPredictorTrainer`: the optimizer, update step, metrics and checkpoint state of the
+strength predictor. The LLM is frozen: its parameters must have requires_grad False and none of
+them may reach this optimizer (asserted at construction)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from megatron_rl.steering.config import PredictorConfig
+from megatron_rl.steering.predictor import StrengthPredictor, predictor_pg_loss
+
+
+def _params(modules) -> list[torch.nn.Parameter]:
+    if modules is None:
+        return []
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    return [p for m in modules for p in m.parameters()]
+
+
+class StrengthPredictorTrainer:
+    """Adam over the predictor only. `feature_names` label metrics `steer/strength_mean/<name>`."""
+
+    def __init__(self, predictor: StrengthPredictor, frozen_llm=None, lr: float = 1e-3,
+                 feature_names: Sequence | None = None, max_grad_norm: float | None = 1.0):
+        self.predictor, self.max_grad_norm = predictor, max_grad_norm
+        llm_params = _params(frozen_llm)
+        trainable = [n for m in (frozen_llm if isinstance(frozen_llm, (list, tuple)) else [frozen_llm])
+                     if m is not None for n, p in m.named_parameters() if p.requires_grad]
+        if trainable:
+            raise ValueError(f"the LLM must be frozen for predictor training; {len(trainable)} parameters have "
+                             f"requires_grad=True, e.g. {trainable[:3]}")
+        self.optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
+        llm_ids = {id(p) for p in llm_params}
+        leaked = [n for n, p in predictor.named_parameters() if id(p) in llm_ids]
+        if leaked:
+            raise AssertionError(f"LLM parameters in the predictor optimizer: {leaked}")
+        n = predictor.n_features
+        self.feature_names = [str(f) for f in (feature_names if feature_names is not None else range(n))]
+        if len(self.feature_names) != n:
+            raise ValueError(f"{len(self.feature_names)} feature_names for a predictor with {n} features")
+        self.steps = 0
+
+    def step(self, reprs: torch.Tensor, strengths: torch.Tensor, rewards: torch.Tensor, group_index) -> dict:
+        """One policy-gradient update from sampled `strengths [N, F]` and their `rewards [N]`.
+
+        `reprs` is `[N, H]` or the `[B, H]` prompt representations with N = B * n (rows grouped per
+        prompt as `StrengthPredictor.sample` returns them). Log-probs are recomputed here, so the
+        rollout may happen in between without keeping a graph alive.
+        """
+        if reprs.shape[0] != strengths.shape[0]:
+            if strengths.shape[0] % reprs.shape[0]:
+                raise ValueError(f"{strengths.shape[0]} strengths rows for {reprs.shape[0]} prompt reprs")
+            reprs = reprs.repeat_interleave(strengths.shape[0] // reprs.shape[0], dim=0)
+        self.predictor.train()
+        loss = predictor_pg_loss(self.predictor.log_prob(reprs.detach(), strengths), rewards, group_index)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if self.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+        metrics = self.metrics(strengths, rewards)
+        metrics["steer/pg_loss"] = float(loss.detach())
+        if grad_norm is not None:
+            metrics["steer/grad_norm"] = float(grad_norm)
+        return metrics
+
+    @torch.no_grad()
+    def metrics(self, strengths: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
+        """Per-feature mean/std of the sampled strengths, the policy std, and the mean reward."""
+        s = strengths.detach().float()
+        std = s.std(0) if s.shape[0] > 1 else torch.zeros(s.shape[1])
+        pol = self.predictor.std()
+        out = {}
+        for i, name in enumerate(self.feature_names):
+            out[f"steer/strength_mean/{name}"] = float(s[:, i].mean())
+            out[f"steer/strength_std/{name}"] = float(std[i])
+            out[f"steer/policy_std/{name}"] = float(pol[i])
+        if rewards is not None:
+            out["steer/reward_mean"] = float(rewards.float().mean())
+        return out
+
+    def state_dict(self) -> dict:
+        return {"predictor": self.predictor.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.predictor.load_state_dict(state["predictor"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state.get("steps", 0))
+
+
+def build_predictor(cfg: PredictorConfig, d_model: int, n_features: int, frozen_llm=None,
+                    feature_names: Sequence | None = None) -> tuple[StrengthPredictor, StrengthPredictorTrainer]:
+    predictor = StrengthPredictor(d_model, n_features, hidden=cfg.hidden, min_strength=cfg.min_strength,
+                                  max_strength=cfg.max_strength, init_std=cfg.init_std, learn_std=cfg.learn_std)
+    return predictor, StrengthPredictorTrainer(predictor, frozen_llm, lr=cfg.lr, feature_names=feature_names)
