@@ -46,3 +46,28 @@ class SteeringConfig:
     scope: str = "all"              # all | prompt | generated tokens
     logprob_mode: str = "recompute"  # recompute | rollout_is
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+
+    def __post_init__(self) -> None:
+        from megatron_rl.steering.controller import SCOPES
+        from megatron_rl.steering.interventions import INTERVENTIONS
+        from megatron_rl.steering.predictor import POOLING
+
+        if isinstance(self.predictor, dict):
+            self.predictor = PredictorConfig(**self.predictor)
+        checks = [("mode", self.mode, INTERVENTIONS), ("scope", self.scope, SCOPES),
+                  ("logprob_mode", self.logprob_mode, ("recompute", "rollout_is")),
+                  ("predictor.repr", self.predictor.repr, POOLING)]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"steering.{key} must be one of {'|'.join(sorted(allowed))}, got {value!r}")
+        n = len(self.feature_idxs)
+        for key in ("max_activations", "strengths"):
+            vals = getattr(self, key)
+            if vals and len(vals) != n:
+                raise ValueError(f"steering.{key} has {len(vals)} entries but feature_idxs has {n}")
+        if self.enable and n == 0:
+            raise ValueError("steering.enable is true but steering.feature_idxs is empty")
+        p = self.predictor
+        if p.enable and not p.max_strength > p.min_strength:
+            raise ValueError(f"steering.predictor.max_strength={p.max_strength} must exceed "
+                             f"min_strength={p.min_strength}")
