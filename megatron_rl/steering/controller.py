@@ -9,6 +9,7 @@ Lifecycle (engine side):
     with ctl.disabled(): ...                       # hook removed: zero cost, e.g. reference forward
     ctl.detach()
 
+Per-sample strengths travel in the batch as the tensor `steer_strengths [B, F]`.
 Steering is part of the behaviour policy: when the LLM is trained on steered rollouts, the
 trainer must recompute old log-probs with the same per-sample strengths and positions
 (`logprob_mode: recompute`) -- call set_strengths/set_positions per micro-batch.
@@ -38,6 +39,13 @@ def _sequence_parallel_slice(mask: torch.Tensor, s_local: int) -> torch.Tensor:
         raise ValueError(f"steering positions cover {mask.shape[0]} tokens but the hooked layer saw {s_local} "
                          f"(TP={tp}); call set_positions with the current forward's [B, S] mask")
     return mask[rank * s_local:(rank + 1) * s_local]
+
+
+def generated_positions(prompt_len: int, response_len: int, batch: int, device=None) -> torch.Tensor:
+    """`[B, P + R]` is_generated mask for a `prompt_ids ++ response_ids` training forward."""
+    gen = torch.zeros(batch, prompt_len + response_len, dtype=torch.bool, device=device)
+    gen[:, prompt_len:] = True
+    return gen
 
 
 class SteeringController:
@@ -134,6 +142,21 @@ class SteeringController:
         if mask.shape[0] != s_local:
             mask = _sequence_parallel_slice(mask, s_local)
         return mask
+
+    @contextmanager
+    def use(self, strengths: torch.Tensor | None = None, is_generated: torch.Tensor | None = None):
+        """Set strengths and positions for the forwards inside the block, restore them after.
+
+        For the trainer's log-prob recompute per micro-batch: strengths = the batch's
+        `steer_strengths [B, F]`, is_generated = `generated_positions(P, R, B)`.
+        """
+        saved = self._strengths, self._is_generated
+        self.set_strengths(strengths)
+        self.set_positions(is_generated)
+        try:
+            yield self
+        finally:
+            self._strengths, self._is_generated = saved
 
     # --- the hook --------------------------------------------------------------------------------
     def _hook(self, _module, _inputs, output):

@@ -184,3 +184,23 @@ def test_strength_rows_must_match_batch(tiny_model, ids):
             logits_of(tiny_model, ids)
     finally:
         ctl.detach()
+
+
+def test_recompute_forward_with_use_matches_split_rollout_forwards(tiny_model, ids):
+    """Trainer recompute (one prompt++response forward under `use`) sees the same steered logits
+    at response positions as the rollout's prefill (prompt, all False) followed by its response."""
+    from megatron_rl.steering import generated_positions
+
+    ctl = controller(tiny_model, feats=(3,), scope="generated")
+    s = torch.tensor([[2.0], [0.0], [-1.0]])
+    try:
+        with ctl.use(s, generated_positions(5, 3, 3)):
+            full = logits_of(tiny_model, ids)
+        assert ctl._strengths is None and ctl._is_generated is None          # restored
+        ctl.set_positions(torch.zeros(3, 5, dtype=torch.bool))
+        ctl.set_strengths(s)
+        prompt_only = logits_of(tiny_model, ids[:, :5])
+    finally:
+        ctl.detach()
+    assert (full[:, :5] - prompt_only).abs().max() < 1e-5
+    assert torch.equal(full[1], logits_of(tiny_model, ids)[1])               # strength 0 row
