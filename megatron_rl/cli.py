@@ -58,12 +58,10 @@ def _plot(sub):
 
 @command("serve-retriever", "start the BM25 retriever server for search agents")
 def _serve(sub):
-    sub.add_argument("rest", nargs=argparse.REMAINDER)
+    from megatron_rl.agent.retriever_server import add_arguments, serve
 
-    def run(args):
-        from megatron_rl.agent.retriever_server import main
-        return main(args.rest)
-    return run
+    add_arguments(sub)
+    return serve
 
 
 @command("check-logits", "compare Megatron and HF transformers logits of a checkpoint")

@@ -110,7 +110,6 @@ class TrainerConfig:
     val_every: int = 0                # 0: only before and after
     save_every: int = 0               # 0: only at the end
     keep_last: int = 2
-    run_dir: str = "runs/default"
     resume: str = "auto"              # auto | none | PATH
     deterministic: bool = False
     critic_warmup: int = 0

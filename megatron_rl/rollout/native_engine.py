@@ -1,0 +1,171 @@
+"""The native rollout engine: batched generation with the Megatron actor itself.
+
+Uses Megatron-Core's static KV cache (`StaticInferenceContext`): one prefill over the
+left-padded prompts, then one token per step with an explicit key-padding mask (the
+cache keeps the prompt padding, which must stay masked). Logits are gathered over TP;
+under PP each step runs through Megatron's forward-only schedule and the sampled
+tokens are broadcast from the last stage. Sampling is seeded per call, so a resumed
+run draws the same tokens.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.models.forward import causal_padding_mask
+from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.rollout.sampling import sample_tokens
+
+
+class NativeEngine:
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 256, steering=None):
+        from megatron_rl.models.loading import unwrap
+
+        self.model = model
+        self.core = unwrap(model)
+        self.arch = self.core.arch
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.steering = steering            # a steering controller or None
+        self.eos_ids = _eos_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    # --- protocol -------------------------------------------------------------------
+    def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
+        expanded = batch.repeat_interleave(sampling.n) if sampling.n > 1 else batch.select(range(len(batch)))
+        for i, s in enumerate(expanded.samples):
+            s.setdefault("group", s.get("uid", i // max(sampling.n, 1)))
+        parts = []
+        gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        for start in range(0, len(expanded), self.max_batch_size):
+            chunk = expanded.select(range(start, min(start + self.max_batch_size, len(expanded))))
+            parts.append(self._generate_chunk(chunk, sampling, gen))
+        return Batch.concat(parts, pad_values={"response_ids": self.pad_id})
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from megatron_rl.rollout.weight_loader import load_named_hf_tensors
+        load_named_hf_tensors(self.core, named_tensors)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    # --- generation -----------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_chunk(self, chunk: Batch, sp: SamplingParams, gen: torch.Generator) -> Batch:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = next(self.core.parameters()).device
+        prompt_ids = chunk["prompt_ids"].to(device)
+        prompt_mask = chunk["prompt_mask"].to(device)
+        b, p = prompt_ids.shape
+        ctx = StaticInferenceContext(b, p + sp.max_new_tokens)
+        was_training = self.core.training
+        self.core.eval()
+        kv_mask = prompt_mask.clone()
+        tokens = torch.full((b, sp.max_new_tokens), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros(b, sp.max_new_tokens)
+        done = torch.zeros(b, dtype=torch.bool)
+        lengths = torch.zeros(b, dtype=torch.long)
+        stop_texts = list(sp.stop or [])
+        try:
+            self._set_steering_positions(chunk, torch.zeros(b, p, dtype=torch.bool))
+            logits = self._step(prompt_ids, torch.arange(p, device=device).expand(b, p),
+                                causal_padding_mask(prompt_mask), ctx)
+            ctx.sequence_len_offset += p
+            for t in range(sp.max_new_tokens):
+                tok, lp = self._sample(logits, sp, gen)
+                tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+                tokens[:, t] = tok
+                logprobs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+                lengths += (~done).long()
+                done = done | torch.isin(tok, torch.tensor(self.eos_ids))
+                if stop_texts:
+                    done = done | self._hit_stop(tokens[:, : t + 1], done, stop_texts)
+                if bool(done.all()) or t == sp.max_new_tokens - 1:
+                    break
+                kv_mask = torch.cat([kv_mask, torch.ones(b, 1, dtype=kv_mask.dtype, device=device)], 1)
+                self._set_steering_positions(chunk, torch.ones(b, 1, dtype=torch.bool))
+                logits = self._step(tok[:, None].to(device),
+                                    torch.full((b, 1), ctx.sequence_len_offset, device=device),
+                                    ~kv_mask.bool()[:, None, None, :], ctx)
+                ctx.sequence_len_offset += 1
+        finally:
+            self.core.train(was_training)
+        width = int(lengths.max().item()) if b else 0
+        resp = tokens[:, :width]
+        mask = (torch.arange(width)[None] < lengths[:, None]).float()
+        out = Batch({"prompt_ids": chunk["prompt_ids"], "prompt_mask": chunk["prompt_mask"],
+                     "response_ids": resp, "response_mask": mask,
+                     "response_attention_mask": mask.long(),
+                     "rollout_logprob": logprobs[:, :width] * mask}, chunk.samples)
+        for k, v in chunk.tensors.items():
+            if k not in out.tensors and not k.startswith("response"):
+                out[k] = v
+        return out
+
+    def _step(self, ids, pos, mask, ctx) -> torch.Tensor:
+        """Last-position logits [B, V] (full vocabulary) on every rank."""
+        from megatron_rl.parallel import pp_size
+
+        if pp_size() == 1:
+            logits = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            return logits[:, -1, : self.arch.vocab_size].float()
+        return self._step_pipelined(ids, pos, mask, ctx)
+
+    def _step_pipelined(self, ids, pos, mask, ctx) -> torch.Tensor:
+        from megatron.core import parallel_state as mpu
+
+        from megatron_rl.models.schedule import run_microbatches
+
+        out = run_microbatches(
+            [self.model], [{"input_ids": ids}],
+            lambda m, mb: m(mb["input_ids"], pos, mask, inference_context=ctx, runtime_gather_output=True),
+            lambda mb, lg: (lg.sum() * 0, {"logits": lg[:, -1, : self.arch.vocab_size].float()}),
+            forward_only=True)
+        b = ids.shape[0]
+        logits = out[0]["logits"] if out else torch.empty(b, self.arch.vocab_size, device=ids.device)
+        group = mpu.get_pipeline_model_parallel_group()
+        dist.broadcast(logits.contiguous(), src=dist.get_process_group_ranks(group)[-1], group=group)
+        return logits
+
+    def _sample(self, logits, sp, gen):
+        tok, lp = sample_tokens(logits.cpu(), sp, gen)
+        return tok, lp
+
+    def _hit_stop(self, tokens: torch.Tensor, done: torch.Tensor, stops: list[str]) -> torch.Tensor:
+        hit = torch.zeros(tokens.shape[0], dtype=torch.bool)
+        for i in range(tokens.shape[0]):
+            if done[i]:
+                continue
+            tail = self.tokenizer.decode(tokens[i, -16:].tolist(), skip_special_tokens=False)
+            hit[i] = any(s in tail for s in stops)
+        return hit
+
+    def _set_steering_positions(self, chunk: Batch, is_generated: torch.Tensor) -> None:
+        if self.steering is None:
+            return
+        if "steer_strengths" in chunk:
+            self.steering.set_strengths(chunk["steer_strengths"])
+        self.steering.set_positions(is_generated)
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    ids = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.append(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids += list(eos)
+    for name in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(name) if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        if isinstance(tid, int) and tid >= 0 and tid != getattr(tokenizer, "unk_token_id", None) and tid not in ids:
+            ids.append(tid)
+    if not ids:
+        raise ValueError("tokenizer has no eos_token_id: generation could never stop")
+    return ids

@@ -1,0 +1,83 @@
+"""The training loop: it fits on one screen; each phase is a function in `phases.py`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_rl.trainer import phases
+from megatron_rl.trainer.checkpoint import find_checkpoint, load_checkpoint_into, save_checkpoint
+
+
+@dataclass
+class Trainer:
+    cfg: object
+    tokenizer: object
+    data: object            # PromptLoader
+    engine: object          # RolloutEngine
+    actor: object           # Policy (trainable)
+    reference: object       # Policy (frozen) or None
+    rewards: object         # RewardManager
+    kl_ctrl: object
+    logger: object          # MetricsLogger
+    step: int = 0
+    val_before: float | None = None
+
+    def fit(self) -> tuple[float | None, float]:
+        cfg = self.cfg.trainer
+        self._maybe_resume()
+        if self.val_before is None and cfg.val_before_train:
+            self.val_before = phases.validate(self)
+            self.logger.log({"val/reward": self.val_before}, step=0)
+        while self.step < cfg.total_steps:
+            self.step += 1
+            metrics = self.train_step(self.step)
+            if cfg.val_every and self.step % cfg.val_every == 0 and self.step < cfg.total_steps:
+                metrics["val/reward"] = phases.validate(self)
+            if self.step == cfg.total_steps:
+                metrics["val/reward"] = val_after = phases.validate(self)
+            self.logger.log(metrics, step=self.step)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.total_steps:
+                self.save()
+        return self.val_before, metrics.get("val/reward", float("nan")) if cfg.total_steps else float("nan")
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.time()
+        metrics: dict[str, float] = {}
+        prompts = self.data.next_batch()
+        with self.logger.timer("rollout"):
+            batch = phases.rollout(self, prompts, step)
+        with self.logger.timer("reward"):
+            metrics.update(phases.rewards(self, batch))
+        with self.logger.timer("logprob"):
+            metrics.update(phases.logprobs(self, batch))
+        with self.logger.timer("advantage"):
+            metrics.update(phases.advantages(self, batch))
+        with self.logger.timer("update"):
+            metrics.update(phases.update_actor(self, batch, step))
+        elapsed = time.time() - t0
+        tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
+        metrics.update({"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed,
+                        "train/epoch": float(self.data.epoch)})
+        return metrics
+
+    def save(self) -> None:
+        state = {"data": self.data.state_dict(), "kl_ctrl": _state(self.kl_ctrl), "val_before": self.val_before}
+        save_checkpoint(self.cfg.logging.run_dir, self.step, self.actor, state, self.cfg.trainer.keep_last)
+
+    def _maybe_resume(self) -> None:
+        path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
+        if path is None:
+            return
+        state = load_checkpoint_into(path, self.actor)
+        self.step = state["step"]
+        self.data.load_state_dict(state["data"])
+        if state.get("kl_ctrl") and hasattr(self.kl_ctrl, "load_state_dict"):
+            self.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        self.val_before = state.get("val_before")
+        print(f"resumed from {path} at step {self.step}", flush=True)
+
+
+def _state(obj):
+    return obj.state_dict() if hasattr(obj, "state_dict") else None

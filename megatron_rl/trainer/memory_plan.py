@@ -1,0 +1,457 @@
+"""Per-GPU memory plan of an RL run: will this config fit, and which TP/PP/recompute would.
+
+Pure arithmetic on the model shape and the config (no torch, no trainer imports), so it
+runs on a laptop for a 70B plan. Every term is bytes on the worst GPU:
+
+- actor weights:   params of the pipeline stage / TP, in the model dtype;
+- gradients:       Megatron DDP's main-grad buffer, fp32 with grad_reduce_in_fp32
+                   (the default here for bf16), else the param dtype;
+- optimizer:       fp32 master copy + Adam m, v = 12 B/param for bf16 params (8 B for
+                   fp32 params: no master copy), divided by DP under the distributed
+                   optimizer (Megatron-LM's `docs/distrib_optimizer.md` table: 6 + 12/DP);
+- activations:     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+                   Transformer Models"), per layer and micro-batch
+                   s*b*h*(34 + 5*a*s/h) bytes; `selective` drops the 5as/h term (so does
+                   flash attention, which never stores the scores); `full` keeps 2*s*b*h per
+                   layer plus one layer's working set during its recompute. Divided by TP
+                   with sequence parallel (else 10sbh stays replicated). The first PP stage
+                   holds min(PP, micro-batches) micro-batches in flight under 1F1B, times
+                   (1 + (PP-1)/(PP*VPP)) when interleaved. The 34 is generalised to GQA and
+                   SwiGLU shapes (`layer_activation_bytes`), reducing to 34 for MHA + 4h GeLU;
+- logits:          `[tokens, vocab/TP]` of one micro-batch on the last stage: 2 B/elem
+                   with the fused log-prob kernel (bf16 logits, gradient written in place),
+                   +4 +4 (fp32 log-softmax and its gradient) unfused, one chunk with the
+                   LM-head-fused kernel;
+- reference, critic: weights (resident unless offloaded); the critic also grads + optimizer;
+- rollout engine:  colocated vLLM reserves `gpu_memory_utilization` x GPU memory while it
+                   generates (asleep during training); the native engine reuses the actor
+                   and adds a KV cache of 2 * layers/PP * kv_heads/TP * head_dim * tokens * 2 B;
+- overhead:        CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation,
+                   2.5 GiB by default; not part of `torch.cuda.max_memory_allocated()`.
+
+Phases do not overlap: the peak is max(train, logprob, rollout).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+GiB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+RECOMPUTE = ("none", "selective", "full")
+LOSS_PATHS = ("unfused", "fused", "linear")
+LINEAR_CHUNK_ELEMS = 1 << 28          # megatron_rl.kernels.linear.DEFAULT_CHUNK_ELEMS
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The model numbers the plan needs (a subset of `models.hf_config.ModelArch`)."""
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    gated_mlp: bool = True            # SwiGLU (Llama, Qwen2)
+
+
+# Public shapes (the models' config.json files).
+PRESETS: dict[str, Shape] = {
+    "llama3-70b": Shape(80, 8192, 64, 8, 128, 28672, 128256, tie_word_embeddings=False),
+    "qwen2-72b": Shape(80, 8192, 64, 8, 128, 29568, 152064, tie_word_embeddings=False, qkv_bias=True),
+    "llama3-8b": Shape(32, 4096, 32, 8, 128, 14336, 128256, tie_word_embeddings=False),
+    "llama-1b": Shape(16, 2048, 32, 8, 64, 8192, 128256, tie_word_embeddings=True),
+    "smollm2-135m": Shape(30, 576, 9, 3, 64, 1536, 49152, tie_word_embeddings=True),
+}
+
+
+def shape_from_arch(arch) -> Shape:
+    """From a `ModelArch` (or anything with its field names)."""
+    return Shape(arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                 arch.ffn_hidden_size, arch.vocab_size, bool(arch.tie_word_embeddings), bool(arch.qkv_bias))
+
+
+def resolve_shape(spec: str | None, model_path: str = "") -> Shape:
+    """A preset name, an HF config.json (or its directory), or else `model.path`'s config.json."""
+    if spec and spec in PRESETS:
+        return PRESETS[spec]
+    target = spec or model_path
+    if not target or not (Path(target).exists()):
+        raise ValueError(f"model shape: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an "
+                         "existing HF config.json / model directory; pass --hf-config")
+    from megatron_rl.models.hf_config import arch_from_hf_config
+    return shape_from_arch(arch_from_hf_config(target))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class PlanInputs:
+    shape: Shape
+    gpus: int = 8
+    gpu_mem_gib: float = 80.0
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    sequence_parallel: bool = False
+    recompute: str = "none"            # none | selective | full
+    dtype: str = "bfloat16"
+    grad_fp32: bool = True             # Megatron DDP grad_reduce_in_fp32
+    distributed_optimizer: bool = True
+    micro_batch: int = 1               # samples per micro-batch
+    seq_len: int = 1024                # tokens per sample (prompt + response)
+    num_microbatches: int = 1          # per DP rank per optimizer step
+    loss_path: str = "fused"           # unfused | fused | linear
+    flash_attention: bool = True       # TE / SDPA: no [s, s] scores stored
+    fused_swiglu: bool = True          # local spec: silu(gate) stored as well
+    dropout: bool = False              # our providers set dropout 0 (no masks)
+    ref_resident: bool = False         # reference weights on the GPU through training
+    ref_enable: bool = False
+    critic_enable: bool = False        # critic or GAD discriminator (trained trunk)
+    engine: str = "vllm"               # native | vllm
+    colocate: bool = True
+    gpu_memory_utilization: float = 0.5
+    rollout_seqs: int = 1              # concurrent sequences per DP rank (native engine KV)
+    overhead_gib: float = 2.5
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // (self.tp * self.pp)
+
+    def validate(self) -> None:
+        s = self.shape
+        if self.gpus % (self.tp * self.pp):
+            raise ValueError(f"gpus={self.gpus} is not divisible by tp*pp = {self.tp}*{self.pp}")
+        if s.num_kv_heads % self.tp:
+            raise ValueError(f"num_kv_heads={s.num_kv_heads} is not divisible by tp={self.tp}")
+        if s.num_layers % (self.pp * (self.vpp or 1)):
+            raise ValueError(f"num_layers={s.num_layers} is not divisible by pp*vpp = {self.pp}*{self.vpp or 1}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.loss_path not in LOSS_PATHS:
+            raise ValueError(f"loss_path must be one of {LOSS_PATHS}, got {self.loss_path!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+
+
+def inputs_from_config(cfg, shape: Shape, gpus: int = 8, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs:
+    """Read the plan's inputs from a loaded experiment `Config` (GPU defaults for `auto`s)."""
+    m, a, r = cfg.model, cfg.actor, cfg.rollout
+    agent = getattr(cfg, "agent", None)
+    resp = agent.max_response_length if agent is not None and getattr(agent, "enable", False) else r.max_new_tokens
+    sample_len = cfg.data.max_prompt_length + resp
+    if a.max_tokens_per_microbatch > 0:
+        micro, seq = 1, a.max_tokens_per_microbatch
+    else:
+        micro, seq = a.micro_batch_size, sample_len
+    tp, pp = m.tp, m.pp
+    dp = max(1, gpus // (tp * pp))
+    samples = cfg.data.train_batch_size * r.n
+    mini = a.mini_batch_size or samples
+    tokens_per_rank = math.ceil(mini / dp) * sample_len
+    num_micro = max(1, math.ceil(tokens_per_rank / (micro * seq)))
+    algos = cfg.algos
+    ref_enable = cfg.ref.enable if cfg.ref.enable is not None else (algos.use_kl_loss or algos.use_kl_in_reward)
+    spec = m.layer_spec
+    loss_path = {"off": "unfused"}.get(a.fused_loss, "fused")
+    dist_opt = a.optim.distributed_optimizer
+    kw = dict(
+        shape=shape, gpus=gpus, gpu_mem_gib=gpu_mem_gib, tp=tp, pp=pp, vpp=m.vpp,
+        sequence_parallel=bool(m.sequence_parallel and tp > 1), recompute=m.recompute, dtype=m.dtype,
+        grad_fp32=True, distributed_optimizer=True if dist_opt is None else dist_opt,
+        micro_batch=micro, seq_len=seq, num_microbatches=num_micro, loss_path=loss_path,
+        flash_attention=spec != "local", fused_swiglu=spec != "local",
+        ref_enable=bool(ref_enable), ref_resident=bool(ref_enable and not cfg.ref.offload),
+        critic_enable=bool(cfg.critic.enable or getattr(getattr(cfg, "gad", None), "enable", False)),
+        engine=r.engine, colocate=r.colocate, gpu_memory_utilization=r.gpu_memory_utilization,
+        rollout_seqs=math.ceil(samples / dp),
+    )
+    kw.update(overrides)
+    return PlanInputs(**kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    return ((vocab + tp - 1) // tp) * tp       # as models.provider.padded_vocab_size
+
+
+def layer_params(s: Shape, tp: int) -> int:
+    """Parameters of one transformer layer on one TP rank (norms replicated)."""
+    qkv_out = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+    attn = s.hidden_size * qkv_out + s.num_heads * s.head_dim * s.hidden_size
+    bias = qkv_out if s.qkv_bias else 0
+    mlp = (3 if s.gated_mlp else 2) * s.hidden_size * s.ffn_hidden_size
+    return (attn + bias + mlp) // tp + 2 * s.hidden_size
+
+
+def stage_params(s: Shape, tp: int, pp: int, stage: str, scalar_head: bool = False) -> int:
+    """Parameters on one GPU of the `first` or `last` pipeline stage (both when pp == 1).
+
+    With tied embeddings and PP > 1 the last stage keeps its own copy of the embedding
+    (Megatron all-reduces their gradients). `scalar_head`: a critic's value head
+    replaces the LM head.
+    """
+    n = layer_params(s, tp) * (s.num_layers // pp)
+    emb = padded_vocab(s.vocab_size, tp) * s.hidden_size // tp
+    first, last = stage in ("first", "only"), stage in ("last", "only")
+    if first:
+        n += emb
+    if last:
+        n += s.hidden_size                                 # final norm
+        if scalar_head:
+            n += s.hidden_size
+        elif not s.tie_word_embeddings or not first:
+            n += emb
+    return n
+
+
+def total_params(s: Shape) -> int:
+    return stage_params(s, 1, 1, "only")
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+
+
+def layer_activation_bytes(s: Shape, seq: int, micro: int, tp: int, sp: bool, *, scores: bool,
+                           dropout: bool = True, fused_swiglu: bool = True, act_bytes: int = 2) -> float:
+    """Bytes one transformer layer keeps for backward for one micro-batch (no recompute).
+
+    Korthikanti's terms per token, generalised: replicated across TP unless sequence
+    parallel are the two norm inputs, the QKV and MLP inputs (4 x 2h) and the two
+    dropout masks (2 x h); split by TP are Q (2 a d), K and V (2 x 2 kv d), the
+    attention output (2 a d), fc1's output (2 x ffn, x2 gated), the activation's output
+    (2 ffn, + 2 ffn for an unfused SwiGLU) and the scores (5 a s: softmax, mask,
+    dropout output; 2 a s without dropout). MHA, ffn = 4h, GeLU, dropout: 34 + 5as/h.
+    """
+    h, a, kv, d, f = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.ffn_hidden_size
+    u = act_bytes / 2                                   # the formula counts 16-bit activations
+    replicated = u * 8 * h + (2 * h if dropout else 0)
+    split = u * (2 * a * d + 4 * kv * d + 2 * a * d)
+    split += u * 2 * f * (2 if s.gated_mlp else 1) + u * 2 * f
+    if s.gated_mlp and not fused_swiglu:
+        split += u * 2 * f
+    if scores:
+        split += (5 if dropout else 2 * u) * a * seq
+    per_token = (replicated / tp if sp else replicated) + split / tp
+    return per_token * seq * micro
+
+
+def activation_bytes(p: PlanInputs) -> float:
+    """Activations held by the first pipeline stage at the peak of a 1F1B step."""
+    s = p.shape
+    ab = DTYPE_BYTES[p.dtype]
+    sp = p.sequence_parallel and p.tp > 1
+    kw = dict(dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab)
+    layers = s.num_layers // p.pp
+    full_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp,
+                                        scores=not p.flash_attention, **kw)
+    if p.recompute == "none":
+        per_layer = full_layer
+    elif p.recompute == "selective":
+        per_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=False, **kw)
+    else:
+        per_layer = ab * p.seq_len * p.micro_batch * s.hidden_size / (p.tp if sp else 1)
+    in_flight = min(p.pp, p.num_microbatches)
+    interleave = 1 + (p.pp - 1) / (p.pp * p.vpp) if p.vpp and p.pp > 1 else 1.0
+    held = per_layer * layers * in_flight * interleave
+    if p.recompute == "full":
+        held += full_layer                              # the layer being recomputed in backward
+    return held
+
+
+def logits_bytes(p: PlanInputs, training: bool = True) -> float:
+    """Logits of one micro-batch on the last stage plus the loss path's own buffers."""
+    ab = DTYPE_BYTES[p.dtype]
+    elems = p.seq_len * p.micro_batch * padded_vocab(p.shape.vocab_size, p.tp) / p.tp
+    if p.loss_path == "linear":
+        return min(elems, LINEAR_CHUNK_ELEMS) * (ab + 4)
+    if p.loss_path == "fused":
+        return elems * ab
+    return elems * (ab + 4 + (4 if training else 0))
+
+
+def kv_cache_bytes(s: Shape, tp: int, pp: int, tokens: int, act_bytes: int = 2) -> float:
+    return 2 * (s.num_layers // pp) * (s.num_kv_heads // tp) * s.head_dim * tokens * act_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class MemoryPlan:
+    inputs: PlanInputs
+    components: dict[str, float] = field(default_factory=dict)   # bytes on the worst GPU
+    phases: dict[str, float] = field(default_factory=dict)       # bytes incl. overhead
+    notes: list[str] = field(default_factory=list)
+    stage: str = "only"                                          # first | last | only (PP=1)
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.inputs.gpu_mem_gib * GiB
+
+    @property
+    def train_allocated(self) -> float:
+        """The train phase without overhead: what `torch.cuda.max_memory_allocated()` sees."""
+        return self.phases["train"] - self.components["overhead"]
+
+
+def _static(p: PlanInputs, stage: str) -> dict[str, float]:
+    ab = DTYPE_BYTES[p.dtype]
+    n = stage_params(p.shape, p.tp, p.pp, stage)
+    grad_b = 4 if (p.grad_fp32 or ab == 4) else ab
+    opt_b = (8 if ab == 4 else 12) / (p.dp if p.distributed_optimizer else 1)
+    out = {"actor weights": n * ab, "actor grads": n * grad_b, "optimizer": n * opt_b}
+    out["reference"] = n * ab if p.ref_enable else 0.0
+    if p.critic_enable:
+        c = stage_params(p.shape, p.tp, p.pp, stage, scalar_head=True)
+        out["critic"] = c * (ab + grad_b + opt_b)
+    else:
+        out["critic"] = 0.0
+    return out
+
+
+def estimate(p: PlanInputs) -> MemoryPlan:
+    """The plan for the worse of the first and last pipeline stage."""
+    p.validate()
+    stages = ["only"] if p.pp == 1 else ["first", "last"]
+    plans = [_estimate_stage(p, st) for st in stages]
+    return max(plans, key=lambda pl: pl.peak)
+
+
+def _estimate_stage(p: PlanInputs, stage: str) -> MemoryPlan:
+    s = p.shape
+    ab = DTYPE_BYTES[p.dtype]
+    c = _static(p, stage)
+    first, last = stage in ("first", "only"), stage in ("last", "only")
+    sp = p.sequence_parallel and p.tp > 1
+    if first:
+        act = activation_bytes(p)
+    else:   # the last stage holds one micro-batch in flight
+        act = activation_bytes(replace(p, num_microbatches=1))
+    c["activations"] = act
+    c["logits + loss"] = logits_bytes(p) if last else 0.0
+    fwd_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
+                                       dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab)
+    logprob_work = fwd_layer + (logits_bytes(p, training=False) if last else 0.0)
+    notes = []
+    if p.engine == "vllm" and p.colocate:
+        engine = p.gpu_memory_utilization * p.gpu_mem_gib * GiB
+        notes.append(f"rollout: colocated vLLM reserves gpu_memory_utilization={p.gpu_memory_utilization} "
+                     "of the GPU while generating and sleeps during training")
+    elif p.engine == "vllm":
+        engine = 0.0
+        need = total_params(s) * ab / p.tp + kv_cache_bytes(s, p.tp, 1, p.rollout_seqs * p.seq_len, ab)
+        notes.append(f"rollout: vLLM on separate GPUs, about {need / GiB:.1f} GiB each at TP={p.tp}")
+    else:
+        tokens = p.rollout_seqs * p.seq_len
+        engine = kv_cache_bytes(s, p.tp, p.pp, tokens, ab) + p.rollout_seqs * padded_vocab(s.vocab_size, p.tp) / p.tp * 4
+        notes.append(f"rollout: native engine reuses the actor; KV cache for {p.rollout_seqs} sequences x "
+                     f"{p.seq_len} tokens per DP rank")
+    c["rollout engine"] = engine
+    c["overhead"] = p.overhead_gib * GiB
+    resident = c["actor weights"] + c["actor grads"] + c["optimizer"] + c["critic"]
+    ref_res = c["reference"] if p.ref_resident else 0.0
+    phases = {
+        "train": resident + ref_res + act + c["logits + loss"] + c["overhead"],
+        "logprob": resident + c["reference"] + logprob_work + c["overhead"],
+        "rollout": resident + ref_res + engine + c["overhead"],
+    }
+    if p.ref_enable and not p.ref_resident:
+        notes.append("reference: offloaded to CPU, on the GPU only for its log-prob pass")
+    notes.append(f"overhead: {p.overhead_gib} GiB for CUDA context, cuBLAS/NCCL workspaces and fragmentation "
+                 "(not in torch.cuda.max_memory_allocated)")
+    return MemoryPlan(p, c, phases, notes, stage)
+
+
+# ----------------------------------------------------------------------------------------------
+# Suggestions
+
+
+def candidates(p: PlanInputs, gpus_per_node: int = 8):
+    """Every TP in {1,2,4,8} (<= a node, dividing the KV heads), PP dividing the layers
+    and the GPUs, recompute none/selective/full; cheapest first: smallest TP*PP, then
+    less recompute, then smaller PP (pipeline bubbles), then smaller TP."""
+    s = p.shape
+    out = []
+    for tp in (1, 2, 4, 8):
+        if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp:
+            continue
+        for pp in range(1, s.num_layers + 1):
+            if s.num_layers % pp or p.gpus % (tp * pp):
+                continue
+            for rc in RECOMPUTE:
+                vpp = p.vpp if (p.vpp and pp > 1 and s.num_layers % (pp * p.vpp) == 0) else None
+                out.append(replace(p, tp=tp, pp=pp, vpp=vpp, recompute=rc,
+                                   sequence_parallel=tp > 1, num_microbatches=p.num_microbatches))
+    order = {rc: i for i, rc in enumerate(RECOMPUTE)}
+    out.sort(key=lambda q: (q.tp * q.pp, order[q.recompute], q.pp, q.tp))
+    return out
+
+
+def suggest(p: PlanInputs, limit: int = 3, gpus_per_node: int = 8) -> list[MemoryPlan]:
+    """Plans that fit, cheapest first (see `candidates`); empty when nothing fits.
+
+    Micro-batches per DP rank are rescaled with DP (the global batch stays the same)."""
+    fits = []
+    total_micro = p.num_microbatches * p.dp
+    for q in candidates(p, gpus_per_node):
+        q.num_microbatches = max(1, math.ceil(total_micro / q.dp))
+        plan = estimate(q)
+        if plan.fits:
+            fits.append(plan)
+            if len(fits) >= limit:
+                break
+    return fits
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+
+
+def layout(p: PlanInputs) -> str:
+    vpp = f" VPP={p.vpp}" if p.vpp else ""
+    sp = " SP" if p.sequence_parallel and p.tp > 1 else ""
+    return f"TP={p.tp} PP={p.pp}{vpp} DP={p.dp}{sp} recompute={p.recompute}"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    p = plan.inputs
+    s = p.shape
+    lines = [f"model: {total_params(s) / 1e9:.2f}B params, {s.num_layers} layers, hidden {s.hidden_size}, "
+             f"{s.num_heads} heads ({s.num_kv_heads} KV), ffn {s.ffn_hidden_size}, vocab {s.vocab_size}",
+             f"layout: {layout(p)} on {p.gpus} GPUs x {p.gpu_mem_gib:g} GiB; {p.dtype}; "
+             f"micro-batch {p.micro_batch} x {p.seq_len} tokens, {p.num_microbatches} micro-batches/step/rank; "
+             f"loss path {p.loss_path}",
+             f"worst GPU: pipeline stage '{plan.stage}'",
+             "",
+             f"| {'component':<16} | {'GiB':>8} |",
+             f"|{'-' * 18}|{'-' * 10}|"]
+    for name, b in plan.components.items():
+        lines.append(f"| {name:<16} | {b / GiB:8.2f} |")
+    lines.append("")
+    for name, b in plan.phases.items():
+        mark = "  <- peak" if name == plan.peak_phase else ""
+        lines.append(f"phase {name:<8} {b / GiB:8.2f} GiB{mark}")
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"peak {plan.peak / GiB:.2f} GiB of {p.gpu_mem_gib:g} GiB: {verdict}")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""The phases of one RL step, each a function of (trainer state, batch).
+
+rollout -> rewards -> old/ref log-probs -> advantages -> update. `Trainer` in
+`loop.py` calls them in order and times each.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_rl.algos import get_advantage_estimator, kl_penalty
+from megatron_rl.data.batch import Batch
+from megatron_rl.rollout.protocol import SamplingParams
+
+
+def sampling_params(cfg, step: int, validation: bool = False) -> SamplingParams:
+    r = cfg.rollout
+    if validation:
+        return SamplingParams(temperature=r.val_temperature or 1.0, greedy=r.val_greedy or r.val_temperature == 0.0,
+                              n=1, max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=cfg.trainer.seed)
+    return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, n=r.n,
+                          max_new_tokens=r.max_new_tokens, stop=list(r.stop),
+                          seed=cfg.trainer.seed * 100003 + step)
+
+
+def rollout(tr, prompts: Batch, step: int) -> Batch:
+    batch = tr.engine.generate(prompts, sampling_params(tr.cfg, step))
+    if "group" not in batch.samples[0]:
+        raise RuntimeError("rollout engine did not set sample['group']")
+    return batch
+
+
+def decode_responses(tokenizer, batch: Batch) -> list[str]:
+    texts = []
+    ids, mask = batch["response_ids"], batch["response_mask"]
+    attn = batch.get("response_attention_mask")
+    for i in range(len(batch)):
+        keep = (attn[i] > 0) if attn is not None else (mask[i] > 0)
+        texts.append(tokenizer.decode(ids[i][keep].tolist(), skip_special_tokens=True))
+    return texts
+
+
+def rewards(tr, batch: Batch) -> dict[str, float]:
+    texts = decode_responses(tr.tokenizer, batch)
+    for s, t in zip(batch.samples, texts):
+        s["response_text"] = t
+    result = tr.rewards.score_batch(batch, texts)
+    scores = torch.tensor(result.scores, dtype=torch.float32)
+    lengths = batch["response_mask"].sum(-1)
+    metrics = {"reward/mean": scores.mean().item(), "reward/max": scores.max().item(),
+               "reward/min": scores.min().item(), "response_length/mean": lengths.mean().item(),
+               "response_length/max": lengths.max().item()}
+    metrics.update(result.metrics)
+    return metrics
+
+
+def logprobs(tr, batch: Batch) -> dict[str, float]:
+    metrics = {}
+    if tr.cfg.rollout.logprob_mode == "rollout":
+        batch["old_logprob"] = batch["rollout_logprob"].float()
+    else:
+        old, ent = tr.actor.compute_logprobs(batch, with_entropy=True)
+        batch["old_logprob"] = old
+        mask = batch["response_mask"].float()
+        metrics["actor/entropy"] = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
+        if "rollout_logprob" in batch:
+            diff = (old - batch["rollout_logprob"]).abs() * mask
+            metrics["rollout/logprob_diff"] = (diff.sum() / mask.sum().clamp(min=1)).item()
+            metrics["rollout/logprob_diff_max"] = diff.max().item()
+    if tr.reference is not None:
+        batch["ref_logprob"], _ = tr.reference.compute_logprobs(batch)
+    return metrics
+
+
+def advantages(tr, batch: Batch) -> dict[str, float]:
+    a = tr.cfg.algos
+    mask = batch["response_mask"].float()
+    token_rewards = batch["token_rewards"].float()
+    metrics = {}
+    if a.use_kl_in_reward and "ref_logprob" in batch:
+        kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], a.kl_in_reward_kind) * mask
+        beta = tr.kl_ctrl.value
+        token_rewards = token_rewards - beta * kl
+        seq_kl = (kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean().item()
+        tr.kl_ctrl.update(seq_kl, len(batch))
+        metrics.update({"reward/kl": seq_kl, "reward/kl_coef": beta})
+    estimator = get_advantage_estimator(a.adv_estimator)
+    adv, ret = estimator(token_rewards=token_rewards, response_mask=mask, group_index=batch.field("group"),
+                         values=batch.get("values"), gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std)
+    batch["advantages"], batch["returns"] = adv, ret
+    valid = mask > 0
+    metrics["critic/advantages_mean"] = adv[valid].mean().item() if valid.any() else 0.0
+    metrics["critic/advantages_max"] = adv[valid].max().item() if valid.any() else 0.0
+    return metrics
+
+
+def update_actor(tr, batch: Batch, step: int) -> dict[str, float]:
+    c = tr.cfg
+    steps = tr.actor.update(batch, c.algos, mini_batch_size=c.actor.mini_batch_size, ppo_epochs=c.actor.ppo_epochs,
+                            use_ref=tr.reference is not None, seed=c.trainer.seed + step)
+    out = {}
+    for k in steps[0]:
+        vals = [s[k] for s in steps]
+        out[f"actor/{k}"] = sum(vals) / len(vals)
+    return out
+
+
+def validate(tr) -> float:
+    """Mean reward of greedy responses to the validation prompts."""
+    scores = []
+    for prompts in tr.data.val_batches():
+        batch = tr.engine.generate(prompts, sampling_params(tr.cfg, 0, validation=True))
+        result = tr.rewards.score(decode_responses(tr.tokenizer, batch), batch.samples)
+        scores += result.scores
+    return sum(scores) / max(len(scores), 1)

@@ -1,0 +1,156 @@
+"""A trainable (or frozen) Megatron policy: log-prob computation and PPO/GSPO updates
+through Megatron's schedules, DDP wrapper and optimizer."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.kernels import token_logprob_entropy, token_weighted_ppo_loss
+from megatron_rl.models.forward import gpt_forward
+from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.trainer.microbatch import make_microbatches, response_logits
+
+
+def _tp_group():
+    from megatron.core import parallel_state as mpu
+    return mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float32) -> torch.Tensor:
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return t
+    group = mpu.get_pipeline_model_parallel_group()
+    if t is None:
+        t = torch.empty(shape, dtype=dtype)
+    t = t.contiguous()
+    dist.broadcast(t, src=dist.get_process_group_ranks(group)[-1], group=group)
+    return t
+
+
+class Policy:
+    """`model` is the GPTModel chunk; `optimizer`/`scheduler` None for frozen roles."""
+
+    def __init__(self, model, *, micro_batch_size: int, temperature: float = 1.0, optimizer=None,
+                 scheduler=None, ddp_model=None, fused_backend: str | None = None):
+        self.model = model
+        self.ddp = ddp_model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.mbs = micro_batch_size
+        self.temperature = temperature
+        self.vocab_size = model.arch.vocab_size
+        self.backend = fused_backend
+
+    def _forward_model(self):
+        return self.ddp if self.ddp is not None else self.model
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: Batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs [B, R] (and entropy) of the response tokens, on every rank."""
+        was_training = self.model.training
+        self.model.eval()
+        mbs = make_microbatches(batch, self.mbs)
+
+        def loss_fn(mb, output):
+            logits = response_logits(output, mb, self.vocab_size)
+            lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(),
+                                            temperature=self.temperature, backend=self.backend)
+            return output.sum() * 0, {"logprob": lp.float(), "entropy": ent.float()}
+
+        res = run_microbatches([self._forward_model()], mbs,
+                               lambda m, mb: gpt_forward(m, mb["input_ids"], mb["attention_mask"]),
+                               loss_fn, forward_only=True)
+        self.model.train(was_training)
+        n, r = len(batch), batch["response_ids"].shape[1]
+        lp = torch.cat([x["logprob"] for x in res])[:n] if res else None
+        ent = torch.cat([x["entropy"] for x in res])[:n] if res else None
+        lp = _broadcast_from_last_stage(lp, (n, r))
+        ent = _broadcast_from_last_stage(ent, (n, r)) if with_entropy else None
+        return lp * batch["response_mask"].float(), ent
+
+    def update(self, batch: Batch, algos, *, mini_batch_size: int, ppo_epochs: int,
+               use_ref: bool, seed: int) -> list[dict[str, float]]:
+        """PPO/GSPO epochs over shuffled mini-batches; returns one metrics dict per optimizer step."""
+        if self.optimizer is None:
+            raise RuntimeError("update() on a frozen policy")
+        self.model.train()
+        n = len(batch)
+        mini = mini_batch_size or n
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(ppo_epochs):
+            perm = torch.randperm(n, generator=gen) if mini < n else torch.arange(n)
+            for start in range(0, n, mini):
+                out.append(self._optimizer_step(batch.select(perm[start:start + mini]), algos, use_ref))
+        return out
+
+    def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
+        mbs = make_microbatches(mini, self.mbs)
+        weights = _microbatch_weights(mbs, algos.loss_agg_mode)
+        for mb, w in zip(mbs, weights):
+            mb["loss_scale"] = torch.tensor(w)
+        kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
+
+        def loss_fn(mb, output):
+            logits = response_logits(output, mb, self.vocab_size)
+            loss, metrics = token_weighted_ppo_loss(
+                logits, mb["labels"], mb["old_logprob"], mb["advantages"], mb["response_mask"],
+                token_weights=mb.get("token_weights"), ref_logprob=mb.get("ref_logprob") if kl_coef else None,
+                clip_low=algos.clip_low, clip_high=algos.clip_high, clip_c=algos.clip_c,
+                kl_kind=algos.kl_loss_kind, kl_coef=kl_coef, entropy_coef=algos.entropy_coef,
+                loss_mode=algos.policy_loss, agg_mode=algos.loss_agg_mode,
+                token_weights_apply_to=algos.token_weights_apply_to, tp_group=_tp_group(),
+                temperature=self.temperature, norm_len=algos.norm_len, backend=self.backend)
+            info = {k: float(v) for k, v in metrics.items()}
+            info["_w"] = float(mb["loss_scale"])
+            return loss * mb["loss_scale"], info
+
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        res = run_microbatches([self.ddp], mbs, lambda m, mb: gpt_forward(m, mb["input_ids"], mb["attention_mask"]),
+                               loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step(increment=1)
+        metrics = _weighted_mean(res)
+        metrics = _broadcast_metrics(metrics)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["update_ok"] = float(bool(ok))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+
+def _microbatch_weights(mbs: list[dict], agg_mode: str) -> list[float]:
+    """Each micro-batch's share of the mini-batch loss, so that summing the scaled
+    micro-batch losses equals the loss of the whole mini-batch."""
+    if agg_mode == "token-mean":
+        counts = [float(mb["response_mask"].sum()) for mb in mbs]
+    else:
+        counts = [float((mb["response_mask"].sum(-1) > 0).sum()) for mb in mbs]
+    total = sum(counts)
+    return [c / total if total > 0 else 0.0 for c in counts]
+
+
+def _weighted_mean(res: list[dict]) -> dict[str, float]:
+    if not res:
+        return {}
+    total = sum(r["_w"] for r in res) or 1.0
+    keys = [k for k in res[0] if k != "_w"]
+    return {k: sum(r[k] * r["_w"] for r in res if not math.isnan(r[k])) / total for k in keys}
+
+
+def _broadcast_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Loss metrics exist on the last pipeline stage only; share them with every rank."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    obj = [metrics]
+    group = mpu.get_pipeline_model_parallel_group()
+    dist.broadcast_object_list(obj, src=dist.get_process_group_ranks(group)[-1], group=group)
+    return obj[0]
