@@ -128,7 +128,8 @@ class SteeringController:
                              f"samples; call set_strengths with one row per sample")
         return s.to(device=device, dtype=dtype)[None]
 
-    def _scope_mask(self, s_local: int, batch: int, device) -> torch.Tensor | None:
+    def _scope_mask(self, s_local: int, batch: int, device):
+        """`[S, B, 1]` bool, None (every position) or False (no position)."""
         pick = SCOPES[self.scope]
         if pick is None:
             return None
@@ -138,7 +139,10 @@ class SteeringController:
         gen = self._is_generated
         if gen.shape[0] != batch:
             raise ValueError(f"is_generated has {gen.shape[0]} rows but the forward batch has {batch}")
-        mask = pick(gen).to(device).t().unsqueeze(-1)       # [S, B, 1] to match sequence-first hidden
+        mask = pick(gen)
+        if not bool(mask.any()):       # checked where the engine keeps the mask (CPU: no device sync)
+            return False
+        mask = mask.to(device).t().unsqueeze(-1)            # [S, B, 1] to match sequence-first hidden
         if mask.shape[0] != s_local:
             mask = _sequence_parallel_slice(mask, s_local)
         return mask
@@ -163,7 +167,7 @@ class SteeringController:
         h = hidden_of(output)                               # [S, B, H]
         s_len, batch = h.shape[0], h.shape[1]
         mask = self._scope_mask(s_len, batch, h.device)
-        if mask is not None and not bool(mask.any()):
+        if mask is False:                                   # no position of this forward is in scope
             return output
         work_dtype = self.intervention.sae.dtype
         s = self.strengths_for(batch, h.device, work_dtype)
