@@ -8,7 +8,9 @@ bf16 parameters, over several micro-batches:
              tail, total <= --seq) as `[left-padded prompt | right-padded response]`
              rows of `--seq` tokens, one row per micro-batch, with a padding mask;
 - rl-packed: the same samples packed into `[1, T]` streams of at most
-             `--seq` tokens per micro-batch (`megatron_rl.models.packing`).
+             `--seq` tokens per micro-batch (`megatron_rl.models.packing`);
+             rl-packed-4x: a 4 * `--seq` token budget per micro-batch;
+- dense-mbs2: two dense rows per micro-batch (bigger GEMMs).
 
 FLOPs counted (model FLOPs of the real tokens only, so padded and packed runs of
 the same samples are credited the same work):
@@ -79,14 +81,14 @@ def rl_padded_batch(n: int, seq: int, vocab: int, seed: int = 0, scale: int = 1)
     return ids * am, am
 
 
-def dense_work(rows: int, seq: int, vocab: int, device) -> Work:
+def dense_work(rows: int, seq: int, vocab: int, device, mbs: int = 1) -> Work:
     w = Work()
-    for i in range(rows):
-        ids = torch.randint(1, vocab, (1, seq), generator=torch.Generator().manual_seed(i)).to(device)
-        w.microbatches.append(dict(input_ids=ids, position_ids=torch.arange(seq, device=device)[None],
-                                   mask=None, labels=ids.roll(-1, 1), loss_mask=torch.ones(1, seq, device=device)))
-        w.tokens += seq
-        w.sum_sq += seq * seq
+    for i in range(0, rows, mbs):
+        ids = torch.randint(1, vocab, (mbs, seq), generator=torch.Generator().manual_seed(i)).to(device)
+        w.microbatches.append(dict(input_ids=ids, position_ids=torch.arange(seq, device=device)[None].expand(mbs, -1),
+                                   mask=None, labels=ids.roll(-1, 1), loss_mask=torch.ones(mbs, seq, device=device)))
+        w.tokens += mbs * seq
+        w.sum_sq += mbs * seq * seq
     return w
 
 
@@ -178,11 +180,12 @@ def matmul_peak(device, n: int = 8192, iters: int = 50) -> float:
 
 
 def register_bench_specs():
-    """'sdpa-nofuse': the sdpa spec without the fused SwiGLU, to separate the two gains."""
+    """'sdpa-nofuse': sdpa without the fused SwiGLU; 'sdpa-cnorm': sdpa with compiled RMSNorm."""
     from megatron_rl.models.layer_specs import LAYER_SPECS, register_layer_spec
     from megatron_rl.models.sdpa_attention import sdpa_layer_spec
     if "sdpa-nofuse" not in LAYER_SPECS:
         register_layer_spec("sdpa-nofuse")(lambda qk_layernorm=False: sdpa_layer_spec(qk_layernorm, fused_swiglu=False))
+        register_layer_spec("sdpa-cnorm")(lambda qk_layernorm=False: sdpa_layer_spec(qk_layernorm, compiled_norm=True))
 
 
 def run_case(model_name, spec, mode, args, device, peak, n_rl):
@@ -192,11 +195,13 @@ def run_case(model_name, spec, mode, args, device, peak, n_rl):
     model = build_model(arch, dtype=dtype, layer_spec=spec)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    if mode == "dense":
-        w = dense_work(args.rows, args.seq, arch.vocab_size, device)
-    else:
+    if mode.startswith("dense"):   # dense | dense-mbs2: rows per micro-batch
+        mbs = int(mode.split("-mbs")[1]) if "-mbs" in mode else 1
+        w = dense_work(args.rows, args.seq, arch.vocab_size, device, mbs)
+    else:                          # rl-padded | rl-packed | rl-packed-4x (token budget 4 * seq)
         ids, am = rl_padded_batch(n_rl, args.seq, arch.vocab_size, scale=args.len_scale)
-        w = padded_work(ids, am, device) if mode == "rl-padded" else packed_work(ids, am, args.seq, device)
+        budget = args.seq * (int(mode.split("-")[-1][:-1]) if mode.endswith("x") else 1)
+        w = padded_work(ids, am, device) if mode == "rl-padded" else packed_work(ids, am, budget, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     secs = time_steps(model, opt, w, device, args.warmup, args.steps)
@@ -217,8 +222,8 @@ def run_case(model_name, spec, mode, args, device, peak, n_rl):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="llama-1b,llama-8b-8l")
-    ap.add_argument("--specs", default="local,sdpa,sdpa-nofuse,te", help="te is skipped when not importable")
-    ap.add_argument("--modes", default="dense,rl-padded,rl-packed")
+    ap.add_argument("--specs", default="local,sdpa,sdpa-nofuse,sdpa-cnorm,te", help="te is skipped when not importable")
+    ap.add_argument("--modes", default="dense,dense-mbs2,rl-padded,rl-packed,rl-packed-4x")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=4, help="dense rows (= micro-batches) per step")
     ap.add_argument("--rl-samples", type=int, default=16, help="RL samples per step")
@@ -248,8 +253,10 @@ def main(argv=None):
             for spec in specs:
                 if spec == "te" and mode == "rl-padded":
                     continue   # TE's padding mask needs attn_mask_type=padding_causal; not benchmarked
-                if spec == "sdpa-nofuse" and mode != "dense":
+                if spec in ("sdpa-nofuse", "sdpa-cnorm") and not mode.startswith("dense"):
                     continue
+                if spec in ("local", "sdpa-nofuse") and mode in ("dense-mbs2", "rl-packed-4x"):
+                    continue   # local: [b, heads, s, s] scores already take ~70 GB at one row
                 n_rl = args.rl_samples
                 try:
                     row = run_case(model_name, spec, mode, args, device, peak, n_rl)

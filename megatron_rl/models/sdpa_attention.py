@@ -170,8 +170,30 @@ class FusedSwiGLUMLP(MLP):
         super().__init__(config, *args, **kwargs)
 
 
-def sdpa_layer_spec(qk_layernorm: bool = False, fused_swiglu: Optional[bool] = None):
-    """Local spec with `SDPAttention`; `fused_swiglu` defaults to "on GPU"."""
+_compiled_rms_norm = None
+
+
+class CompiledRMSNorm(torch.nn.RMSNorm):
+    """`torch.nn.RMSNorm` (same parameters as the local spec's norm) whose function is
+    torch.compile'd once for all layers (guards on shapes/dtypes, not on the module)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        global _compiled_rms_norm
+        if _compiled_rms_norm is None:
+            _compiled_rms_norm = torch.compile(F.rms_norm)
+        return _compiled_rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+def sdpa_layer_spec(qk_layernorm: bool = False, fused_swiglu: Optional[bool] = None,
+                    compiled_norm: bool = False):
+    """Local spec with `SDPAttention`; `fused_swiglu` defaults to "on GPU".
+
+    `compiled_norm` swaps the layers' RMSNorms for `CompiledRMSNorm` (measured in
+    tools/bench_train_step.py as spec "sdpa-cnorm"; off by default).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm))
@@ -180,6 +202,9 @@ def sdpa_layer_spec(qk_layernorm: bool = False, fused_swiglu: Optional[bool] = N
         fused_swiglu = torch.cuda.is_available()
     if fused_swiglu:
         spec.submodules.mlp.module = FusedSwiGLUMLP
+    if compiled_norm:
+        spec.submodules.input_layernorm = CompiledRMSNorm
+        spec.submodules.pre_mlp_layernorm = CompiledRMSNorm
     return spec
 
 
