@@ -60,4 +60,5 @@ def quickstart_reward(response: str, sample: dict, format_score: float = 0.2, sc
     answer = extract_solution(response, "strict")
     if answer is None:
         return 0.0
+    answer = answer.rstrip(".")      # "#### 7." counts as 7
     return score if answer == normalize_ground_truth(sample["ground_truth"]) else format_score

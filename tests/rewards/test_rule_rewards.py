@@ -39,6 +39,7 @@ def test_quickstart_reward_gives_partial_credit_for_format():
     r = get_reward("quickstart")
     assert r("#### 7", {"ground_truth": "7"}) == 1.0
     assert r("#### 6", {"ground_truth": "7"}) == 0.2
+    assert r("#### 7.", {"ground_truth": "7"}) == 1.0
     assert r("7", {"ground_truth": "7"}) == 0.0
 
 
