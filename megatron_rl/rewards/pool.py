@@ -61,8 +61,13 @@ class WorkerPool:
         seconds under load) is not charged to the first calls' time limits."""
         seen: set[int] = set()
         give_up = time.monotonic() + limit_s
-        while len(seen) < self.num_workers and time.monotonic() < give_up:
-            seen.update(f.result() for f in [executor.submit(_worker_pid) for _ in range(self.num_workers)])
+        try:
+            while len(seen) < self.num_workers and time.monotonic() < give_up:
+                seen.update(f.result() for f in [executor.submit(_worker_pid) for _ in range(self.num_workers)])
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"reward worker processes ({self.mp_start_method}) died while starting; "
+                               f"their stderr says why (with spawn, the main script must be importable "
+                               f"and guarded by `if __name__ == '__main__'`)") from e
 
     def _discard(self) -> None:
         if self._executor is None:
