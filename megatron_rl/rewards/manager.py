@@ -10,6 +10,7 @@ infinite score is a bug, not bad luck: it raises with the uid.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,6 +27,22 @@ log = logging.getLogger(__name__)
 def register_custom_functions(custom: dict[str, str]) -> None:
     for name, spec in custom.items():
         REWARDS.register(name)(load_function(spec))
+
+
+def _init_worker(custom: dict[str, str], modules: list[str]) -> None:
+    """Process-worker start-up: import the modules whose decorators registered rewards in
+    the parent (e.g. `megatron_rl.agent.reward`), then load the custom functions."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - a reward from it then fails per call, counted
+            log.warning("reward worker could not import %s (%s)", module, e)
+    register_custom_functions(custom)
+
+
+def _registering_modules() -> list[str]:
+    mods = {getattr(fn, "__module__", None) for fn in REWARDS.values()}
+    return sorted(m for m in mods if m and m != "__main__" and not m.startswith("_megatron_rl_reward_"))
 
 
 def _score_one(name: str, response: str, sample: dict[str, Any], kwargs: dict[str, Any]) -> Any:
@@ -49,7 +66,8 @@ class RewardManager:
         for name in {cfg.name, *cfg.data_source_map.values()}:
             get_reward(name)                           # unknown names fail at start-up
         self.pool = WorkerPool(cfg.executor, cfg.num_workers, cfg.timeout_s, cfg.mp_start_method,
-                               initializer=register_custom_functions, initargs=(dict(cfg.custom_functions),))
+                               initializer=_init_worker,
+                               initargs=(dict(cfg.custom_functions), _registering_modules()))
 
     def reward_name(self, sample: dict[str, Any]) -> str:
         cfg = self.cfg

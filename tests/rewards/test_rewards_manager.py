@@ -172,3 +172,19 @@ def test_score_batch_sets_token_rewards_weights_and_sample_scores():
     assert batch["token_rewards"].tolist() == [[0.0, 0.5, 0.0]]
     assert batch["token_weights"].tolist() == [[0.0, 2.0, 1.0]]
     assert batch.samples[0]["score"] == 0.5 and batch.samples[0]["reward_extras"] == {"acc": True}
+
+
+def test_process_workers_import_modules_that_registered_rewards(tmp_path, monkeypatch):
+    # a reward registered by decorator in an importable module (as the agent package does)
+    pkg = tmp_path / "my_reward_pkg_xyz.py"
+    pkg.write_text("from megatron_rl.rewards import register_reward\n"
+                   "@register_reward('decorated_in_module_xyz')\n"
+                   "def r(response, sample):\n"
+                   "    return 3.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))      # spawned workers find it too
+    import my_reward_pkg_xyz  # noqa: F401
+    cfg = RewardConfig(name="decorated_in_module_xyz", executor="process", num_workers=1)
+    with RewardManager(cfg) as m:
+        r = m.score(["x"], samples(1))
+    assert r.scores == [3.0] and r.metrics["reward/failures"] == 0.0
