@@ -19,7 +19,8 @@ runs on a laptop for a 70B plan. Every term is bytes on the worst GPU:
                    (1 + (PP-1)/(PP*VPP)) when interleaved. The 34 is generalised to GQA and
                    SwiGLU shapes (`layer_activation_bytes`), reducing to 34 for MHA + 4h GeLU;
 - logits:          `[tokens, vocab/TP]` of one micro-batch on the last stage: 2 B/elem
-                   with the fused log-prob kernel (bf16 logits, gradient written in place),
+                   with the fused log-prob kernel (bf16 logits, gradient written in place;
+                   x2 for micro-batches > 1, whose [s,b,v] -> [b,s,v] transpose copies),
                    +4 +4 (fp32 log-softmax and its gradient) unfused, one chunk with the
                    LM-head-fused kernel;
 - reference, critic: weights (resident unless offloaded); the critic also grads + optimizer;
@@ -100,6 +101,7 @@ class PlanInputs:
     pp: int = 1
     vpp: int | None = None
     sequence_parallel: bool = False
+    sp_supported: bool = True          # Megatron's torch norms (local/sdpa specs) refuse SP; TE allows it
     recompute: str = "none"            # none | selective | full
     dtype: str = "bfloat16"
     grad_fp32: bool = True             # Megatron DDP grad_reduce_in_fp32
@@ -163,7 +165,7 @@ def inputs_from_config(cfg, shape: Shape, gpus: int = 8, gpu_mem_gib: float = 80
     dist_opt = a.optim.distributed_optimizer
     kw = dict(
         shape=shape, gpus=gpus, gpu_mem_gib=gpu_mem_gib, tp=tp, pp=pp, vpp=m.vpp,
-        sequence_parallel=bool(m.sequence_parallel and tp > 1), recompute=m.recompute, dtype=m.dtype,
+        sequence_parallel=bool(m.sequence_parallel and tp > 1), sp_supported=spec in ("auto", "te"), recompute=m.recompute, dtype=m.dtype,
         grad_fp32=True, distributed_optimizer=True if dist_opt is None else dist_opt,
         micro_batch=micro, seq_len=seq, num_microbatches=num_micro, loss_path=loss_path,
         flash_attention=spec != "local", fused_swiglu=spec != "local",
@@ -246,8 +248,9 @@ def layer_activation_bytes(s: Shape, seq: int, micro: int, tp: int, sp: bool, *,
     return per_token * seq * micro
 
 
-def activation_bytes(p: PlanInputs) -> float:
-    """Activations held by the first pipeline stage at the peak of a 1F1B step."""
+def activation_bytes(p: PlanInputs, in_flight: int | None = None) -> float:
+    """Activations held by the first pipeline stage at the peak of a 1F1B step
+    (`in_flight`: micro-batches held; stage k of PP holds min(PP - k, micro-batches))."""
     s = p.shape
     ab = DTYPE_BYTES[p.dtype]
     sp = p.sequence_parallel and p.tp > 1
@@ -261,7 +264,7 @@ def activation_bytes(p: PlanInputs) -> float:
         per_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=False, **kw)
     else:
         per_layer = ab * p.seq_len * p.micro_batch * s.hidden_size / (p.tp if sp else 1)
-    in_flight = min(p.pp, p.num_microbatches)
+    in_flight = min(p.pp, p.num_microbatches) if in_flight is None else in_flight
     interleave = 1 + (p.pp - 1) / (p.pp * p.vpp) if p.vpp and p.pp > 1 else 1.0
     held = per_layer * layers * in_flight * interleave
     if p.recompute == "full":
@@ -275,8 +278,8 @@ def logits_bytes(p: PlanInputs, training: bool = True) -> float:
     elems = p.seq_len * p.micro_batch * padded_vocab(p.shape.vocab_size, p.tp) / p.tp
     if p.loss_path == "linear":
         return min(elems, LINEAR_CHUNK_ELEMS) * (ab + 4)
-    if p.loss_path == "fused":
-        return elems * ab
+    if p.loss_path == "fused":   # b > 1: GPTModel's [s,b,v] -> [b,s,v] transpose copies the logits once
+        return elems * ab * (2 if p.micro_batch > 1 else 1)
     return elems * (ab + 4 + (4 if training else 0))
 
 
@@ -333,20 +336,21 @@ def estimate(p: PlanInputs) -> MemoryPlan:
     """The plan for the worse of the first and last pipeline stage."""
     p.validate()
     stages = ["only"] if p.pp == 1 else ["first", "last"]
-    plans = [_estimate_stage(p, st) for st in stages]
+    plans = [estimate_stage(p, st) for st in stages]
     return max(plans, key=lambda pl: pl.peak)
 
 
-def _estimate_stage(p: PlanInputs, stage: str) -> MemoryPlan:
+def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> MemoryPlan:
+    """The plan of one GPU of pipeline stage `first`, `middle` (give `pp_rank`), `last` or `only`."""
     s = p.shape
     ab = DTYPE_BYTES[p.dtype]
     c = _static(p, stage)
-    first, last = stage in ("first", "only"), stage in ("last", "only")
+    last = stage in ("last", "only")
     sp = p.sequence_parallel and p.tp > 1
-    if first:
-        act = activation_bytes(p)
-    else:   # the last stage holds one micro-batch in flight
-        act = activation_bytes(replace(p, num_microbatches=1))
+    rank = {"first": 0, "only": 0, "last": p.pp - 1}.get(stage, pp_rank)
+    if rank is None:
+        raise ValueError("estimate_stage: a 'middle' stage needs pp_rank")
+    act = activation_bytes(p, in_flight=min(p.pp - rank, p.num_microbatches))
     c["activations"] = act
     c["logits + loss"] = logits_bytes(p) if last else 0.0
     fwd_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
@@ -401,7 +405,7 @@ def candidates(p: PlanInputs, gpus_per_node: int = 8):
             for rc in RECOMPUTE:
                 vpp = p.vpp if (p.vpp and pp > 1 and s.num_layers % (pp * p.vpp) == 0) else None
                 out.append(replace(p, tp=tp, pp=pp, vpp=vpp, recompute=rc,
-                                   sequence_parallel=tp > 1, num_microbatches=p.num_microbatches))
+                                   sequence_parallel=tp > 1 and p.sp_supported, num_microbatches=p.num_microbatches))
     order = {rc: i for i, rc in enumerate(RECOMPUTE)}
     out.sort(key=lambda q: (q.tp * q.pp, order[q.recompute], q.pp, q.tp))
     return out
