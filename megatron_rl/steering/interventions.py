@@ -93,16 +93,18 @@ class GlobalScale(Intervention):
 @register_intervention("clamp")
 class ClampFeatures(Intervention):
     """Set SAE features f_i to s_i * m_i and keep the reconstruction error:
-    decode(f') + (h - decode(f)). Clamping to the current activation returns h (up to rounding)."""
+    decode(f') + (h - decode(f)). Clamping to the current activation returns h (up to rounding).
+
+    Computed as h + decode(f') - decode(f) = h + scale((s m - f_idx) @ W_dec[idx]): the decoder is
+    affine, so only the clamped features are encoded (all of them for topk) and nothing is decoded
+    in full.
+    """
 
     needs_encode = True
 
     def apply(self, h, s):
-        f, state = self.sae.encode_with_state(h)
-        err = h - self.sae.decode(f, state)
-        target = (s * self.max_act).expand(*f.shape[:-1], len(self.idx))
-        f = f.index_copy(-1, self.idx, target.contiguous())
-        return self.sae.decode(f, state) + err
+        f_idx, state = self.sae.encode_features(h, self.idx)
+        return h + self.sae.decode_delta(s * self.max_act - f_idx, self.idx, state)
 
 
 @register_intervention("direction_clamp")

@@ -23,19 +23,25 @@ from torch import nn
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 
 ARCHITECTURES: dict[str, Callable] = {}      # name -> encode(sae, sae_in) -> feature acts
-NORMALIZERS: dict[str, tuple[Callable, Callable]] = {}   # name -> (norm_in(x) -> (x, state), norm_out(y, state))
+PARTIAL_ENCODERS: dict[str, Callable] = {}   # name -> encode(sae, sae_in, idx) -> acts of features idx only
+NORMALIZERS: dict[str, tuple[Callable, Callable, Callable]] = {}
+# name -> (norm_in(x) -> (x, state), norm_out(y, state), scale(delta, state)): norm_out is affine in
+# y, so a change of the decoder output maps to a change of the reconstruction by `scale`.
 HOOK_PATTERNS: list[tuple[re.Pattern, Callable[[int], int]]] = []   # hook_name -> 0-indexed decoder layer output
 
 
-def register_architecture(name: str):
+def register_architecture(name: str, partial: Callable | None = None):
+    """Register `encode(sae, sae_in)`; `partial(sae, sae_in, idx)` computes only features `idx`
+    (default: full encode, then index)."""
     def deco(fn):
         ARCHITECTURES[name] = fn
+        PARTIAL_ENCODERS[name] = partial or (lambda sae, sae_in, idx: fn(sae, sae_in)[..., idx])
         return fn
     return deco
 
 
-def register_normalizer(name: str, norm_in: Callable, norm_out: Callable) -> None:
-    NORMALIZERS[name] = (norm_in, norm_out)
+def register_normalizer(name: str, norm_in: Callable, norm_out: Callable, scale: Callable) -> None:
+    NORMALIZERS[name] = (norm_in, norm_out, scale)
 
 
 def register_hook_pattern(pattern: str, to_layer: Callable[[int], int]) -> None:
@@ -74,22 +80,36 @@ def _ln_in(x, eps: float = 1e-5):
     return x / (std + eps), (mu, std)
 
 
-register_normalizer("none", lambda x: (x, None), lambda y, s: y)
-register_normalizer("expected_average_only_in", lambda x: (x, None), lambda y, s: y)
-register_normalizer("constant_norm_rescale", _cnr_in, lambda y, coeff: y / coeff)
-register_normalizer("layer_norm", _ln_in, lambda y, s: y * s[1] + s[0])
+register_normalizer("none", lambda x: (x, None), lambda y, s: y, lambda d, s: d)
+register_normalizer("expected_average_only_in", lambda x: (x, None), lambda y, s: y, lambda d, s: d)
+register_normalizer("constant_norm_rescale", _cnr_in, lambda y, coeff: y / coeff, lambda d, coeff: d / coeff)
+register_normalizer("layer_norm", _ln_in, lambda y, s: y * s[1] + s[0], lambda d, s: d * s[1])
 
 
-# --- encoders ------------------------------------------------------------------------------------
-@register_architecture("standard")
+# --- encoders (full, and restricted to a few features where the architecture allows) -------------
+def _standard(sae_in, w_enc, b_enc):
+    return torch.relu(sae_in @ w_enc + b_enc)
+
+
+def _jumprelu(sae_in, w_enc, b_enc, threshold):
+    pre = sae_in @ w_enc + b_enc
+    return torch.relu(pre) * (pre > threshold).to(pre.dtype)
+
+
+def _gated(sae_in, w_enc, b_gate, r_mag, b_mag):
+    active = (sae_in @ w_enc + b_gate > 0).to(sae_in.dtype)
+    return active * torch.relu(sae_in @ (w_enc * r_mag.exp()) + b_mag)
+
+
+@register_architecture("standard", partial=lambda sae, x, i: _standard(x, sae.W_enc[:, i], sae.b_enc[i]))
 def _encode_standard(sae, sae_in):
-    return torch.relu(sae_in @ sae.W_enc + sae.b_enc)
+    return _standard(sae_in, sae.W_enc, sae.b_enc)
 
 
-@register_architecture("jumprelu")
+@register_architecture("jumprelu",
+                       partial=lambda sae, x, i: _jumprelu(x, sae.W_enc[:, i], sae.b_enc[i], sae.threshold[i]))
 def _encode_jumprelu(sae, sae_in):
-    pre = sae_in @ sae.W_enc + sae.b_enc
-    return torch.relu(pre) * (pre > sae.threshold).to(pre.dtype)
+    return _jumprelu(sae_in, sae.W_enc, sae.b_enc, sae.threshold)
 
 
 @register_architecture("topk")
@@ -101,10 +121,10 @@ def _encode_topk(sae, sae_in):
     return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
 
 
-@register_architecture("gated")
+@register_architecture("gated", partial=lambda sae, x, i: _gated(x, sae.W_enc[:, i], sae.b_gate[i], sae.r_mag[i],
+                                                                    sae.b_mag[i]))
 def _encode_gated(sae, sae_in):
-    active = (sae_in @ sae.W_enc + sae.b_gate > 0).to(sae_in.dtype)
-    return active * torch.relu(sae_in @ (sae.W_enc * sae.r_mag.exp()) + sae.b_mag)
+    return _gated(sae_in, sae.W_enc, sae.b_gate, sae.r_mag, sae.b_mag)
 
 
 REQUIRED_WEIGHTS = {"standard": ("b_enc",), "jumprelu": ("b_enc", "threshold"), "topk": ("b_enc",),
@@ -148,13 +168,33 @@ class SAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
-    def encode_with_state(self, x: torch.Tensor):
-        """Feature activations `[..., d_sae]` and the normalisation state `decode` needs."""
-        norm_in, _ = NORMALIZERS[self.normalize_activations]
-        sae_in, state = norm_in(x.to(self.dtype))
+    def _sae_in(self, x):
+        sae_in, state = NORMALIZERS[self.normalize_activations][0](x.to(self.dtype))
         if self.apply_b_dec_to_input:
             sae_in = sae_in - self.b_dec
+        return sae_in, state
+
+    def encode_with_state(self, x: torch.Tensor):
+        """Feature activations `[..., d_sae]` and the normalisation state `decode` needs."""
+        sae_in, state = self._sae_in(x)
         return ARCHITECTURES[self.architecture](self, sae_in), state
+
+    def encode_features(self, x: torch.Tensor, idx: torch.Tensor):
+        """Activations `[..., len(idx)]` of features `idx` only (O(d_in * len(idx)) per token except
+        for topk, which needs every pre-activation), and the normalisation state."""
+        sae_in, state = self._sae_in(x)
+        return PARTIAL_ENCODERS[self.architecture](self, sae_in, idx), state
+
+    def decoder_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """`[len(idx), d_in]`: what one unit of each feature adds to the decoder output."""
+        rows = self.W_dec[idx]
+        if self.architecture == "topk" and self.cfg.get("rescale_acts_by_decoder_norm", False):
+            rows = rows / rows.norm(dim=-1, keepdim=True)
+        return rows
+
+    def decode_delta(self, delta: torch.Tensor, idx: torch.Tensor, state=None) -> torch.Tensor:
+        """decode(f + delta on features idx) - decode(f), exactly (the decoder is affine)."""
+        return NORMALIZERS[self.normalize_activations][2](delta.to(self.dtype) @ self.decoder_rows(idx), state)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_with_state(x)[0]

@@ -28,9 +28,16 @@ def test_clamp_to_current_activation_is_identity(case):
     assert (out - h).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("case", ["standard", "topk", "gated", "standard_ln"])
-def test_clamp_sets_the_feature(case):
-    """After a clamp, decode(f') + err re-encodes with feature i near s*m (exact for linear parts)."""
+@pytest.mark.parametrize("case", CASES)
+def test_partial_encode_equals_full_encode(case):
+    sae, h = load_sae(FIX / case), _h(3)
+    idx = torch.tensor([1, 8, 30])
+    assert torch.allclose(sae.encode_features(h, idx)[0], sae.encode(h)[..., idx], atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_clamp_equals_full_decode_with_error_term(case):
+    """The shortcut h + decode_delta equals the definition decode(f') + (h - decode(f))."""
     sae, h = load_sae(FIX / case), _h(1)
     iv = build_intervention("clamp", sae, feature_idxs=[4], max_activations=[3.0])
     out = iv.apply(h, torch.full((1, 3, 1), 2.0))
