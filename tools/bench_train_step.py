@@ -180,12 +180,15 @@ def matmul_peak(device, n: int = 8192, iters: int = 50) -> float:
 
 
 def register_bench_specs():
-    """'sdpa-nofuse': sdpa without the fused SwiGLU; 'sdpa-cnorm': sdpa with compiled RMSNorm."""
+    """Ablations of "sdpa" (= SDPA attention + fused SwiGLU + compiled RMSNorm on GPU):
+    'sdpa-attn' has only the attention change, 'sdpa-attn-swiglu' adds the fused SwiGLU."""
     from megatron_rl.models.layer_specs import LAYER_SPECS, register_layer_spec
     from megatron_rl.models.sdpa_attention import sdpa_layer_spec
-    if "sdpa-nofuse" not in LAYER_SPECS:
-        register_layer_spec("sdpa-nofuse")(lambda qk_layernorm=False: sdpa_layer_spec(qk_layernorm, fused_swiglu=False))
-        register_layer_spec("sdpa-cnorm")(lambda qk_layernorm=False: sdpa_layer_spec(qk_layernorm, compiled_norm=True))
+    if "sdpa-attn" not in LAYER_SPECS:
+        register_layer_spec("sdpa-attn")(
+            lambda qk_layernorm=False: sdpa_layer_spec(qk_layernorm, fused_swiglu=False, compiled_norm=False))
+        register_layer_spec("sdpa-attn-swiglu")(
+            lambda qk_layernorm=False: sdpa_layer_spec(qk_layernorm, fused_swiglu=True, compiled_norm=False))
 
 
 def run_case(model_name, spec, mode, args, device, peak, n_rl):
@@ -222,7 +225,7 @@ def run_case(model_name, spec, mode, args, device, peak, n_rl):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="llama-1b,llama-8b-8l")
-    ap.add_argument("--specs", default="local,sdpa,sdpa-nofuse,sdpa-cnorm,te", help="te is skipped when not importable")
+    ap.add_argument("--specs", default="local,sdpa-attn,sdpa-attn-swiglu,sdpa,te", help="te is skipped when not importable")
     ap.add_argument("--modes", default="dense,dense-mbs2,rl-padded,rl-packed,rl-packed-4x")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=4, help="dense rows (= micro-batches) per step")
@@ -253,9 +256,9 @@ def main(argv=None):
             for spec in specs:
                 if spec == "te" and mode == "rl-padded":
                     continue   # TE's padding mask needs attn_mask_type=padding_causal; not benchmarked
-                if spec in ("sdpa-nofuse", "sdpa-cnorm") and not mode.startswith("dense"):
+                if spec.startswith("sdpa-") and not mode.startswith("dense"):
                     continue
-                if spec in ("local", "sdpa-nofuse") and mode in ("dense-mbs2", "rl-packed-4x"):
+                if spec in ("local", "sdpa-attn") and mode in ("dense-mbs2", "rl-packed-4x"):
                     continue   # local: [b, heads, s, s] scores already take ~70 GB at one row
                 n_rl = args.rl_samples
                 try:
