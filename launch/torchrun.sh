@@ -53,7 +53,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 CMD=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_rl.cli train "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  echo "OMP_NUM_THREADS=$OMP_NUM_THREADS CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-<all>}"
+  printf 'OMP_NUM_THREADS=%s CUDA_VISIBLE_DEVICES=%q\n' "$OMP_NUM_THREADS" "${CUDA_VISIBLE_DEVICES-<all>}"
   printf '%q ' "${CMD[@]}"; echo
   exit 0
 fi

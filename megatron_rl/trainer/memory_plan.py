@@ -392,7 +392,8 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
 
 def candidates(p: PlanInputs, gpus_per_node: int = 8):
     """Every TP in {1,2,4,8} (<= a node, dividing the KV heads), PP dividing the layers
-    and the GPUs, recompute none/selective/full; cheapest first: smallest TP*PP, then
+    and the GPUs, recompute none/selective/full (selective only without flash attention,
+    where it would equal none); cheapest first: smallest TP*PP, then
     less recompute, then smaller PP (pipeline bubbles), then smaller TP."""
     s = p.shape
     out = []
@@ -403,6 +404,8 @@ def candidates(p: PlanInputs, gpus_per_node: int = 8):
             if s.num_layers % pp or p.gpus % (tp * pp):
                 continue
             for rc in RECOMPUTE:
+                if rc == "selective" and p.flash_attention:
+                    continue                    # flash attention stores no scores: same as none
                 vpp = p.vpp if (p.vpp and pp > 1 and s.num_layers % (pp * p.vpp) == 0) else None
                 out.append(replace(p, tp=tp, pp=pp, vpp=vpp, recompute=rc,
                                    sequence_parallel=tp > 1 and p.sp_supported, num_microbatches=p.num_microbatches))
