@@ -89,6 +89,10 @@ def install_cpu_shims() -> bool:
         def set_states(self, states):
             pass
 
+    # Activation recomputation (tensor_parallel/random.py CheckpointFunction) saves and
+    # restores the CUDA RNG state around the recomputed forward.
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     if hasattr(mrandom, "initialize_rng_tracker"):

@@ -24,9 +24,17 @@ from megatron_rl.rewards.registry import REWARDS, call_reward, get_reward
 log = logging.getLogger(__name__)
 
 
+_CUSTOM: dict[str, str] = {}
+
+
 def register_custom_functions(custom: dict[str, str]) -> None:
+    """Register config-named functions; a name registered earlier by the config
+    (e.g. a second run in the same process) is replaced, a built-in one is not."""
     for name, spec in custom.items():
+        if _CUSTOM.get(name) is not None and name in REWARDS:
+            del REWARDS[name]
         REWARDS.register(name)(load_function(spec))
+        _CUSTOM[name] = spec
 
 
 def _init_worker(custom: dict[str, str], modules: list[str]) -> None:
