@@ -298,6 +298,7 @@ class MemoryPlan:
     phases: dict[str, float] = field(default_factory=dict)       # bytes incl. overhead
     notes: list[str] = field(default_factory=list)
     stage: str = "only"                                          # first | last | only (PP=1)
+    other_stages: dict[str, dict[str, float]] = field(default_factory=dict)   # stage -> phases
 
     @property
     def peak(self) -> float:
@@ -337,7 +338,9 @@ def estimate(p: PlanInputs) -> MemoryPlan:
     p.validate()
     stages = ["only"] if p.pp == 1 else ["first", "last"]
     plans = [estimate_stage(p, st) for st in stages]
-    return max(plans, key=lambda pl: pl.peak)
+    worst = max(plans, key=lambda pl: pl.peak)
+    worst.other_stages = {pl.stage: pl.phases for pl in plans if pl is not worst}
+    return worst
 
 
 def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> MemoryPlan:
@@ -458,6 +461,8 @@ def format_plan(plan: MemoryPlan) -> str:
     for name, b in plan.phases.items():
         mark = "  <- peak" if name == plan.peak_phase else ""
         lines.append(f"phase {name:<8} {b / GiB:8.2f} GiB{mark}")
+    for stage, phases in plan.other_stages.items():
+        lines.append(f"(stage '{stage}': " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in phases.items()) + " GiB)")
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {plan.peak / GiB:.2f} GiB of {p.gpu_mem_gib:g} GiB: {verdict}")
     lines += [f"note: {n}" for n in plan.notes]
