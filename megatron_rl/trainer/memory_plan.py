@@ -23,6 +23,8 @@ runs on a laptop for a 70B plan. Every term is bytes on the worst GPU:
                    x2 for micro-batches > 1, whose [s,b,v] -> [b,s,v] transpose copies),
                    +4 +4 (fp32 log-softmax and its gradient) unfused, one chunk with the
                    LM-head-fused kernel;
+- grad transient:  the largest weight's bf16 `.grad`, alive until DDP's hook folds it into
+                   the fp32 main grad (no gradient-accumulation fusion);
 - reference, critic: weights (resident unless offloaded); the critic also grads + optimizer;
 - rollout engine:  colocated vLLM reserves `gpu_memory_utilization` x GPU memory while it
                    generates (asleep during training); the native engine reuses the actor
@@ -287,6 +289,21 @@ def kv_cache_bytes(s: Shape, tp: int, pp: int, tokens: int, act_bytes: int = 2) 
     return 2 * (s.num_layers // pp) * (s.num_kv_heads // tp) * s.head_dim * tokens * act_bytes
 
 
+def head_input_bytes(p: PlanInputs) -> float:
+    """The final norm's input and the LM head's input (gathered over TP), kept for backward."""
+    sp = p.sequence_parallel and p.tp > 1
+    return p.seq_len * p.micro_batch * p.shape.hidden_size * DTYPE_BYTES[p.dtype] * (1 + (1 / p.tp if sp else 1))
+
+
+def largest_param(s: Shape, tp: int, stage: str) -> int:
+    """The biggest single weight on this GPU (its bf16 `.grad` exists for a moment before
+    Megatron DDP's hook adds it into the fp32 main grad)."""
+    big = 2 * s.ffn_hidden_size * s.hidden_size // tp if s.gated_mlp else s.ffn_hidden_size * s.hidden_size // tp
+    if stage != "middle":
+        big = max(big, padded_vocab(s.vocab_size, tp) * s.hidden_size // tp)
+    return big
+
+
 # ----------------------------------------------------------------------------------------------
 # The plan
 
@@ -355,7 +372,8 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
         raise ValueError("estimate_stage: a 'middle' stage needs pp_rank")
     act = activation_bytes(p, in_flight=min(p.pp - rank, p.num_microbatches))
     c["activations"] = act
-    c["logits + loss"] = logits_bytes(p) if last else 0.0
+    c["logits + loss"] = logits_bytes(p) + head_input_bytes(p) if last else 0.0
+    c["grad transient"] = largest_param(s, p.tp, stage) * ab if (p.grad_fp32 and ab < 4) else 0.0
     fwd_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
                                        dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab)
     logprob_work = fwd_layer + (logits_bytes(p, training=False) if last else 0.0)
@@ -378,7 +396,7 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
     resident = c["actor weights"] + c["actor grads"] + c["optimizer"] + c["critic"]
     ref_res = c["reference"] if p.ref_resident else 0.0
     phases = {
-        "train": resident + ref_res + act + c["logits + loss"] + c["overhead"],
+        "train": resident + ref_res + act + c["logits + loss"] + c["grad transient"] + c["overhead"],
         "logprob": resident + c["reference"] + logprob_work + c["overhead"],
         "rollout": resident + ref_res + engine + c["overhead"],
     }

@@ -118,7 +118,8 @@ def test_train_phase_is_the_sum_of_its_parts():
     plan = mp.estimate(inputs(overhead_gib=2.0, ref_enable=True, ref_resident=True))
     c = plan.components
     expected = sum(c[k] for k in ("actor weights", "actor grads", "optimizer", "reference", "activations",
-                                  "logits + loss", "overhead"))
+                                  "logits + loss", "grad transient", "overhead"))
+    assert c["grad transient"] == 1000 * 64 * 2        # the embedding is the largest weight, bf16
     assert plan.phases["train"] == pytest.approx(expected)
     assert plan.train_allocated == pytest.approx(expected - 2 * GiB)
 
@@ -191,3 +192,10 @@ def test_shape_from_hf_config_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(arch_to_hf_config(arch)))
     shape = mp.resolve_shape(str(tmp_path))
     assert (shape.num_layers, shape.num_kv_heads, shape.tie_word_embeddings) == (2, 2, True)
+
+
+def test_last_stage_keeps_the_head_inputs():
+    p = inputs(loss_path="fused", micro_batch=1)
+    plan = mp.estimate(p)
+    # final norm input + LM head input, 2 B each per hidden element, no SP
+    assert plan.components["logits + loss"] == mp.logits_bytes(p) + S * 1 * 64 * 2 * 2
