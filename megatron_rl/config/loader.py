@@ -85,6 +85,8 @@ def _coerce(value: Any, tp: Any, where: str):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):       # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)

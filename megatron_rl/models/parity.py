@@ -7,7 +7,7 @@ import torch
 
 
 def compare_logits(hf_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   dtype=torch.float32) -> dict:
+                   dtype=torch.float32, layer_spec: str = "local") -> dict:
     """Single-process TP=1 comparison; returns max/mean abs diff over real tokens."""
     import transformers
 
@@ -20,7 +20,7 @@ def compare_logits(hf_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor
     init_distributed()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     mdt = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    mc = load_checkpoint(hf_dir, dtype=mdt, layer_spec="local").eval()
+    mc = load_checkpoint(hf_dir, dtype=mdt, layer_spec=layer_spec).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(dev).eval()
     ids, am = input_ids.to(dev), attention_mask.to(dev)
     with torch.no_grad():

@@ -39,7 +39,8 @@ class NativeEngine:
         for i, s in enumerate(expanded.samples):
             s.setdefault("group", s.get("uid", i // max(sampling.n, 1)))
         parts = []
-        gen = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        device = next(self.core.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(sampling.seed if sampling.seed is not None else 0)
         for start in range(0, len(expanded), self.max_batch_size):
             chunk = expanded.select(range(start, min(start + self.max_batch_size, len(expanded))))
             parts.append(self._generate_chunk(chunk, sampling, gen))
@@ -135,8 +136,9 @@ class NativeEngine:
         return logits
 
     def _sample(self, logits, sp, gen):
-        tok, lp = sample_tokens(logits.cpu(), sp, gen)
-        return tok, lp
+        """Sample on the logits' device (no per-step copy of [B, V] to the host)."""
+        tok, lp = sample_tokens(logits, sp, gen)
+        return tok.cpu(), lp.cpu()
 
     def _hit_stop(self, tokens: torch.Tensor, done: torch.Tensor, stops: list[str]) -> torch.Tensor:
         hit = torch.zeros(tokens.shape[0], dtype=torch.bool)

@@ -25,11 +25,10 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float3
     if mpu.get_pipeline_model_parallel_world_size() == 1:
         return t
     group = mpu.get_pipeline_model_parallel_group()
-    if t is None:
-        t = torch.empty(shape, dtype=dtype)
-    t = t.contiguous()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"     # NCCL moves device tensors only
+    t = torch.empty(shape, dtype=dtype, device=dev) if t is None else t.to(dev).contiguous()
     dist.broadcast(t, src=dist.get_process_group_ranks(group)[-1], group=group)
-    return t
+    return t.cpu()
 
 
 class Policy:
@@ -49,18 +48,22 @@ class Policy:
     def _forward_model(self):
         return self.ddp if self.ddp is not None else self.model
 
+    def _microbatches(self, batch: Batch) -> list[dict]:
+        device = next(self.model.parameters()).device
+        return [{k: v.to(device) for k, v in mb.items()} for mb in make_microbatches(batch, self.mbs)]
+
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs [B, R] (and entropy) of the response tokens, on every rank."""
         was_training = self.model.training
         self.model.eval()
-        mbs = make_microbatches(batch, self.mbs)
+        mbs = self._microbatches(batch)
 
         def loss_fn(mb, output):
             logits = response_logits(output, mb, self.vocab_size)
             lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(),
                                             temperature=self.temperature, backend=self.backend)
-            return output.sum() * 0, {"logprob": lp.float(), "entropy": ent.float()}
+            return output.sum() * 0, {"logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
 
         res = run_microbatches([self._forward_model()], mbs,
                                lambda m, mb: gpt_forward(m, mb["input_ids"], mb["attention_mask"]),
@@ -90,10 +93,10 @@ class Policy:
         return out
 
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
-        mbs = make_microbatches(mini, self.mbs)
+        mbs = self._microbatches(mini)
         weights = _microbatch_weights(mbs, algos.loss_agg_mode)
         for mb, w in zip(mbs, weights):
-            mb["loss_scale"] = torch.tensor(w)
+            mb["loss_scale"] = torch.tensor(w, device=mb["input_ids"].device)
         kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
 
         def loss_fn(mb, output):
