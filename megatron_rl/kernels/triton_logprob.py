@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # (BLOCK_M rows per program, max BLOCK_V vocab chunk, num_warps); tools/bench_fused_loss.py sweeps these.
-CONFIG = {"fwd": (1, 4096, 4), "bwd": (1, 4096, 8)}  # fastest in the H100 sweep, docs/BENCHMARKS_kernels.md
+CONFIG = {"fwd": (1, 4096, 4), "bwd": (1, 4096, 8)}  # fastest in the H100 sweep, docs/BENCHMARKS.md
 
 
 @triton.jit

@@ -191,7 +191,7 @@ def sdpa_layer_spec(qk_layernorm: bool = False, fused_swiglu: Optional[bool] = N
                     compiled_norm: Optional[bool] = None):
     """Local spec with `SDPAttention`; `fused_swiglu` and `compiled_norm` default to "on GPU".
 
-    On an H100 (docs/BENCHMARKS_speed.md) fused SwiGLU added 6% and the compiled
+    On an H100 (docs/BENCHMARKS.md) fused SwiGLU added 6% and the compiled
     RMSNorm another 13% on a 1B model at sequence 4096; on CPU they stay off.
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
