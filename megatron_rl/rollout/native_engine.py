@@ -152,8 +152,7 @@ class NativeEngine:
     def _set_steering_positions(self, chunk: Batch, is_generated: torch.Tensor) -> None:
         if self.steering is None:
             return
-        if "steer_strengths" in chunk:
-            self.steering.set_strengths(chunk["steer_strengths"])
+        self.steering.set_strengths(chunk["steer_strengths"] if "steer_strengths" in chunk else None)
         self.steering.set_positions(is_generated)
 
 

@@ -21,7 +21,7 @@ def set_seed(seed: int, deterministic: bool) -> None:
 def build_engine(cfg, actor, tokenizer):
     if cfg.rollout.engine == "native":
         from megatron_rl.rollout.native_engine import NativeEngine
-        engine = NativeEngine(actor.model, tokenizer)
+        engine = NativeEngine(actor.model, tokenizer, steering=actor.steering)
     elif cfg.rollout.engine == "vllm":
         try:
             from megatron_rl.rollout.vllm_engine import VLLMEngine
@@ -55,6 +55,14 @@ def build_trainer(cfg):
         raise ValueError("model.path is required (an HF directory or a megatron-rl checkpoint)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or _tokenizer_dir(cfg.model.path))
     actor = build_actor(cfg)
+    if getattr(cfg.steering, "enable", False):
+        from megatron_rl.steering import build_steering
+        if cfg.steering.predictor.enable:
+            raise NotImplementedError("steering.predictor training inside `megatron-rl train` is not wired yet; "
+                                      "see megatron_rl.steering.StrengthPredictorTrainer")
+        if cfg.steering.logprob_mode != "recompute":
+            raise NotImplementedError("steering.logprob_mode=rollout_is is not wired yet; use recompute")
+        actor.steering = build_steering(cfg.steering, actor.model)
     reference = build_reference(cfg) if reference_needed(cfg) else None
     a = cfg.algos
     kl_ctrl = kl_controller(a.kl_ctrl, init_kl_coef=a.kl_coef, target_kl=a.target_kl, horizon=a.kl_horizon)

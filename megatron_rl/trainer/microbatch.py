@@ -42,6 +42,8 @@ def make_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, tor
         for k in PER_TOKEN_KEYS:
             if k in batch:
                 mb[k] = batch[k][t].float()
+        if "steer_strengths" in batch:
+            mb["steer_strengths"] = batch["steer_strengths"][t].float()
         mb["response_mask"] = mb["response_mask"] * mb["row_valid"][:, None]
         mbs.append(mb)
     return mbs

@@ -44,6 +44,19 @@ class Policy:
         self.temperature = temperature
         self.vocab_size = model.arch.vocab_size
         self.backend = fused_backend
+        self.steering = None      # a SteeringController attached to this model, or None
+
+    def _forward(self, m, mb):
+        """The model forward; under the same per-sample SAE steering as the rollout, so
+        recomputed log-probs and the update see the behaviour policy (DESIGN.md)."""
+        if self.steering is None:
+            return gpt_forward(m, mb["input_ids"], mb["attention_mask"])
+        from megatron_rl.steering.controller import generated_positions
+
+        b, s = mb["input_ids"].shape
+        p = int(mb["prompt_len"])
+        with self.steering.use(mb.get("steer_strengths"), generated_positions(p, s - p, b, mb["input_ids"].device)):
+            return gpt_forward(m, mb["input_ids"], mb["attention_mask"])
 
     def _forward_model(self):
         return self.ddp if self.ddp is not None else self.model
@@ -65,9 +78,7 @@ class Policy:
                                             temperature=self.temperature, backend=self.backend)
             return output.sum() * 0, {"logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
 
-        res = run_microbatches([self._forward_model()], mbs,
-                               lambda m, mb: gpt_forward(m, mb["input_ids"], mb["attention_mask"]),
-                               loss_fn, forward_only=True)
+        res = run_microbatches([self._forward_model()], mbs, self._forward, loss_fn, forward_only=True)
         self.model.train(was_training)
         n, r = len(batch), batch["response_ids"].shape[1]
         lp = torch.cat([x["logprob"] for x in res])[:n] if res else None
@@ -115,8 +126,7 @@ class Policy:
 
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        res = run_microbatches([self.ddp], mbs, lambda m, mb: gpt_forward(m, mb["input_ids"], mb["attention_mask"]),
-                               loss_fn, forward_only=False)
+        res = run_microbatches([self.ddp], mbs, self._forward, loss_fn, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step(increment=1)
