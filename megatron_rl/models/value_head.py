@@ -1,0 +1,69 @@
+"""A scalar head on a GPTModel trunk (critic, reward model, GAD discriminator).
+
+The head reads the final-layernorm hidden state; the LM head is skipped by running
+the last pipeline stage with `post_process` off for the call (Megatron-Core 0.16
+`GPTModel.forward` then returns the decoder output `[s, b, h]`, which already went
+through the final layernorm: that norm belongs to the decoder block).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatron_rl.models.forward import gpt_forward
+from megatron_rl.models.loading import unwrap
+
+
+class ValueHead(torch.nn.Linear):
+    """`Linear(h, 1)` in float32, identical on every rank (seeded init), so TP ranks
+    that all see the full hidden state keep identical copies."""
+
+    def __init__(self, hidden_size: int, seed: int = 0):
+        super().__init__(hidden_size, 1)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.weight.normal_(0.0, hidden_size ** -0.5, generator=g)
+            self.bias.zero_()
+
+
+def attach_value_head(model, seed: int = 0) -> ValueHead | None:
+    """Register a head as `model.value_head` on the last pipeline stage (so Megatron
+    DDP and optimizer see it as part of the model); None on other stages."""
+    gpt = unwrap(model)
+    if not gpt.post_process:
+        return None
+    head = ValueHead(gpt.config.hidden_size, seed)
+    if torch.cuda.is_available():
+        head = head.cuda(torch.cuda.current_device())
+    gpt.add_module("value_head", head)
+    return head
+
+
+@contextlib.contextmanager
+def _without_lm_head(gpt):
+    was = gpt.post_process
+    gpt.post_process = False
+    try:
+        yield
+    finally:
+        gpt.post_process = was
+
+
+def value_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position values `[b, s]` float32 on the last stage; the stage's hidden
+    states on others (what the pipeline schedule sends on)."""
+    gpt = unwrap(model)
+    head = getattr(gpt, "value_head", None)
+    if head is None:
+        return gpt_forward(model, input_ids, attention_mask)
+    with _without_lm_head(gpt):
+        hidden = gpt_forward(model, input_ids, attention_mask)      # [s, b, h]
+    return head(hidden.float()).squeeze(-1).transpose(0, 1)          # [b, s]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[b] position of each row's last real token (left-padded prompt ++ right-padded
+    response: the last response token, or the last prompt token for an empty response)."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask > 0, pos, -1).max(-1).values.clamp(min=0)

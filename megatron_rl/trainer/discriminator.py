@@ -1,0 +1,157 @@
+"""The GAD discriminator: a GPTModel trunk + scalar head, trained with a Bradley-Terry
+loss to score the teacher's response above the student's for the same prompt.
+
+The update runs through Megatron's schedule, micro-batch by micro-batch, with an
+exact surrogate: the BT loss couples a teacher row and a student row that may sit
+in different micro-batches, so the scores are computed first (no grad; they are
+also the student's reward), dL/dD is formed in closed form, and the backward pass
+minimises `sum(dL/dD * D)` whose gradient equals the BT loss's (no dropout in D).
+Each prompt's teacher response is scored once for its n students.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.models.value_head import attach_value_head, last_token_index, value_forward
+from megatron_rl.trainer.microbatch import make_microbatches
+from megatron_rl.trainer.policy import _broadcast_from_last_stage, _broadcast_metrics
+
+
+def bt_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of -log sigmoid(D(teacher) - D(student)), fraction of pairs with D(teacher) > D(student));
+    both inputs [N], row i one pair."""
+    diff = teacher_scores - student_scores
+    return F.softplus(-diff).mean(), (diff > 0).float().mean()
+
+
+def pair_with_teachers(student_groups: list, teacher_groups: list) -> torch.Tensor:
+    """[N_students] index of each student's teacher row (same group = same prompt)."""
+    where = {g: i for i, g in enumerate(teacher_groups)}
+    missing = [g for g in student_groups if g not in where]
+    if missing:
+        raise KeyError(f"student groups {sorted(set(map(str, missing)))[:5]} have no teacher response "
+                       f"(teacher groups: {sorted(map(str, teacher_groups))[:5]}...)")
+    return torch.tensor([where[g] for g in student_groups], dtype=torch.long)
+
+
+def scoring_batch(prompts: Batch, response_ids: torch.Tensor, response_attn: torch.Tensor) -> Batch:
+    """The minimal batch the discriminator reads: prompt ++ response (mask = real tokens)."""
+    return Batch({"prompt_ids": prompts["prompt_ids"], "prompt_mask": prompts["prompt_mask"],
+                  "response_ids": response_ids, "response_mask": response_attn.float()},
+                 [{} for _ in range(len(prompts))])
+
+
+class Discriminator:
+    """`ddp` wraps the trunk whose last stage carries `value_head`; `optimizer` and
+    `scheduler` are Megatron's (built by `build_discriminator`)."""
+
+    def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):
+        self.ddp = ddp
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.mbs = micro_batch_size
+
+    @property
+    def model(self):
+        return self.ddp.module
+
+    def _microbatches(self, batch: Batch) -> list[dict]:
+        device = next(self.model.parameters()).device
+        return [{k: v.to(device) for k, v in mb.items()} for mb in make_microbatches(batch, self.mbs)]
+
+    @staticmethod
+    def _forward(m, mb):
+        return value_forward(m, mb["input_ids"], mb["attention_mask"])
+
+    @staticmethod
+    def _last(values, mb) -> torch.Tensor:
+        idx = last_token_index(mb["attention_mask"])
+        return values.gather(1, idx[:, None]).squeeze(1)
+
+    @torch.no_grad()
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """[B] float32 score of each row's response, on every rank."""
+        self.model.eval()
+        mbs = self._microbatches(batch)
+        res = run_microbatches([self.ddp], mbs, self._forward,
+                               lambda mb, out: (out.sum() * 0, {"s": self._last(out, mb).float().cpu()}),
+                               forward_only=True)
+        self.model.train()
+        n = len(batch)
+        s = torch.cat([r["s"] for r in res])[:n] if res else None
+        return _broadcast_from_last_stage(s, (n,))
+
+    def update(self, students: Batch, teachers: Batch, pair: torch.Tensor,
+               student_scores: torch.Tensor | None = None,
+               teacher_scores: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step on the BT loss of pairs (teachers[pair[i]], students[i]).
+        Pass the current scores if already computed (they are, for the reward)."""
+        if student_scores is None:
+            student_scores = self.scores(students)
+        if teacher_scores is None:
+            teacher_scores = self.scores(teachers)
+        loss, acc = bt_loss(teacher_scores[pair], student_scores)
+        # d loss / d diff for diff = D(t) - D(s): -sigmoid(-diff) / N
+        g = -torch.sigmoid(student_scores - teacher_scores[pair]) / len(pair)
+        coef = torch.cat([torch.zeros(len(teachers)).index_add_(0, pair, g), -g])
+        both = Batch.concat([teachers, students])
+        mbs = self._microbatches(both)
+        for k, mb in enumerate(mbs):
+            c = torch.zeros(self.mbs)
+            part = coef[k * self.mbs:(k + 1) * self.mbs]
+            c[:len(part)] = part
+            mb["coef"] = c.to(mb["input_ids"].device)
+        n_mb = len(mbs)
+
+        def loss_fn(mb, out):
+            # Megatron divides each micro-batch loss by the number of micro-batches
+            return (mb["coef"] * self._last(out, mb)).sum() * n_mb, {}
+
+        self.model.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        run_microbatches([self.ddp], mbs, self._forward, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step(increment=1)
+        metrics = {"critic/d_loss": loss.item(), "critic/d_acc": acc.item(),
+                   "critic/student_value_mean": student_scores.mean().item(),
+                   "critic/teacher_value_mean": teacher_scores.mean().item(),
+                   "critic/d_grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "critic/d_update_ok": float(bool(ok))}
+        return _broadcast_metrics(metrics)
+
+    # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_discriminator(cfg) -> Discriminator:
+    """Trunk from `gad.discriminator_path` (default model.path), same TP/PP as the actor."""
+    from megatron_rl.config.schema import OptimConfig
+    from megatron_rl.models import load_checkpoint
+    from megatron_rl.trainer.build import build_optimizer, wrap_ddp
+
+    g, mc = cfg.gad, cfg.model
+    path = g.discriminator_path or mc.path
+    if mc.sequence_parallel:
+        raise NotImplementedError("gad: the discriminator reads full hidden states; use model.sequence_parallel=false")
+    model = load_checkpoint(path, dtype=mc.dtype, layer_spec=mc.layer_spec, recompute=mc.recompute)
+    attach_value_head(model, seed=cfg.trainer.seed)
+    use_dist = cfg.actor.optim.distributed_optimizer
+    use_dist = torch.cuda.is_available() if use_dist is None else use_dist
+    ddp = wrap_ddp(model, use_dist)
+    optim = OptimConfig(lr=g.d_lr, weight_decay=g.d_weight_decay, clip_grad=g.d_clip_grad,
+                        distributed_optimizer=use_dist)
+    opt, sched = build_optimizer(ddp, optim, mc.dtype, max(1, cfg.trainer.total_steps * g.d_updates))
+    return Discriminator(ddp, opt, sched, g.d_micro_batch_size)

@@ -1,0 +1,224 @@
+"""Generative adversarial distillation (GAD): black-box on-policy distillation.
+
+Each step: the student (actor) samples n responses per prompt; the discriminator
+scores them and the prompt's teacher response; D(student) is the student's reward;
+D takes a Bradley-Terry step (teacher above student); the student takes a GRPO/GSPO
+step (`algos.*`, KL to the reference included). For the first
+`trainer.critic_warmup` steps only D learns while the student waits or learns the
+teacher responses by cross-entropy (`gad.warmup_student`).
+
+Wiring: `megatron_rl.trainer.main.build_trainer` hands over to `build_gad_trainer`
+when `cfg.gad.enable` is true.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.data.readers import DataError
+from megatron_rl.kernels import token_logprob_entropy
+from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.rewards.token_rewards import to_token_rewards
+from megatron_rl.trainer import phases
+from megatron_rl.trainer.checkpoint import _barrier, _rank, checkpoint_root, find_checkpoint
+from megatron_rl.trainer.discriminator import Discriminator, pair_with_teachers, scoring_batch
+from megatron_rl.trainer.loop import Trainer
+from megatron_rl.trainer.microbatch import response_logits
+from megatron_rl.trainer.policy import _broadcast_metrics, _tp_group
+
+
+# --- teacher responses ---------------------------------------------------------------
+def teacher_key(cfg) -> str:
+    return cfg.gad.teacher_key or cfg.data.teacher_response_key or "teacher_response"
+
+
+def split_missing_teacher(prompts: Batch, key: str, skip: bool) -> tuple[Batch, int]:
+    """(prompts that have a teacher response, number skipped); without `skip` a
+    missing one is an error naming the sample's file:line."""
+    keep = [i for i, s in enumerate(prompts.samples) if isinstance(s.get(key), str)]
+    if len(keep) < len(prompts) and not skip:
+        bad = prompts.samples[next(i for i in range(len(prompts)) if i not in keep)]
+        raise DataError(f"{bad.get('uid', '?')}: no teacher response (string field '{key}') for GAD; "
+                        f"add it or set gad.skip_missing_teacher=true")
+    return (prompts if len(keep) == len(prompts) else prompts.select(keep)), len(prompts) - len(keep)
+
+
+def tokenize_teacher(tokenizer, texts: list[str], max_tokens: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T] long, mask [B, T] float), right-padded like rolled-out responses:
+    the text without chat template (the prompt ends in the generation prompt) + EOS,
+    cut at `max_tokens`."""
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0]
+    rows = []
+    for t in texts:
+        ids = list(tokenizer(t, add_special_tokens=False)["input_ids"])
+        rows.append((ids + ([eos] if eos is not None else []))[:max_tokens])
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1.0
+    return ids, mask
+
+
+def group_keys(prompts: Batch) -> list:
+    """The group each prompt's students get from the engine (its uid, else its row)."""
+    return [s.get("group", s.get("uid", i)) for i, s in enumerate(prompts.samples)]
+
+
+def normalise_rewards(scores: torch.Tensor, groups: list, mode: str, eps: float = 1e-6) -> torch.Tensor:
+    if mode == "none":
+        return scores
+    out = scores.clone()
+    for g in set(groups):
+        idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        s = scores[idx]
+        out[idx] = (s - s.mean()) / (s.std(unbiased=False) + eps) if len(idx) > 1 else s - s.mean()
+    return out
+
+
+# --- supervised warm-up of the student -------------------------------------------------
+def sft_step(actor, batch: Batch, lr: float | None = None) -> dict[str, float]:
+    """One optimizer step on the token-mean NLL of `batch`'s response tokens (teacher
+    responses), through the actor's Megatron schedule, DDP and optimizer."""
+    mbs = actor._microbatches(batch)
+    total = float(sum(mb["response_mask"].sum() for mb in mbs)) or 1.0
+    n_mb = len(mbs)
+
+    def loss_fn(mb, output):
+        logits = response_logits(output, mb, actor.vocab_size)
+        lp, _ = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(), temperature=1.0,
+                                      backend=actor.backend)
+        nll = -(lp * mb["response_mask"]).sum() / total
+        # Megatron divides each micro-batch loss by the number of micro-batches
+        return nll * n_mb, {"nll": float(nll)}
+
+    actor.model.train()
+    old_lrs = [g["lr"] for g in actor.optimizer.param_groups]
+    if lr is not None:
+        for g in actor.optimizer.param_groups:
+            g["lr"] = lr
+    actor.ddp.zero_grad_buffer()
+    actor.optimizer.zero_grad()
+    res = run_microbatches([actor.ddp], mbs, actor._forward, loss_fn, forward_only=False)
+    ok, grad_norm, _ = actor.optimizer.step()
+    if lr is not None:
+        for g, old in zip(actor.optimizer.param_groups, old_lrs):
+            g["lr"] = old
+    elif actor.scheduler is not None:
+        actor.scheduler.step(increment=1)
+    metrics = {"actor/sft_loss": sum(r["nll"] for r in res),
+               "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "actor/update_ok": float(bool(ok))}
+    return _broadcast_metrics(metrics)
+
+
+# --- the trainer -----------------------------------------------------------------------
+@dataclass
+class GADTrainer(Trainer):
+    discriminator: Discriminator | None = None
+    skipped_no_teacher: int = 0
+
+    def _next_prompts(self) -> tuple[Batch, int]:
+        g = self.cfg.gad
+        skipped = 0
+        for _ in range(1000):
+            prompts, n = split_missing_teacher(self.data.next_batch(), teacher_key(self.cfg), g.skip_missing_teacher)
+            skipped += n
+            if len(prompts):
+                return prompts, skipped
+        raise DataError("gad: 1000 batches in a row without a teacher response; check gad.teacher_key")
+
+    def teacher_batch(self, prompts: Batch) -> Batch:
+        g, r = self.cfg.gad, self.cfg.rollout
+        texts = [s[teacher_key(self.cfg)] for s in prompts.samples]
+        ids, mask = tokenize_teacher(self.tokenizer, texts, g.max_teacher_tokens or r.max_new_tokens,
+                                     self.data.pad_id)
+        return scoring_batch(prompts, ids, mask)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.time()
+        g = self.cfg.gad
+        warmup = step <= self.cfg.trainer.critic_warmup
+        prompts, skipped = self._next_prompts()
+        self.skipped_no_teacher += skipped
+        metrics = {"gad/skipped_no_teacher": float(self.skipped_no_teacher), "gad/warmup": float(warmup)}
+        with self.logger.timer("rollout"):
+            batch = phases.rollout(self, prompts, step)
+        teachers = self.teacher_batch(prompts)
+        attn = batch.get("response_attention_mask", batch["response_mask"]).float()
+        students = scoring_batch(batch, batch["response_ids"], attn)
+        pair = pair_with_teachers(batch.field("group"), group_keys(prompts))
+        with self.logger.timer("reward"):
+            metrics.update(phases.rewards(self, batch))          # rule reward, logged
+            rule = batch["token_rewards"].sum(-1)
+            metrics["gad/rule_score"] = rule.mean().item()
+            s_scores, t_scores = self.discriminator.scores(students), self.discriminator.scores(teachers)
+            reward = normalise_rewards(s_scores, batch.field("group"), g.reward_norm) + g.rule_reward_weight * rule
+            batch["token_rewards"] = to_token_rewards(reward, batch["response_mask"])
+            metrics.update({"reward/mean": reward.mean().item(), "reward/max": reward.max().item(),
+                            "reward/min": reward.min().item()})
+        with self.logger.timer("discriminator"):
+            for k in range(g.d_updates):
+                metrics.update(self.discriminator.update(students, teachers, pair,
+                                                         *((s_scores, t_scores) if k == 0 else ())))
+        if warmup:
+            if g.warmup_student == "sft":
+                with self.logger.timer("update"):
+                    sft = Batch({**{k: teachers[k] for k in ("prompt_ids", "prompt_mask", "response_ids")},
+                                 "response_mask": teachers["response_mask"]})
+                    metrics.update(sft_step(self.actor, sft, g.sft_lr))
+        else:
+            with self.logger.timer("logprob"):
+                metrics.update(phases.logprobs(self, batch))
+            with self.logger.timer("advantage"):
+                metrics.update(phases.advantages(self, batch))
+            with self.logger.timer("update"):
+                metrics.update(phases.update_actor(self, batch, step))
+        elapsed = time.time() - t0
+        tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
+        metrics.update({"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed,
+                        "train/epoch": float(self.data.epoch)})
+        return metrics
+
+    # --- checkpoints: the actor's checkpoint plus one discriminator file per rank -------
+    def save(self) -> None:
+        super().save()
+        path = checkpoint_root(self.cfg.logging.run_dir) / f"step_{self.step:06d}"
+        torch.save({**self.discriminator.state_dict(), "skipped_no_teacher": self.skipped_no_teacher},
+                   path / f"discriminator_rank{_rank():05d}.pt")
+        _barrier()
+
+    def _maybe_resume(self) -> None:
+        super()._maybe_resume()
+        path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
+        if path is None:
+            return
+        f = path / f"discriminator_rank{_rank():05d}.pt"
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: GAD checkpoint has no discriminator state for rank {_rank()}")
+        state = torch.load(f, weights_only=False)
+        self.discriminator.load_state_dict(state)
+        self.skipped_no_teacher = int(state.get("skipped_no_teacher", 0))
+
+
+def build_gad_trainer(cfg) -> GADTrainer:
+    """`build_trainer` plus the discriminator. The dataset itself is told nothing of
+    teacher responses (every record field is kept), so a missing one can be skipped."""
+    from megatron_rl.trainer.discriminator import build_discriminator
+    from megatron_rl.trainer.main import build_trainer
+
+    key = teacher_key(cfg)
+    cfg = dataclasses.replace(cfg, gad=dataclasses.replace(cfg.gad, teacher_key=key),
+                              data=dataclasses.replace(cfg.data, teacher_response_key=None))
+    # gad.enable off for the base build, so a `build_trainer` that dispatches here does not recurse
+    base = build_trainer(dataclasses.replace(cfg, gad=dataclasses.replace(cfg.gad, enable=False)))
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Trainer)}
+    fields["cfg"] = cfg
+    return GADTrainer(**fields, discriminator=build_discriminator(cfg))
