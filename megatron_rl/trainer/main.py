@@ -81,7 +81,11 @@ def train_main(config_path, overrides=None) -> int:
     import torch.distributed as dist
 
     cfg = load_experiment_config(config_path, overrides)
-    trainer = build_trainer(cfg)
+    if getattr(cfg.gad, "enable", False):
+        from megatron_rl.trainer.gad import build_gad_trainer
+        trainer = build_gad_trainer(cfg)
+    else:
+        trainer = build_trainer(cfg)
     try:
         before, after = trainer.fit()
     finally:
