@@ -84,6 +84,14 @@ class Discriminator:
         s = torch.cat([r["s"] for r in res])[:n] if res else None
         return _broadcast_from_last_stage(s, (n,))
 
+    @staticmethod
+    def evaluate(student_scores: torch.Tensor, teacher_scores: torch.Tensor, pair: torch.Tensor) -> dict[str, float]:
+        """The `critic/*` metrics of pairs without a step (a frozen discriminator)."""
+        loss, acc = bt_loss(teacher_scores[pair], student_scores)
+        return {"critic/d_loss": loss.item(), "critic/d_acc": acc.item(),
+                "critic/student_value_mean": student_scores.mean().item(),
+                "critic/teacher_value_mean": teacher_scores.mean().item()}
+
     def update(self, students: Batch, teachers: Batch, pair: torch.Tensor,
                student_scores: torch.Tensor | None = None,
                teacher_scores: torch.Tensor | None = None) -> dict[str, float]:
@@ -93,7 +101,6 @@ class Discriminator:
             student_scores = self.scores(students)
         if teacher_scores is None:
             teacher_scores = self.scores(teachers)
-        loss, acc = bt_loss(teacher_scores[pair], student_scores)
         # d loss / d diff for diff = D(t) - D(s): -sigmoid(-diff) / N
         g = -torch.sigmoid(student_scores - teacher_scores[pair]) / len(pair)
         coef = torch.cat([torch.zeros(len(teachers)).index_add_(0, pair, g), -g])
@@ -117,9 +124,7 @@ class Discriminator:
         ok, grad_norm, _ = self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step(increment=1)
-        metrics = {"critic/d_loss": loss.item(), "critic/d_acc": acc.item(),
-                   "critic/student_value_mean": student_scores.mean().item(),
-                   "critic/teacher_value_mean": teacher_scores.mean().item(),
+        metrics = {**self.evaluate(student_scores, teacher_scores, pair),
                    "critic/d_grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "critic/d_update_ok": float(bool(ok))}
         return _broadcast_metrics(metrics)

@@ -97,7 +97,7 @@ def sft_step(actor, batch: Batch, lr: float | None = None) -> dict[str, float]:
                                       backend=actor.backend)
         nll = -(lp * mb["response_mask"]).sum() / total
         # Megatron divides each micro-batch loss by the number of micro-batches
-        return nll * n_mb, {"nll": float(nll)}
+        return nll * n_mb, {"nll": float(nll.detach())}
 
     actor.model.train()
     old_lrs = [g["lr"] for g in actor.optimizer.param_groups]
@@ -164,8 +164,11 @@ class GADTrainer(Trainer):
             batch["token_rewards"] = to_token_rewards(reward, batch["response_mask"])
             metrics.update({"reward/mean": reward.mean().item(), "reward/max": reward.max().item(),
                             "reward/min": reward.min().item()})
+        d_frozen = g.freeze_discriminator_after is not None and step > g.freeze_discriminator_after
         with self.logger.timer("discriminator"):
-            for k in range(g.d_updates):
+            if d_frozen:
+                metrics.update(self.discriminator.evaluate(s_scores, t_scores, pair))
+            for k in range(0 if d_frozen else g.d_updates):
                 metrics.update(self.discriminator.update(students, teachers, pair,
                                                          *((s_scores, t_scores) if k == 0 else ())))
         if warmup:

@@ -36,6 +36,9 @@ class GADConfig:
     d_clip_grad: float = 1.0
     d_micro_batch_size: int = 4
     d_updates: int = 1
+    # The discriminator stops learning after this many steps (null: never), turning it
+    # into a fixed reward model: an ablation, and a way to watch the student climb one D.
+    freeze_discriminator_after: int | None = None
 
     # Student reward: D(student) as is (`none`) or standardised within the prompt's
     # group (`group`). A configured rule reward (`reward.name`) is always scored and
