@@ -156,9 +156,11 @@ class GADTrainer(Trainer):
         students = scoring_batch(batch, batch["response_ids"], attn)
         pair = pair_with_teachers(batch.field("group"), group_keys(prompts))
         with self.logger.timer("reward"):
-            metrics.update(phases.rewards(self, batch))          # rule reward, logged
-            rule = batch["token_rewards"].sum(-1)
-            metrics["gad/rule_score"] = rule.mean().item()
+            rule = torch.zeros(len(batch))
+            if g.log_rule_reward or g.rule_reward_weight:
+                metrics.update(phases.rewards(self, batch))
+                rule = batch["token_rewards"].sum(-1)
+                metrics["gad/rule_score"] = rule.mean().item()
             s_scores, t_scores = self.discriminator.scores(students), self.discriminator.scores(teachers)
             reward = normalise_rewards(s_scores, batch.field("group"), g.reward_norm) + g.rule_reward_weight * rule
             batch["token_rewards"] = to_token_rewards(reward, batch["response_mask"])

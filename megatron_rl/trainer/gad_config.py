@@ -41,9 +41,11 @@ class GADConfig:
     freeze_discriminator_after: int | None = None
 
     # Student reward: D(student) as is (`none`) or standardised within the prompt's
-    # group (`group`). A configured rule reward (`reward.name`) is always scored and
-    # logged as `gad/rule_score`; `rule_reward_weight` > 0 also adds it to the reward.
+    # group (`group`). With `log_rule_reward` the rule reward (`reward.name`) is also
+    # scored and logged as `gad/rule_score`; `rule_reward_weight` > 0 adds it to the
+    # reward (and implies scoring it).
     reward_norm: str = "none"
+    log_rule_reward: bool = False
     rule_reward_weight: float = 0.0
 
     # Warm-up (`trainer.critic_warmup` steps): the student waits (`frozen`) or learns

@@ -66,7 +66,7 @@ def gad_run(tmp_path):
                  "rollout.n=8", "rollout.max_new_tokens=4", "actor.micro_batch_size=16", "actor.optim.lr=5e-3",
                  "reward.name=says_yes", f"reward.custom_functions={{says_yes: '{tmp_path / 'reward.py'}:says_yes'}}",
                  "reward.num_workers=0", f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]",
-                 "gad.enable=true", "gad.d_micro_batch_size=18", "gad.d_lr=1e-4", "trainer.seed=3", "trainer.deterministic=true",
+                 "gad.enable=true", "gad.log_rule_reward=true", "gad.d_micro_batch_size=18", "gad.d_lr=1e-4", "trainer.seed=3", "trainer.deterministic=true",
                  "trainer.val_before_train=false"]
     return overrides, run_dir
 
