@@ -106,8 +106,10 @@ class Policy:
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
         mbs = self._microbatches(mini)
         weights = _microbatch_weights(mbs, algos.loss_agg_mode)
+        # Megatron's schedule divides each micro-batch loss by the number of
+        # micro-batches; our weights already sum to 1, so undo that division.
         for mb, w in zip(mbs, weights):
-            mb["loss_scale"] = torch.tensor(w, device=mb["input_ids"].device)
+            mb["loss_scale"] = torch.tensor(w * len(mbs), device=mb["input_ids"].device)
         kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
 
         def loss_fn(mb, output):
@@ -121,7 +123,7 @@ class Policy:
                 token_weights_apply_to=algos.token_weights_apply_to, tp_group=_tp_group(),
                 temperature=self.temperature, norm_len=algos.norm_len, backend=self.backend)
             info = {k: float(v) for k, v in metrics.items()}
-            info["_w"] = float(mb["loss_scale"])
+            info["_w"] = float(mb["loss_scale"]) / len(mbs)
             return loss * mb["loss_scale"], info
 
         self.ddp.zero_grad_buffer()
