@@ -65,3 +65,18 @@ def run_multiproc(fn, world: int = 2, args: tuple = ()) -> None:
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
         raise AssertionError(f"worker exit codes {bad}")
+
+
+def write_word_tokenizer(out_dir, words) -> None:
+    """Save an offline word-level tokenizer (ChatML-like template) for `words` into out_dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    hf.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    hf.save_pretrained(out_dir)

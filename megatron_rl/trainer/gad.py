@@ -186,10 +186,7 @@ class GADTrainer(Trainer):
                 metrics.update(phases.advantages(self, batch))
             with self.logger.timer("update"):
                 metrics.update(phases.update_actor(self, batch, step))
-        elapsed = time.time() - t0
-        tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
-        metrics.update({"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed,
-                        "train/epoch": float(self.data.epoch)})
+        metrics.update(self.step_metrics(batch, t0))
         return metrics
 
     # --- checkpoints: the actor's checkpoint plus one discriminator file per rank -------

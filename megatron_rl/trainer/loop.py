@@ -56,11 +56,14 @@ class Trainer:
             metrics.update(phases.advantages(self, batch))
         with self.logger.timer("update"):
             metrics.update(phases.update_actor(self, batch, step))
+        metrics.update(self.step_metrics(batch, t0))
+        return metrics
+
+    def step_metrics(self, batch, t0: float) -> dict[str, float]:
+        """Step time, throughput and epoch: shared by every trainer's `train_step`."""
         elapsed = time.time() - t0
         tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
-        metrics.update({"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed,
-                        "train/epoch": float(self.data.epoch)})
-        return metrics
+        return {"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed, "train/epoch": float(self.data.epoch)}
 
     def save(self) -> None:
         state = {"data": self.data.state_dict(), "kl_ctrl": _state(self.kl_ctrl), "val_before": self.val_before}

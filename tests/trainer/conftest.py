@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import make_tiny_hf
+from tests.helpers import make_tiny_hf, write_word_tokenizer
 
 WORDS = "what is one two three four five plus ? give the number answer yes no 0 1 2 3 4 5 6 7 8 9".split()
 REWARD_FILE = '''
@@ -17,17 +17,7 @@ def count_fours(response, sample, **kw):
 
 
 def write_tokenizer(out_dir) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<eos>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    hf.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-    hf.save_pretrained(out_dir)
+    write_word_tokenizer(out_dir, WORDS)
 
 
 @pytest.fixture
