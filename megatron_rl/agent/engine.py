@@ -60,6 +60,12 @@ class AgentRolloutEngine:
         self.last_metrics: dict[str, float] = {}
         self._has_logprob = True    # false once the inner engine omits rollout_logprob
 
+    def __getattr__(self, name):
+        # sync_weights / sleep / wake / update_weights belong to the wrapped engine.
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
     # -- protocol ---------------------------------------------------------------------
     def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
         rows = batch.repeat_interleave(sampling.n)

@@ -31,7 +31,7 @@ LoggingConfig = _optional("megatron_rl.logging.config", "LoggingConfig")
 AgentConfig = _optional("megatron_rl.agent.config", "AgentConfig")
 SteeringConfig = _optional("megatron_rl.steering.config", "SteeringConfig")
 GADConfig = _optional("megatron_rl.trainer.gad_config", "GADConfig")
-TokenWeightsConfig = _optional("megatron_rl.trainer.token_weights_config", "TokenWeightsConfig")
+TokenWeightsConfig = _optional("megatron_rl.token_weights.config", "TokenWeightsConfig")
 
 
 @dataclass

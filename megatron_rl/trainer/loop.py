@@ -21,6 +21,7 @@ class Trainer:
     rewards: object         # RewardManager
     kl_ctrl: object
     logger: object          # MetricsLogger
+    token_weights: object = None  # callable(trainer, batch) -> metrics; sets batch["token_weights"]
     step: int = 0
     val_before: float | None = None
 
@@ -54,8 +55,12 @@ class Trainer:
             metrics.update(phases.logprobs(self, batch))
         with self.logger.timer("advantage"):
             metrics.update(phases.advantages(self, batch))
+        if self.token_weights is not None:
+            with self.logger.timer("token_weights"):
+                metrics.update(self.token_weights(self, batch))
         with self.logger.timer("update"):
             metrics.update(phases.update_actor(self, batch, step))
+        metrics.update(self.sync_engine_weights())
         metrics.update(self.step_metrics(batch, t0))
         return metrics
 
@@ -64,6 +69,17 @@ class Trainer:
         elapsed = time.time() - t0
         tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
         return {"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed, "train/epoch": float(self.data.epoch)}
+
+    def sync_engine_weights(self) -> dict[str, float]:
+        """Push the updated actor weights into an engine that holds its own copy (vLLM).
+
+        The native engine shares the actor's modules, so it has no `sync_weights`.
+        """
+        sync = getattr(self.engine, "sync_weights", None)
+        if sync is None:
+            return {}
+        with self.logger.timer("weight_sync"):
+            return sync(self.actor)
 
     def save(self) -> None:
         state = {"data": self.data.state_dict(), "kl_ctrl": _state(self.kl_ctrl), "val_before": self.val_before}

@@ -57,9 +57,6 @@ def build_trainer(cfg):
     actor = build_actor(cfg)
     if getattr(cfg.steering, "enable", False):
         from megatron_rl.steering import build_steering
-        if cfg.steering.predictor.enable:
-            raise NotImplementedError("steering.predictor training inside `megatron-rl train` is not wired yet; "
-                                      "see megatron_rl.steering.StrengthPredictorTrainer")
         if cfg.steering.logprob_mode != "recompute":
             raise NotImplementedError("steering.logprob_mode=rollout_is is not wired yet; use recompute")
         actor.steering = build_steering(cfg.steering, actor.model)
@@ -68,9 +65,14 @@ def build_trainer(cfg):
     kl_ctrl = kl_controller(a.kl_ctrl, init_kl_coef=a.kl_coef, target_kl=a.target_kl, horizon=a.kl_horizon)
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
     logger = MetricsLogger(cfg.logging, total_steps=cfg.trainer.total_steps, run_config=to_dict(cfg))
+    token_weights = None
+    if getattr(cfg.token_weights, "source", "none") != "none":
+        from megatron_rl.token_weights import build_token_weights
+        token_weights = build_token_weights(cfg, actor, tokenizer)
     return Trainer(cfg=cfg, tokenizer=tokenizer, data=PromptLoader(cfg.data, tokenizer),
                    engine=build_engine(cfg, actor, tokenizer), actor=actor, reference=reference,
-                   rewards=RewardManager(cfg.reward), kl_ctrl=kl_ctrl, logger=logger)
+                   rewards=RewardManager(cfg.reward), kl_ctrl=kl_ctrl, logger=logger,
+                   token_weights=token_weights)
 
 
 def _tokenizer_dir(path: str) -> str:
@@ -84,6 +86,10 @@ def train_main(config_path, overrides=None) -> int:
     if getattr(cfg.gad, "enable", False):
         from megatron_rl.trainer.gad import build_gad_trainer
         trainer = build_gad_trainer(cfg)
+    elif getattr(cfg.steering, "enable", False) and cfg.steering.predictor.enable:
+        # The LLM stays frozen; only the strength predictor learns (megatron_rl/steering/train_loop.py).
+        from megatron_rl.steering.train_loop import build_predictor_trainer
+        trainer = build_predictor_trainer(cfg)
     else:
         trainer = build_trainer(cfg)
     try:
