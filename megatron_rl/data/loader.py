@@ -14,6 +14,7 @@ from megatron_rl.data.collate import collate_prompts, pad_token_id
 from megatron_rl.data.config import DataConfig
 from megatron_rl.data.dataset import RLDataset
 from megatron_rl.data.sampler import ResumableSampler
+from megatron_rl.parallel.data_parallel import dp_rank_size, shard_for_dp
 
 
 class PromptLoader:
@@ -34,15 +35,19 @@ class PromptLoader:
         return len(self.sampler)
 
     def next_batch(self) -> Batch:
-        return collate_prompts([self.train[i] for i in self.sampler.next_batch()], self.pad_id)
+        """This data-parallel rank's share of the next global batch (all of it at DP=1)."""
+        idx = shard_for_dp(self.sampler.next_batch(), "data.train_batch_size")
+        return collate_prompts([self.train[i] for i in idx], self.pad_id)
 
     def val_batches(self) -> Iterator[Batch]:
+        """This DP rank's validation prompts (a round-robin share; `dp_mean` joins the scores)."""
         if self.val is None:
             return
-        size = self.cfg.val_batch_size or len(self.val)
-        for start in range(0, len(self.val), size):
-            idx = range(start, min(start + size, len(self.val)))
-            yield collate_prompts([self.val[i] for i in idx], self.pad_id)
+        rank, size = dp_rank_size()
+        mine = list(range(rank, len(self.val), size))
+        step = self.cfg.val_batch_size or len(mine) or 1
+        for start in range(0, len(mine), step):
+            yield collate_prompts([self.val[i] for i in mine[start:start + step]], self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_rl.parallel.data_parallel import reduce_metrics
 from megatron_rl.trainer import phases
 from megatron_rl.trainer.checkpoint import find_checkpoint, load_checkpoint_into, save_checkpoint
 
@@ -61,6 +62,7 @@ class Trainer:
         with self.logger.timer("update"):
             metrics.update(phases.update_actor(self, batch, step))
         metrics.update(self.sync_engine_weights())
+        metrics = reduce_metrics(metrics)
         metrics.update(self.step_metrics(batch, t0))
         return metrics
 

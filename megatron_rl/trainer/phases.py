@@ -9,6 +9,7 @@ import torch
 
 from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
+from megatron_rl.parallel.data_parallel import dp_mean
 from megatron_rl.rollout.protocol import SamplingParams
 
 
@@ -66,9 +67,28 @@ def logprobs(tr, batch: Batch) -> dict[str, float]:
             diff = (old - batch["rollout_logprob"]).abs() * mask
             metrics["rollout/logprob_diff"] = (diff.sum() / mask.sum().clamp(min=1)).item()
             metrics["rollout/logprob_diff_max"] = diff.max().item()
+    steer = getattr(tr.cfg, "steering", None)
+    if getattr(steer, "enable", False) and steer.logprob_mode == "rollout_is":
+        metrics.update(_rollout_is_weights(batch, steer.rollout_is_cap))
     if tr.reference is not None:
         batch["ref_logprob"], _ = tr.reference.compute_logprobs(batch)
     return metrics
+
+
+def _rollout_is_weights(batch: Batch, cap: float) -> dict[str, float]:
+    """Steered rollouts, unsteered actor (`steering.logprob_mode: rollout_is`): `old_logprob` was
+    recomputed without steering; weight each token's pg term by min(exp(old - rollout), cap),
+    folded multiplicatively into `token_weights` (kept alone as `rollout_is_weights`)."""
+    from megatron_rl.steering.rollout_is import is_metrics, truncated_is_weights
+
+    if "rollout_logprob" not in batch:
+        raise RuntimeError("steering.logprob_mode=rollout_is needs the engine's rollout_logprob in the batch")
+    mask = batch["response_mask"].float()
+    w = truncated_is_weights(batch["old_logprob"], batch["rollout_logprob"], mask, cap)
+    batch["rollout_is_weights"] = w
+    tw = batch.get("token_weights")
+    batch["token_weights"] = w if tw is None else tw.float() * w
+    return is_metrics(w, batch["old_logprob"], batch["rollout_logprob"], mask, cap)
 
 
 def advantages(tr, batch: Batch) -> dict[str, float]:
@@ -111,4 +131,4 @@ def validate(tr) -> float:
         batch = tr.engine.generate(prompts, sampling_params(tr.cfg, 0, validation=True))
         result = tr.rewards.score(decode_responses(tr.tokenizer, batch), batch.samples)
         scores += result.scores
-    return sum(scores) / max(len(scores), 1)
+    return dp_mean(scores)
