@@ -31,7 +31,8 @@ class SteeringConfig:
     `strengths` are the defaults per feature; the predictor or the engine may override them per
     sample. logprob_mode: recompute = old log-probs recomputed under the same per-sample steering
     (steering is part of the behaviour policy); rollout_is = use the engine's log-probs with
-    importance correction.
+    importance correction: old log-probs recomputed unsteered, and each token's policy-gradient
+    term weighted by min(exp(old - rollout), rollout_is_cap) (docs/steering.md).
     """
 
     enable: bool = False
@@ -45,6 +46,7 @@ class SteeringConfig:
     global_strength: float = 1.0    # mode=global: the one strength that scales every feature
     scope: str = "all"              # all | prompt | generated tokens
     logprob_mode: str = "recompute"  # recompute | rollout_is
+    rollout_is_cap: float = 2.0     # rollout_is: truncate the IS weight exp(old - rollout) at this value
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class SteeringConfig:
                 raise ValueError(f"steering.{key} has {len(vals)} entries but feature_idxs has {n}")
         if self.enable and n == 0:
             raise ValueError("steering.enable is true but steering.feature_idxs is empty")
+        if not self.rollout_is_cap > 0:
+            raise ValueError(f"steering.rollout_is_cap must be > 0, got {self.rollout_is_cap}")
         p = self.predictor
         if p.enable and not p.max_strength > p.min_strength:
             raise ValueError(f"steering.predictor.max_strength={p.max_strength} must exceed "

@@ -57,9 +57,11 @@ def build_trainer(cfg):
     actor = build_actor(cfg)
     if getattr(cfg.steering, "enable", False):
         from megatron_rl.steering import build_steering
-        if cfg.steering.logprob_mode != "recompute":
-            raise NotImplementedError("steering.logprob_mode=rollout_is is not wired yet; use recompute")
         actor.steering = build_steering(cfg.steering, actor.model)
+        if cfg.steering.logprob_mode == "rollout_is":
+            # the engine steers; the actor's log-prob and update forwards run unsteered (IS-corrected)
+            from megatron_rl.steering.rollout_is import UnsteeredTraining
+            actor.steering = UnsteeredTraining(actor.steering)
     reference = build_reference(cfg) if reference_needed(cfg) else None
     a = cfg.algos
     kl_ctrl = kl_controller(a.kl_ctrl, init_kl_coef=a.kl_coef, target_kl=a.target_kl, horizon=a.kl_horizon)

@@ -12,7 +12,7 @@ import torch
 from megatron_rl.data.batch import Batch
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "advantages", "response_mask", "token_weights",
-                  "rollout_logprob", "returns", "values")
+                  "rollout_logprob", "returns", "values", "rollout_is_weights")
 
 
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
