@@ -18,7 +18,9 @@ class PredictorConfig:
     init_std: float = 1.0           # Gaussian policy std at start
     learn_std: bool = True          # learn log-std per feature, else keep init_std fixed
     lr: float = 1e-3
-    n_samples: int = 4              # strengths sampled per prompt (one GRPO group per prompt)
+    n_samples: int = 4              # strengths sampled per prompt (one GRPO group per prompt); = rollout.n
+    compare_every: int = 1          # steps between steered-vs-unsteered greedy decodes of the step's
+                                    # prompts (steering/reward_gain, frac_tokens_changed); 0 = never
 
 
 @dataclass

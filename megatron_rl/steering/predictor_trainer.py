@@ -19,7 +19,11 @@ def _params(modules) -> list[torch.nn.Parameter]:
 
 
 class StrengthPredictorTrainer:
-    """Adam over the predictor only. `feature_names` label metrics `steer/strength_mean/<name>`."""
+    """Adam over the predictor only. `feature_names` label metrics `steering/strength_mean/<name>`.
+
+    Under data parallelism every rank holds the same predictor; gradients are averaged over the
+    data-parallel group before the step, so the replicas stay identical.
+    """
 
     def __init__(self, predictor: StrengthPredictor, frozen_llm=None, lr: float = 1e-3,
                  feature_names: Sequence | None = None, max_grad_norm: float | None = 1.0):
@@ -56,30 +60,33 @@ class StrengthPredictorTrainer:
         loss = predictor_pg_loss(self.predictor.log_prob(reprs.detach(), strengths), rewards, group_index)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_grads_over_dp(self.predictor)
         grad_norm = None
         if self.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
         metrics = self.metrics(strengths, rewards)
-        metrics["steer/pg_loss"] = float(loss.detach())
+        metrics["steering/predictor_loss"] = float(loss.detach())
         if grad_norm is not None:
-            metrics["steer/grad_norm"] = float(grad_norm)
+            metrics["steering/predictor_grad_norm"] = float(grad_norm)
         return metrics
 
     @torch.no_grad()
     def metrics(self, strengths: torch.Tensor, rewards: torch.Tensor | None = None) -> dict:
-        """Per-feature mean/std of the sampled strengths, the policy std, and the mean reward."""
+        """Mean/std of the sampled strengths (over all features, and per feature), the policy std
+        per feature, and the mean reward of the steered samples."""
         s = strengths.detach().float()
         std = s.std(0) if s.shape[0] > 1 else torch.zeros(s.shape[1])
         pol = self.predictor.std()
-        out = {}
+        out = {"steering/strength_mean": float(s.mean()),
+               "steering/strength_std": float(s.std()) if s.numel() > 1 else 0.0}
         for i, name in enumerate(self.feature_names):
-            out[f"steer/strength_mean/{name}"] = float(s[:, i].mean())
-            out[f"steer/strength_std/{name}"] = float(std[i])
-            out[f"steer/policy_std/{name}"] = float(pol[i])
+            out[f"steering/strength_mean/{name}"] = float(s[:, i].mean())
+            out[f"steering/strength_std/{name}"] = float(std[i])
+            out[f"steering/policy_std/{name}"] = float(pol[i])
         if rewards is not None:
-            out["steer/reward_mean"] = float(rewards.float().mean())
+            out["steering/reward_mean"] = float(rewards.float().mean())
         return out
 
     def state_dict(self) -> dict:
@@ -90,6 +97,22 @@ class StrengthPredictorTrainer:
         self.predictor.load_state_dict(state["predictor"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state.get("steps", 0))
+
+
+def _average_grads_over_dp(module: torch.nn.Module) -> None:
+    from megatron_rl.parallel.data_parallel import dp_rank_size
+
+    _, size = dp_rank_size()
+    if size == 1:
+        return
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_data_parallel_group()
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= size
 
 
 def build_predictor(cfg: PredictorConfig, d_model: int, n_features: int, frozen_llm=None,

@@ -63,8 +63,8 @@ def test_learns_a_contextual_bandit(one_thread):
         metrics = trainer.step(x, s, rewards, group_index(32, 8))
     err = (pred.mean(x) - target).pow(2).mean().item()
     assert err < 0.1 * err0, (err0, err)
-    assert metrics["steer/policy_std/11"] < 0.7        # learned std shrinks as the policy sharpens
-    assert {"steer/strength_mean/11", "steer/strength_std/42", "steer/pg_loss"} <= set(metrics)
+    assert metrics["steering/policy_std/11"] < 0.7        # learned std shrinks as the policy sharpens
+    assert {"steering/strength_mean/11", "steering/strength_std/42", "steering/predictor_loss"} <= set(metrics)
 
 
 def test_state_dict_round_trip():
@@ -135,4 +135,4 @@ def test_one_step_on_tiny_megatron_model_with_steered_reward(tiny_model):
     assert pred.mean(reprs).mean().item() > mean0 + 0.1
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in llm_before.items())
     assert all(p.grad is None for p in tiny_model.parameters())
-    assert set(metrics) >= {"steer/strength_mean/0", "steer/strength_std/0", "steer/reward_mean"}
+    assert set(metrics) >= {"steering/strength_mean/0", "steering/strength_std/0", "steering/reward_mean"}
