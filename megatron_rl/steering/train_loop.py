@@ -8,7 +8,7 @@ them; the n rewards of a prompt form a GRPO group and the predictor takes one po
 step. Every `predictor.compare_every` steps the same prompts are also decoded greedily with
 steering at the predictor's mean strength and without steering: `steering/reward_steered`,
 `steering/reward_unsteered`, `steering/reward_gain`, `steering/frac_tokens_changed`.
-Validation (before/after, `trainer.val_every`) is greedy, steered at the mean strength.
+Validation (before/after, `trainer.val_every`) is steered at the mean strength.
 
 Wiring: `megatron_rl.trainer.main.train_main` calls `build_predictor_trainer(cfg)`.
 """
@@ -106,10 +106,12 @@ class PredictorTrainer:
         with torch.no_grad():
             return self.predictor.predictor.mean(self.reprs(prompts))
 
-    def greedy(self, prompts: Batch, strengths: torch.Tensor | None) -> Batch:
-        """Greedy decode, steered with `strengths [B, F]`, or unsteered when None."""
-        sp = phases.sampling_params(self.cfg, 0, validation=True)
-        sp = dataclasses.replace(sp, greedy=True, n=1)
+    def greedy(self, prompts: Batch, strengths: torch.Tensor | None, greedy: bool = True) -> Batch:
+        """One decode per prompt, steered with `strengths [B, F]` or unsteered when None; greedy, or
+        with the validation sampling settings (`rollout.val_greedy`, `val_temperature`)."""
+        sp = dataclasses.replace(phases.sampling_params(self.cfg, 0, validation=True), n=1)
+        if greedy:
+            sp = dataclasses.replace(sp, greedy=True)
         batch = prompts.select(range(len(prompts)))
         if strengths is None:
             with self.steering.disabled():
@@ -132,10 +134,11 @@ class PredictorTrainer:
                 "steering/reward_gain": r_s - r_u, "steering/frac_tokens_changed": changed}
 
     def validate(self) -> float:
-        """Mean reward of greedy responses to the validation prompts, steered at the mean strength."""
+        """Mean reward on the validation prompts, steered at the predictor's mean strength, decoded
+        as `rollout.val_greedy` / `val_temperature` say (greedy by default)."""
         scores: list[float] = []
         for prompts in self.data.val_batches():
-            scores += self.score(self.greedy(prompts, self.mean_strengths(prompts)))
+            scores += self.score(self.greedy(prompts, self.mean_strengths(prompts), greedy=False))
         return dp_mean(scores)
 
     def _generator(self, step: int) -> torch.Generator:

@@ -30,27 +30,36 @@ def half_fours(response, sample, **kw):
 '''
 
 
-@pytest.fixture
-def toy(tmp_path):
-    """(overrides, run_dir) of a predictor run on the toy task."""
-    hf = make_tiny_hf(tmp_path / "model", "llama", tie=True)
+def write_toy_assets(root) -> dict:
+    """Tiny model + word tokenizer, the "4" SAE, prompts and the reward file under `root`."""
+    from pathlib import Path
+
+    root = Path(root)
+    hf = make_tiny_hf(root / "model", "llama", tie=True)
     write_word_tokenizer(hf, WORDS)
     emb = load_file(f"{hf}/model.safetensors")["model.embed_tokens.weight"][N_SPECIAL + WORDS.index("4")]
-    save_sae(make_sae(layer=3, rows={0: emb / emb.norm()}), tmp_path / "sae")
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 8), ("val", 2)):
+    save_sae(make_sae(layer=3, rows={0: emb / emb.norm()}), root / "sae")
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    for split, n in (("train", 8), ("val", 64)):
         (data / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": "give the number"}) + "\n"
                                                      for _ in range(n)))
-    (tmp_path / "reward.py").write_text(REWARD)
+    (root / "reward.py").write_text(REWARD)
+    return {"model": hf, "sae": root / "sae", "data": data, "reward": root / "reward.py"}
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """(overrides, run_dir) of a predictor run on the toy task (configs/sae_steer_toy.yaml's settings)."""
+    a = write_toy_assets(tmp_path)
     run_dir = tmp_path / "run"
     overrides = [
-        f"model.path={hf}", "model.layer_spec=local", f"data.train_files=[{data / 'train.jsonl'}]",
-        f"data.val_files=[{data / 'val.jsonl'}]", "data.train_batch_size=8", "data.max_prompt_length=16",
+        f"model.path={a['model']}", "model.layer_spec=local", f"data.train_files=[{a['data'] / 'train.jsonl'}]",
+        f"data.val_files=[{a['data'] / 'val.jsonl'}]", "data.train_batch_size=8", "data.max_prompt_length=16",
         "rollout.n=16", "rollout.max_new_tokens=8", "rollout.temperature=0.15", "reward.name=half",
-        f"reward.custom_functions={{half: '{tmp_path / 'reward.py'}:half_fours'}}", "reward.num_workers=0",
+        f"reward.custom_functions={{half: '{a['reward']}:half_fours'}}", "reward.num_workers=0",
         f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]", "trainer.seed=3", "trainer.val_before_train=false",
-        "steering.enable=true", f"steering.sae_path={tmp_path / 'sae'}", "steering.feature_idxs=[0]",
+        "steering.enable=true", f"steering.sae_path={a['sae']}", "steering.feature_idxs=[0]",
         "steering.max_activations=[0.05]", "steering.predictor.enable=true", "steering.predictor.n_samples=16",
         "steering.predictor.hidden=16", "steering.predictor.min_strength=0", "steering.predictor.max_strength=12",
         "steering.predictor.init_std=1.0", "steering.predictor.lr=0.01", "steering.predictor.compare_every=50"]
@@ -142,3 +151,9 @@ def test_rollout_n_must_equal_predictor_samples(toy):
     overrides, _ = toy
     with pytest.raises(ValueError, match="rollout.n=4 but steering.predictor.n_samples=16"):
         build_predictor_trainer(load_experiment_config(None, overrides + ["rollout.n=4"]))
+
+
+if __name__ == "__main__":      # python -m tests.steering.test_steering_train_loop DIR: assets for configs/sae_steer_toy.yaml
+    import sys
+
+    print(write_toy_assets(sys.argv[1] if len(sys.argv) > 1 else "runs/sae_steer_toy/assets"))
