@@ -59,6 +59,10 @@ def synthetic_batch(vocab: int, b: int, p: int, r: int, seed: int = 0):
                  [{"uid": str(i), "group": i // 2} for i in range(b)])
 
 
+def progress(msg: str) -> None:
+    print(f"[rank {dist.get_rank()} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def one_step(hf: Path, tp: int, pp: int, dtype: str, batch, lr: float) -> dict:
     from megatron.core import parallel_state as mpu
 
@@ -70,12 +74,14 @@ def one_step(hf: Path, tp: int, pp: int, dtype: str, batch, lr: float) -> dict:
     from megatron_rl.trainer.policy import Policy
 
     init_distributed(tp=tp, pp=pp)
+    progress(f"tp={tp} pp={pp}: building")
     tdtype = getattr(torch, dtype)
     model = load_checkpoint(str(hf), layer_spec="local", dtype=tdtype)
     before = {k: v.float().cpu() for k, v in iter_hf_weights(model)}
     ddp = wrap_ddp(model, False)   # all-reduced (not reduce-scattered) grads: every rank holds the full gradient
     opt, sched = build_optimizer(ddp, OptimConfig(lr=lr, clip_grad=1.0, distributed_optimizer=False), dtype, 10)
     policy = Policy(model, micro_batch_size=2, optimizer=opt, scheduler=sched, ddp_model=ddp)
+    progress(f"tp={tp} pp={pp}: log-probs + update")
     t0 = time.time()
     lp, _ = policy.compute_logprobs(batch)
     if "old_logprob" not in batch:   # the TP=1 run sets it; the others reuse it (ratios near 1, few clipped)
@@ -150,11 +156,16 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="default bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--hang-timeout", type=float, default=240,
+                    help="dump every thread's stack and exit after this many seconds")
     args = ap.parse_args()
+    import faulthandler
+    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
     from megatron_rl.parallel import init_distributed
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() and not args.tiny else "float32")
-    init_distributed(tp=1, pp=1)
+    init_distributed(tp=1, pp=1, timeout_s=int(args.hang_timeout))
+    progress("process group up")
     if dist.get_world_size() != 2:
         raise SystemExit("run with exactly 2 processes (torchrun --nproc-per-node 2)")
     from megatron.core import parallel_state as mpu
@@ -163,12 +174,14 @@ def main() -> int:
     if dist.get_rank() == 0:
         make_random_llama(root, tiny=args.tiny)
     dist.barrier()
+    progress("model written")
     vocab = 96 if args.tiny else 32000
     batch = synthetic_batch(vocab, 8, 16 if args.tiny else 128, 12 if args.tiny else 384)
     ref = one_step(root, 1, 1, dtype, batch, args.lr)
     rows = {}
     for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2)}.items():
         rows[name] = compare_steps(ref, one_step(root, tp, pp, dtype, batch, args.lr))
+    progress("fused loss TP=2")
     rows["fused_loss_tp2"] = fused_loss_tp2(args.tiny)
     if dist.get_rank() == 0:
         print(f"\n| layout | logprob max diff | pg_loss (TP=1 / layout) | grad norm (TP=1 / layout) "
