@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One device call = one or more stages of the GPU checks, each logged to $OUT/<stage>.log.
+#
+#   bash tools/gpu_session.sh STAGE [STAGE ...]
+#
+# Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
+# parity + fused loss TP=2, 2 GPUs) | gad (GAD step by phase) | vgr (attention recompute cost) |
+# vllm (vLLM engine, weight sync, steering; needs the bundle) | vpart (stash the carried
+# vLLM bundle part in /tmp/vparts) | vunpack (join and unpack the parts into /tmp/vsite).
+#
+# The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
+# parts of an xz tarball (../shared/gpu-wheels/build_vllm_bundle.sh, re-split at 50 MB
+# into .vllm_bundle/p0..p3), one part per call while the machine stays warm.
+set -uo pipefail
+OUT="${OUT:-/tmp/gpu_out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export CUDA_DEVICE_MAX_CONNECTIONS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
+if [ -d .whl ] && [ ! -f /tmp/site/.mrl_ok ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.mrl_ok
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+R1="python3 -m torch.distributed.run --standalone --nproc-per-node 1"
+R2="python3 -m torch.distributed.run --standalone --nproc-per-node 2"
+SMOL=.cache/demo/SmolLM2-135M-Instruct
+
+stage_memory() {
+  for c in "--hf-config llama-1b --seq 4096 --num-microbatches 2" \
+           "--hf-config llama-1b --seq 4096 --num-microbatches 2 --recompute selective" \
+           "--hf-config smollm2-135m --seq 8192 --micro-batch 2 --num-microbatches 2"; do
+    echo "== measure_peak_memory $c"
+    timeout 180 $R1 tools/measure_peak_memory.py $c 2>&1 | grep --line-buffered -v -i warn | tail -8
+  done
+}
+
+stage_memory2() {
+  for c in "--hf-config llama3-8b --tp 2 --seq 4096 --num-microbatches 4 --recompute selective" \
+           "--hf-config llama-1b --pp 2 --seq 4096 --num-microbatches 4"; do
+    echo "== measure_peak_memory $c"
+    timeout 200 $R2 tools/measure_peak_memory.py $c 2>&1 | grep --line-buffered -v -i warn | tail -8
+  done
+}
+
+stage_multi() { timeout 300 $R2 tools/gpu_multi_check.py --hang-timeout 240 --json "$OUT/multi.json" 2>&1 | grep --line-buffered -v -i warn; }
+stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-config "$SMOL" 2>&1 | grep --line-buffered -v -i warn; }
+stage_vgr() { timeout 240 python3 tools/bench_vgr.py --model-config "$SMOL" 2>&1 | grep --line-buffered -v -i warn; }
+
+stage_vpart() {
+  mkdir -p /tmp/vparts
+  for p in .vllm_bundle/p*; do [ -f "$p" ] && cp "$p" /tmp/vparts/ && echo "stashed $p"; done
+  ls -la /tmp/vparts
+}
+
+stage_vunpack() {
+  cat /tmp/vparts/p* > /tmp/v.tar.xz && sha256sum /tmp/v.tar.xz && mkdir -p /tmp/vsite \
+    && tar -xJf /tmp/v.tar.xz -C /tmp/vsite && rm /tmp/v.tar.xz && echo "vLLM unpacked into /tmp/vsite"
+}
+
+stage_vllm() {
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 560 python3 tools/gpu_vllm.py --model-config "$SMOL" 2>&1 \
+    | grep --line-buffered -v -i warn
+}
+
+for s in "$@"; do
+  echo "######## stage $s ($(date +%H:%M:%S))"
+  "stage_$s" 2>&1 | tee "$OUT/$s.log"
+done
