@@ -118,8 +118,8 @@ class VGRWeights:
 
 def compute_vgr_weights(actor, batch: Batch, context_mask: torch.Tensor, instruction_mask: torch.Tensor,
                         layers: list[int], cfg) -> torch.Tensor:
-    """Unclipped VGR weights `[B, R]` (float32, mean 1 per sequence, 0 off the mask), one
-    micro-batch of attention rows at a time."""
+    """Unclipped VGR weights `[B, R]` (float32, mean 1 per sequence, 0 off the mask; 1 on
+    the mask for prompts without context), one micro-batch of attention rows at a time."""
     from megatron_rl.algos.vgr import vgr_token_weights
     from megatron_rl.token_weights.attention_rows import attention_rows
     from megatron_rl.trainer.microbatch import make_microbatches
@@ -137,4 +137,7 @@ def compute_vgr_weights(actor, batch: Batch, context_mask: torch.Tensor, instruc
                               mb["response_mask"][:real], smooth_sigma=cfg.smooth_sigma, clip=None,
                               prompt_mask=mb["attention_mask"][:real, :p])
         out.append(w.float().cpu())
-    return torch.cat(out)
+    weights = torch.cat(out)
+    # no context span in the prompt: nothing to ground on, so weights 1 (not 1/instruction-attention)
+    has_context = (context_mask.sum(-1) > 0)[:, None]
+    return torch.where(has_context, weights, (batch["response_mask"] > 0).float())
