@@ -151,8 +151,14 @@ def main(argv=None) -> list[dict]:
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.steps):
+    import time
+    step_s = 0.0
+    for _ in range(args.steps):       # the last step's time: the first one also allocates optimizer state
+        t0 = time.perf_counter()
         train_step(ddp, opt, mbs, args.loss_path)
+        if on_gpu:
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - t0
     measured = torch.cuda.max_memory_allocated() / mp.GiB if on_gpu else None
 
     pp_rank = mpu.get_pipeline_model_parallel_rank()
@@ -163,17 +169,17 @@ def main(argv=None) -> list[dict]:
     row = {"rank": rank, "tp_rank": mpu.get_tensor_model_parallel_rank(), "pp_rank": pp_rank, "stage": stage,
            "measured_gib": None if measured is None else round(measured, 3), "predicted_gib": round(predicted, 3),
            "error_pct": None if measured is None else round(100 * (predicted - measured) / measured, 1),
-           "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
+           "step_s": round(step_s, 3), "device": torch.cuda.get_device_name() if on_gpu else "cpu"}
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
         print(f"model {'tiny' if args.tiny else args.hf_config}: {mp.layout(inputs)}, micro-batch {args.micro_batch} x "
               f"{args.seq}, {args.num_microbatches} micro-batches, {dtype}, loss {args.loss_path}")
-        print("| rank | tp | pp | stage | measured GiB | predicted GiB | error % |")
-        print("|---|---|---|---|---|---|---|")
+        print("| rank | tp | pp | stage | measured GiB | predicted GiB | error % | step s |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['rank']} | {r['tp_rank']} | {r['pp_rank']} | {r['stage']} | {r['measured_gib']} | "
-                  f"{r['predicted_gib']} | {r['error_pct']} |")
+                  f"{r['predicted_gib']} | {r['error_pct']} | {r['step_s']} |")
         if not on_gpu:
             print("cpu: no CUDA allocator, measured peak not available (smoke run)")
         if args.json:
