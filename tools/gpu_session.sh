@@ -4,7 +4,8 @@
 #   bash tools/gpu_session.sh STAGE [STAGE ...]
 #
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
-# parity + fused loss TP=2, 2 GPUs) | gad (GAD step by phase) | vgr (attention recompute cost) |
+# parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
+# time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) |
 # vllm (vLLM engine, weight sync, steering; needs the bundle) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | vunpack (join and unpack the parts into /tmp/vsite).
 #
@@ -42,6 +43,7 @@ stage_memory2() {
 }
 
 stage_multi() { timeout 300 $R2 tools/gpu_multi_check.py --hang-timeout 240 --json "$OUT/multi.json" 2>&1 | grep --line-buffered -v -i warn; }
+stage_fusedtp() { timeout 150 $R2 tools/bench_fused_loss_tp.py --tokens 32768 --vocab 128256 2>&1 | grep --line-buffered -v -i warn; }
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-config "$SMOL" 2>&1 | grep --line-buffered -v -i warn; }
 stage_vgr() { timeout 240 python3 tools/bench_vgr.py --model-config "$SMOL" 2>&1 | grep --line-buffered -v -i warn; }
 
