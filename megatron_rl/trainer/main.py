@@ -60,6 +60,9 @@ def build_trainer(cfg):
         actor.steering = build_steering(cfg.steering, actor.model)
         if cfg.steering.logprob_mode == "rollout_is":
             # the engine steers; the actor's log-prob and update forwards run unsteered (IS-corrected)
+            if cfg.rollout.logprob_mode == "rollout":
+                raise ValueError("steering.logprob_mode=rollout_is needs rollout.logprob_mode=recompute: "
+                                 "its old log-probs are the unsteered recompute, the IS weight corrects to them")
             from megatron_rl.steering.rollout_is import UnsteeredTraining
             actor.steering = UnsteeredTraining(actor.steering)
     reference = build_reference(cfg) if reference_needed(cfg) else None

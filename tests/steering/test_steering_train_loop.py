@@ -50,7 +50,16 @@ def write_toy_assets(root) -> dict:
 
 @pytest.fixture
 def toy(tmp_path):
-    """(overrides, run_dir) of a predictor run on the toy task (configs/sae_steer_toy.yaml's settings)."""
+    """(overrides, run_dir) of a predictor run on the toy task (configs/sae_steer_toy.yaml's settings).
+
+    One intra-op thread (`trainer.num_threads=1`): the tensors are tiny, and on a busy 2-core box
+    spinning threads made this run 20x slower; the setting is restored after the test."""
+    threads = torch.get_num_threads()
+    yield from _toy(tmp_path)
+    torch.set_num_threads(threads)
+
+
+def _toy(tmp_path):
     a = write_toy_assets(tmp_path)
     run_dir = tmp_path / "run"
     overrides = [
@@ -62,8 +71,9 @@ def toy(tmp_path):
         "steering.enable=true", f"steering.sae_path={a['sae']}", "steering.feature_idxs=[0]",
         "steering.max_activations=[0.05]", "steering.predictor.enable=true", "steering.predictor.n_samples=16",
         "steering.predictor.hidden=16", "steering.predictor.min_strength=0", "steering.predictor.max_strength=12",
-        "steering.predictor.init_std=1.0", "steering.predictor.lr=0.01", "steering.predictor.compare_every=50"]
-    return overrides, run_dir
+        "steering.predictor.init_std=1.0", "steering.predictor.lr=0.01", "steering.predictor.compare_every=50",
+        "trainer.num_threads=1"]
+    yield overrides, run_dir
 
 
 def best_strength(trainer, grid=np.linspace(2.5, 6.5, 17), reps=512) -> float:
