@@ -22,6 +22,7 @@ from megatron_rl.data.batch import Batch
 from megatron_rl.data.readers import DataError
 from megatron_rl.kernels import token_logprob_entropy
 from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.parallel.data_parallel import dp_mean, reduce_metrics
 from megatron_rl.rewards.token_rewards import to_token_rewards
 from megatron_rl.trainer import phases
 from megatron_rl.trainer.checkpoint import _barrier, _rank, checkpoint_root, find_checkpoint
@@ -186,8 +187,46 @@ class GADTrainer(Trainer):
                 metrics.update(phases.advantages(self, batch))
             with self.logger.timer("update"):
                 metrics.update(phases.update_actor(self, batch, step))
+        metrics.update(self.sync_engine_weights())
+        metrics = reduce_metrics(metrics)
+        if self._validates_after(step):     # fit() validates the same weights right after this step
+            metrics.update(self.validate_discriminator())
         metrics.update(self.step_metrics(batch, t0))
         return metrics
+
+    # --- validation: the discriminator's view of greedy student responses --------------
+    def _validates_after(self, step: int) -> bool:
+        t = self.cfg.trainer
+        return step == t.total_steps or bool(t.val_every and step % t.val_every == 0)
+
+    def validate_discriminator(self) -> dict[str, float]:
+        """`val/d_score`: D's mean score of greedy student responses to the validation
+        prompts (the reward the student chases, on held-out prompts). Where validation
+        prompts carry teacher responses also `val/d_teacher_score` and `val/d_acc` (share
+        of prompts with D(teacher) > D(student)). The rule reward stays `val/reward`."""
+        key = teacher_key(self.cfg)
+        student, teacher, correct = [], [], []
+        for prompts in self.data.val_batches():
+            batch = self.engine.generate(prompts, phases.sampling_params(self.cfg, 0, validation=True))
+            attn = batch.get("response_attention_mask", batch["response_mask"]).float()
+            s = self.discriminator.scores(scoring_batch(batch, batch["response_ids"], attn))
+            student += s.tolist()
+            with_teacher, _ = split_missing_teacher(prompts, key, skip=True)
+            if len(with_teacher) == 0:
+                continue
+            t = self.discriminator.scores(self.teacher_batch(with_teacher))
+            where = {g: i for i, g in enumerate(group_keys(with_teacher))}
+            rows = [(i, where[g]) for i, g in enumerate(batch.field("group")) if g in where]
+            teacher += t.tolist()
+            correct += [float(t[j] > s[i]) for i, j in rows]
+        out = {"val/d_score": dp_mean(student)}
+        if dp_mean([1.0] * len(teacher)) > 0:      # some rank had teacher responses
+            out.update({"val/d_teacher_score": dp_mean(teacher), "val/d_acc": dp_mean(correct)})
+        return out
+
+    def _log_val_before(self) -> None:
+        if self.step == 0 and self.val_before is None and self.cfg.trainer.val_before_train:
+            self.logger.log(self.validate_discriminator(), step=0)
 
     # --- checkpoints: the actor's checkpoint plus one discriminator file per rank -------
     def save(self) -> None:
@@ -201,6 +240,7 @@ class GADTrainer(Trainer):
         super()._maybe_resume()
         path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
         if path is None:
+            self._log_val_before()     # fit() validates next (val/reward at step 0)
             return
         f = path / f"discriminator_rank{_rank():05d}.pt"
         if not f.exists():
