@@ -144,6 +144,32 @@ def test_resume_continues_exactly(toy):
     assert pred_resumed["steps"] == 6
 
 
+def _dp_worker(rank, world, overrides, out_dir):
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.steering.train_loop import build_predictor_trainer
+
+    tr = build_predictor_trainer(load_experiment_config(None, overrides))
+    try:
+        tr.fit()
+    finally:
+        tr.logger.close()
+        tr.rewards.close()
+    torch.save({k: v.clone() for k, v in tr.predictor.predictor.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.multiproc
+def test_data_parallel_replicas_stay_identical(toy, tmp_path):
+    """DP=2: each rank draws its own strength noise; gradients averaged over DP keep the two
+    predictors equal (they would drift apart after one step otherwise)."""
+    from tests.helpers import run_multiproc
+
+    overrides, _ = toy
+    run_multiproc(_dp_worker, 2, (overrides + ["trainer.total_steps=3"], str(tmp_path)))
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["net.3.bias"], torch.zeros_like(a["net.3.bias"]))      # it did learn
+
+
 def test_frac_tokens_changed_counts_differing_and_missing_positions():
     a = torch.tensor([[5, 6, 7], [1, 2, 0]])
     am = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
