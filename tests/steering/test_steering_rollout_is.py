@@ -47,3 +47,27 @@ def test_unsteered_view_removes_the_hook_inside_use_and_delegates_the_rest():
         events.append("forward")
     view.set_strengths(3)
     assert events == ["off", "forward", "on", ("strengths", 3)]
+
+
+def test_logprobs_phase_folds_is_weights_into_token_weights():
+    from types import SimpleNamespace
+
+    from megatron_rl.data.batch import Batch
+    from megatron_rl.trainer import phases
+
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+
+    class Actor:                                          # the unsteered recompute
+        def compute_logprobs(self, batch, with_entropy=False):
+            return old.clone(), torch.zeros_like(old)
+
+    batch = Batch({"prompt_ids": torch.zeros(2, 1, dtype=torch.long), "response_ids": torch.zeros(2, 2, dtype=torch.long),
+                   "response_mask": torch.ones(2, 2), "rollout_logprob": torch.tensor([[-1.5, -1.0], [-0.5, -3.5]]),
+                   "token_weights": torch.tensor([[0.5, 1.0], [1.0, 2.0]])}, [{}, {}])
+    cfg = SimpleNamespace(rollout=SimpleNamespace(logprob_mode="recompute"),
+                          steering=SimpleNamespace(enable=True, logprob_mode="rollout_is", rollout_is_cap=2.0))
+    metrics = phases.logprobs(SimpleNamespace(cfg=cfg, actor=Actor(), reference=None), batch)
+    w = torch.tensor([[math.exp(0.5), math.exp(-1.0)], [1.0, 2.0]])                  # exp(3) capped at 2
+    assert torch.allclose(batch["rollout_is_weights"], w, atol=1e-6)
+    assert torch.allclose(batch["token_weights"], torch.tensor([[0.5, 1.0], [1.0, 2.0]]) * w, atol=1e-6)
+    assert metrics["rollout_is/frac_truncated"] == pytest.approx(0.25)
