@@ -1,0 +1,54 @@
+"""`VLLMConfig`: vLLM-specific settings, mounted as `rollout.vllm` in the root schema.
+
+Keys shared with the native engine (n, temperature, stop, gpu_memory_utilization,
+colocate, weight_sync_bucket_mb) stay in `RolloutConfig`; this section holds what
+only the vLLM engine reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VLLMConfig:
+    """Engine start-up (passed to `vllm.LLM`): tensor_parallel_size is vLLM's own TP,
+    independent of the actor's; enforce_eager=True is required by the forward-hook
+    steering path (CUDA graphs would skip hooks registered after capture) and is the
+    verified default; dtype "" = the actor's `model.dtype`."""
+
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = True
+    dtype: str = ""
+    max_model_len: int = 0                  # 0: prompt + max_new_tokens of the rollout config, at least 512
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    distributed_executor_backend: str = ""  # "" = vLLM's choice; "external_launcher" for SPMD under torchrun
+    extra_args: dict = field(default_factory=dict)   # any other vllm.LLM keyword (e.g. max_num_seqs)
+
+    """Colocation: after each generate the engine sleeps (level 1 offloads weights to
+    CPU and drops the KV cache; level 2 drops both, safe because the trainer syncs new
+    weights before the next generate). 0 = never sleep."""
+
+    sleep_level: int = 1
+
+    """Log-probs: processed_logprobs = after temperature (and top-k/top-p, which the
+    default rollout leaves off), the distribution the trainer recomputes."""
+
+    logprobs_mode: str = "processed_logprobs"
+
+    """Weight sync: colocated (in-process, or CUDA IPC to TP workers) | broadcast
+    (NCCL to vLLM on separate GPUs: needs broadcast_host/port)."""
+
+    transport: str = "colocated"
+    broadcast_host: str = "127.0.0.1"
+    broadcast_port: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [("sleep_level", self.sleep_level, (0, 1, 2)),
+                  ("logprobs_mode", self.logprobs_mode, ("raw_logprobs", "processed_logprobs")),
+                  ("transport", self.transport, ("colocated", "broadcast"))]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"rollout.vllm.{key} must be one of {allowed}, got {value!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")

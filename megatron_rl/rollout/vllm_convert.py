@@ -1,0 +1,112 @@
+"""Pure-Python pieces of the vLLM engine (no vLLM import): our `SamplingParams` to
+vLLM's keyword arguments, padded prompts to token lists, vLLM `RequestOutput`s to a
+`Batch`, and the per-request steering groups.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.rollout.protocol import SamplingParams
+
+
+def vllm_sampling_kwargs(sp: SamplingParams, seed: int | None = None,
+                         stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams`.
+
+    logprobs=0 returns the sampled token's log-prob only; stop strings stay in the
+    text (`include_stop_str_in_output`) as in the native engine; top_k=0 is vLLM's "off"
+    (our -1); greedy is temperature 0.
+    """
+    kw: dict[str, Any] = dict(n=sp.n, max_tokens=sp.max_new_tokens, logprobs=0, seed=seed,
+                              stop=list(sp.stop) or None, include_stop_str_in_output=True,
+                              detokenize=bool(sp.stop), skip_special_tokens=False,
+                              stop_token_ids=list(stop_token_ids) or None)
+    if sp.greedy or sp.temperature == 0.0:
+        kw.update(temperature=0.0, top_p=1.0, top_k=0)
+    else:
+        kw.update(temperature=float(sp.temperature), top_p=float(sp.top_p),
+                  top_k=int(sp.top_k) if sp.top_k and sp.top_k > 0 else 0)
+    return kw
+
+
+def request_seeds(sp: SamplingParams, num_prompts: int) -> list[int | None]:
+    """One seed per prompt; vLLM derives its n children's seeds by adding the child index."""
+    if sp.seed is None:
+        return [None] * num_prompts
+    return [int(sp.seed) + i * max(sp.n, 1) for i in range(num_prompts)]
+
+
+def prompt_token_lists(batch: Batch) -> list[list[int]]:
+    """Left-padded `prompt_ids` without their padding (vLLM takes ragged token lists)."""
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"].bool()
+    return [ids[i][mask[i]].tolist() for i in range(len(batch))]
+
+
+def steering_groups(batch: Batch, by_prompt_len: bool) -> list[tuple[tuple | None, int | None, list[int]]]:
+    """(strength row or None, prompt length or None, row indices): one vLLM call each.
+
+    Rows share a call when their `steer_strengths` rows are equal (and, for scope
+    prompt/generated, their prompt lengths); order of first appearance is kept.
+    """
+    strengths = batch.get("steer_strengths")
+    lens = batch["prompt_mask"].sum(-1).tolist() if by_prompt_len else None
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(batch)):
+        s = tuple(float(x) for x in torch.as_tensor(strengths[i]).reshape(-1).tolist()) if strengths is not None else None
+        key = (s, int(lens[i]) if lens is not None else None)
+        groups.setdefault(key, []).append(i)
+    return [(s, p, idx) for (s, p), idx in groups.items()]
+
+
+def token_logprobs(completion) -> list[float]:
+    """Log-probs of a `CompletionOutput`'s own tokens (vLLM gives one dict per position)."""
+    ids, lps = list(completion.token_ids), completion.logprobs
+    if lps is None:
+        raise RuntimeError("vLLM returned no log-probs for a completion: SamplingParams.logprobs must be 0")
+    if len(lps) != len(ids):
+        raise RuntimeError(f"vLLM returned {len(lps)} log-prob entries for {len(ids)} tokens")
+    out = []
+    for t, (tok, d) in enumerate(zip(ids, lps)):
+        if tok not in d:
+            raise RuntimeError(f"vLLM log-probs at position {t} lack the sampled token {tok} (keys {list(d)[:4]})")
+        v = d[tok]
+        out.append(float(getattr(v, "logprob", v)))
+    return out
+
+
+def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int) -> Batch:
+    """`outputs[i]` (a `RequestOutput` with `n` completions) for prompt row i -> a Batch with
+    n adjacent rows per prompt in the native engine's layout (see `rollout/protocol.py`)."""
+    if len(outputs) != len(batch):
+        raise ValueError(f"{len(outputs)} vLLM outputs for {len(batch)} prompts")
+    expanded = batch.repeat_interleave(n) if n > 1 else batch.select(range(len(batch)))
+    seqs: list[list[int]] = []
+    lps: list[list[float]] = []
+    for i, out in enumerate(outputs):
+        comps = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
+        if len(comps) != n:
+            raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected n={n}")
+        for j, c in enumerate(comps):
+            seqs.append(list(c.token_ids))
+            lps.append(token_logprobs(c))
+            s = expanded.samples[i * n + j]
+            s.setdefault("group", s.get("uid", i))
+            s["finish_reason"] = getattr(c, "finish_reason", None)
+    b, width = len(seqs), max((len(s) for s in seqs), default=0)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    logprob = torch.zeros(b, width)
+    for r, (s, lp) in enumerate(zip(seqs, lps)):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        logprob[r, :len(lp)] = torch.tensor(lp)
+    lengths = torch.tensor([len(s) for s in seqs])
+    mask = (torch.arange(width)[None] < lengths[:, None]).float()
+    out = Batch({"prompt_ids": expanded["prompt_ids"], "prompt_mask": expanded["prompt_mask"],
+                 "response_ids": ids, "response_mask": mask, "response_attention_mask": mask.long(),
+                 "rollout_logprob": logprob * mask}, expanded.samples)
+    for k, v in expanded.tensors.items():
+        if k not in out.tensors and not k.startswith("response"):
+            out[k] = v
+    return out

@@ -1,0 +1,253 @@
+"""The vLLM rollout engine: the engine protocol on vLLM's offline `LLM` API (V1).
+
+    engine = VLLMEngine.from_config(cfg, tokenizer)   # rollout.engine: vllm
+    batch = engine.generate(prompts, sampling)         # n samples, stop strings, log-probs
+    metrics = engine.sync_weights(actor)               # after every update (Trainer loop)
+
+vLLM is imported lazily: this module imports without it, and building the engine
+without it raises `ImportError` naming the missing package.
+
+Colocation (`rollout.colocate`): vLLM runs in the trainer's process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`; vLLM TP > 1 spawns workers on the same GPUs) and
+sleeps after each generate, so training gets the memory back. `sync_weights` wakes the
+weights only, streams the actor's HF-named tensors in buckets (weight_sync/), and the
+next `generate` wakes the KV cache. The prefix cache is reset after every weight
+update: cached KV from old weights must never be reused.
+
+Steering (`steering.enable`): the SAE intervention is hooked on every vLLM worker
+(steering/vllm_hooks.py); requests are generated in one call per distinct strength
+row (and prompt length, for scope prompt/generated).
+"""
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import Iterable
+
+import torch
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.rollout.vllm_config import VLLMConfig
+from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lists, request_seeds,
+                                              steering_groups, vllm_sampling_kwargs)
+from megatron_rl.rollout.weight_sync import ColocatedTransport, receive_bucket, sync_weights
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def require_vllm():
+    """`import vllm`, or an ImportError that says what to install and why."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"rollout.engine=vllm needs the 'vllm' package (0.26 for torch 2.11), which is not "
+                          f"importable here ({e}); install it or use rollout.engine=native") from None
+    return vllm
+
+
+def _load_on_worker(payload, model) -> int:
+    """Runs on each vLLM worker (through `llm.apply_model`)."""
+    return receive_bucket(payload, lambda named: model.load_weights(iter(named)), key="vllm")
+
+
+class VLLMEngine:
+    def __init__(self, llm, tokenizer, config: VLLMConfig | None = None, *, colocate: bool = True,
+                 bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None):
+        from megatron_rl.rollout.native_engine import _eos_ids
+
+        self.llm, self.tokenizer = llm, tokenizer
+        self.cfg = config or VLLMConfig()
+        self.colocate, self.bucket_mb, self.dtype = colocate, bucket_mb, dtype
+        self.steering_scope = steering_scope          # None: no steering hook attached
+        self.eos_ids = _eos_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.state = "awake"                          # awake | asleep | weights (weights awake, KV asleep)
+        self.weights_stale = False                    # level-2 sleep dropped the weights
+        self._broadcast = None
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> "VLLMEngine":
+        vllm = require_vllm()
+        r = cfg.rollout
+        v = getattr(r, "vllm", None) or VLLMConfig()
+        if isinstance(v, dict):
+            v = VLLMConfig(**v)
+        dtype = v.dtype or cfg.model.dtype
+        max_len = v.max_model_len or max(512, cfg.data.max_prompt_length + r.max_new_tokens)
+        kwargs = dict(model=cfg.model.path, tokenizer=cfg.model.tokenizer_path or cfg.model.path, dtype=dtype,
+                      tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                      enforce_eager=v.enforce_eager, enable_sleep_mode=bool(r.colocate and v.sleep_level),
+                      seed=v.seed, max_model_len=max_len, enable_prefix_caching=v.enable_prefix_caching,
+                      logprobs_mode=v.logprobs_mode, generation_config="vllm")
+        if v.distributed_executor_backend:
+            kwargs["distributed_executor_backend"] = v.distributed_executor_backend
+        kwargs.update(v.extra_args)
+        llm = vllm.LLM(**kwargs)
+        steer = getattr(cfg, "steering", None)
+        engine = cls(llm, tokenizer, v, colocate=r.colocate, bucket_mb=r.weight_sync_bucket_mb,
+                     dtype=_DTYPES.get(dtype))
+        if getattr(steer, "enable", False):
+            engine.attach_steering(steer)
+        return engine
+
+    def attach_steering(self, steer_cfg) -> None:
+        """Load the SAE and hook the intervention on every vLLM worker."""
+        from megatron_rl.steering.build import resolve_layer
+        from megatron_rl.steering.interventions import build_intervention
+        from megatron_rl.steering.sae import load_sae
+
+        if not self.cfg.enforce_eager:
+            raise ValueError("steering inside vLLM uses forward hooks: set rollout.vllm.enforce_eager=true")
+        sae = load_sae(steer_cfg.sae_path, steer_cfg.sae_id)
+        intervention = build_intervention(steer_cfg.mode, sae, feature_idxs=steer_cfg.feature_idxs,
+                                          max_activations=steer_cfg.max_activations, strengths=steer_cfg.strengths,
+                                          global_strength=steer_cfg.global_strength)
+        self.attach_intervention(intervention, resolve_layer(steer_cfg, sae), steer_cfg.scope)
+
+    def attach_intervention(self, intervention, layer: int, scope: str = "all") -> None:
+        from megatron_rl.steering.vllm_hooks import attach_vllm_steering
+
+        self.llm.apply_model(partial(attach_vllm_steering, intervention=intervention, layer=layer, scope=scope))
+        self.steering_scope = scope
+
+    def set_steering_enabled(self, enabled: bool) -> None:
+        from megatron_rl.steering.vllm_hooks import set_vllm_steering
+
+        self.llm.apply_model(partial(set_vllm_steering, enabled=enabled, prompt_len=0))
+
+    # --- protocol ----------------------------------------------------------------------------
+    def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
+        import vllm
+
+        self._wake_for_generate()
+        prompts = prompt_token_lists(batch)
+        seeds = request_seeds(sampling, len(batch))
+        params = [vllm.SamplingParams(**vllm_sampling_kwargs(sampling, s, self.eos_ids)) for s in seeds]
+        outputs: list = [None] * len(batch)
+        if self.steering_scope is None:
+            groups = [(None, None, list(range(len(batch))))]
+        else:
+            groups = steering_groups(batch, by_prompt_len=self.steering_scope != "all")
+        for strengths, plen, idx in groups:
+            if self.steering_scope is not None:
+                self._set_steering(strengths, plen)
+            res = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in idx], [params[i] for i in idx],
+                                    use_tqdm=False)
+            for i, o in zip(idx, res):
+                outputs[i] = o
+        out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id)
+        if self.colocate and self.cfg.sleep_level:
+            self.sleep()
+        return out
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Load full HF-named tensors (any device) into every vLLM worker, bucketed."""
+        self._wake_weights()
+        if self.cfg.transport == "broadcast":
+            metrics = sync_weights(named_tensors, self._broadcast_transport(), bucket_mb=self.bucket_mb,
+                                   dtype=self.dtype, device=torch.device("cuda", torch.cuda.current_device()))
+        else:
+            transport = ColocatedTransport(lambda p: self.llm.apply_model(partial(_load_on_worker, p)),
+                                           ipc=self.cfg.tensor_parallel_size > 1)
+            metrics = sync_weights(named_tensors, transport, bucket_mb=self.bucket_mb, dtype=self.dtype)
+        self.weights_stale = False
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+        return metrics
+
+    def sync_weights(self, actor) -> dict[str, float]:
+        """The Trainer's hook after every update: the actor's weights (any TP/PP) into vLLM."""
+        from megatron_rl.models.loading import iter_hf_weights
+
+        return self.update_weights(iter_hf_weights(actor.model))
+
+    def sleep(self) -> None:
+        if self.state != "asleep" and self.cfg.sleep_level:
+            self.llm.sleep(level=self.cfg.sleep_level)
+            self.state = "asleep"
+            self.weights_stale = self.cfg.sleep_level >= 2
+
+    def wake(self) -> None:
+        if self.state == "asleep":
+            self.llm.wake_up()
+        elif self.state == "weights":
+            self.llm.wake_up(tags=["kv_cache"])
+        self.state = "awake"
+
+    # --- internals ----------------------------------------------------------------------------
+    def _wake_weights(self) -> None:
+        if self.state == "asleep":
+            self.llm.wake_up(tags=["weights"])
+            self.state = "weights"
+
+    def _wake_for_generate(self) -> None:
+        if self.weights_stale:
+            raise RuntimeError("vLLM slept at level 2 (weights dropped) and no weight sync followed; "
+                               "call sync_weights(actor) before generate, or use rollout.vllm.sleep_level=1")
+        self.wake()
+
+    def _set_steering(self, strengths, prompt_len) -> None:
+        from megatron_rl.steering.vllm_hooks import set_vllm_steering
+
+        s = torch.tensor(strengths) if strengths is not None else None
+        self.llm.apply_model(partial(set_vllm_steering, strengths=s, prompt_len=prompt_len))
+
+    def _broadcast_transport(self):
+        """Separate GPUs: one stateless NCCL group, trainer = rank 0, vLLM worker r = rank 1 + r.
+        Joined lazily on the first sync; each sync runs the workers' receive loop in a thread
+        (the in-process executor blocks its caller) while this thread broadcasts."""
+        from megatron_rl.rollout.weight_sync import BroadcastTransport, PyNcclComm
+
+        c = self.cfg
+        if not c.broadcast_port:
+            raise ValueError("rollout.vllm.transport=broadcast needs rollout.vllm.broadcast_port")
+        world = 1 + c.tensor_parallel_size
+        if self._broadcast is None:
+            t = threading.Thread(target=self.llm.apply_model,
+                                 args=(partial(_join_broadcast, c.broadcast_host, c.broadcast_port, world),))
+            t.start()
+            comm = PyNcclComm(c.broadcast_host, c.broadcast_port, 0, world, torch.cuda.current_device())
+            t.join()
+            self._broadcast = comm
+        return _ThreadedBroadcast(BroadcastTransport(self._broadcast, 0), self.llm)
+
+
+_WORKER_COMM: dict[str, object] = {}
+
+
+def _join_broadcast(host, port, world, model):
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    from megatron_rl.rollout.weight_sync import PyNcclComm
+
+    dev = next(model.parameters()).device
+    _WORKER_COMM["comm"] = PyNcclComm(host, port, 1 + get_tensor_model_parallel_rank(), world, dev)
+    return True
+
+
+def _receive_broadcast_on_worker(model) -> int:
+    from megatron_rl.rollout.weight_sync import receive_broadcast
+
+    dev = next(model.parameters()).device
+    return receive_broadcast(_WORKER_COMM["comm"], lambda named: model.load_weights(iter(named)), src=0, device=dev)
+
+
+class _ThreadedBroadcast:
+    """BroadcastTransport whose receivers (vLLM workers) run in a thread for the sync's duration."""
+
+    def __init__(self, inner, llm):
+        self.inner, self.llm, self._t = inner, llm, None
+
+    def begin(self) -> None:
+        self._t = threading.Thread(target=self.llm.apply_model, args=(_receive_broadcast_on_worker,))
+        self._t.start()
+        self.inner.begin()
+
+    def send(self, bucket) -> None:
+        self.inner.send(bucket)
+
+    def end(self) -> None:
+        self.inner.end()
+        self._t.join()
