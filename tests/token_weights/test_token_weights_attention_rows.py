@@ -29,50 +29,44 @@ def _reference(hf):
     return att[-LAST_K:, :, :, P:, :P].mean(2)       # [k, b, R, P], heads averaged
 
 
-def _rows(rank, world, hf, tp, pp, specs, out):
+LAYOUTS = [(1, 1, "local"), (1, 1, "sdpa"), (2, 1, "local"), (1, 2, "local")]   # (tp, pp, layer spec)
+
+
+def _rows(rank, world, hf, out):
+    """Every layout in the same two processes: Megatron's groups are rebuilt, gloo's stays."""
+    from megatron.core import parallel_state as mpu
+
     from megatron_rl.models import load_checkpoint
     from megatron_rl.models.forward import gpt_forward
     from megatron_rl.parallel import destroy_distributed, init_distributed
     from megatron_rl.token_weights.attention_rows import attention_rows, selected_layer_numbers
 
-    init_distributed(tp=tp, pp=pp)
     ids, am = _inputs()
     mb = {"input_ids": ids, "attention_mask": am, "prompt_len": torch.tensor(P)}
-    for spec in specs:
+    for tp, pp, spec in LAYOUTS:
+        if mpu.model_parallel_is_initialized():
+            mpu.destroy_model_parallel()
+        init_distributed(tp=tp, pp=pp)
         model = load_checkpoint(hf, layer_spec=spec)
         rows = attention_rows(model, mb, selected_layer_numbers(4, LAST_K),
                               lambda m, b: gpt_forward(m, b["input_ids"], b["attention_mask"]), row_chunk=2)
-        torch.save(rows, f"{out}.{spec}.{rank}")
+        torch.save(rows, f"{out}.tp{tp}pp{pp}{spec}.{rank}")
     destroy_distributed()
 
 
-def _check(tmp_path, world, tp, pp, specs=("local",)):
+@pytest.mark.multiproc
+def test_rows_match_full_attention_at_tp1_tp2_and_pp2(tmp_path):
     hf = make_tiny_hf(tmp_path / "hf", "llama", tie=False)
-    run_multiproc(_rows, world, (hf, tp, pp, specs, str(tmp_path / "rows.pt")))
+    run_multiproc(_rows, 2, (hf, str(tmp_path / "rows.pt")))
     ref = _reference(hf)
     valid = _inputs()[1][:, P:].bool()                # response rows that are real tokens
-    for spec in specs:
-        for rank in range(world):
-            rows = torch.load(tmp_path / f"rows.pt.{spec}.{rank}")
+    for tp, pp, spec in LAYOUTS:
+        for rank in range(2):
+            rows = torch.load(tmp_path / f"rows.pt.tp{tp}pp{pp}{spec}.{rank}")
             assert rows.shape == (LAST_K, B, R, P)
-            assert (rows - ref)[:, valid].abs().max() < 1e-5, f"{spec} rank {rank}"
+            assert (rows - ref)[:, valid].abs().max() < 1e-5, f"tp={tp} pp={pp} {spec} rank {rank}"
             # each real response row spreads at most its whole mass over the prompt
             assert bool((rows[:, valid].sum(-1) <= 1 + 1e-5).all())
-
-
-@pytest.mark.multiproc
-def test_rows_match_full_attention_tp1_local_and_sdpa_specs(tmp_path):
-    _check(tmp_path, 1, 1, 1, ("local", "sdpa"))
-
-
-@pytest.mark.multiproc
-def test_rows_match_full_attention_tp2(tmp_path):
-    _check(tmp_path, 2, 2, 1)
-
-
-@pytest.mark.multiproc
-def test_rows_match_full_attention_pp2(tmp_path):
-    _check(tmp_path, 2, 1, 2)
 
 
 def test_selected_layers_are_the_last_k():
