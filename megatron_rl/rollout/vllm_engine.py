@@ -228,10 +228,12 @@ def _join_broadcast(host, port, world, model):
 
 
 def _receive_broadcast_on_worker(model) -> int:
-    from megatron_rl.rollout.weight_sync import receive_broadcast
+    from megatron_rl.rollout.weight_sync import BucketReceiver, receive_broadcast
 
-    dev = next(model.parameters()).device
-    return receive_broadcast(_WORKER_COMM["comm"], lambda named: model.load_weights(iter(named)), src=0, device=dev)
+    rx = BucketReceiver(lambda named: model.load_weights(iter(named)))
+    n = receive_broadcast(_WORKER_COMM["comm"], rx.add, src=0, device=next(model.parameters()).device)
+    rx.finish()
+    return n
 
 
 class _ThreadedBroadcast:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from megatron_rl.rollout.weight_sync.base import register_transport
-from megatron_rl.rollout.weight_sync.bucketing import Bucket, BucketReceiver
+from megatron_rl.rollout.weight_sync.bucketing import Bucket
 
 
 class TorchDistComm:
@@ -71,19 +71,19 @@ class BroadcastTransport:
         self.comm.broadcast_obj(None, self.src)
 
 
-def receive_broadcast(comm, sink: Callable, *, src: int = 0, device=None, copy: bool = False) -> int:
-    """Receiver loop (engine worker): buckets until the sender's end; returns bytes received."""
-    rx = BucketReceiver(sink, copy=copy)
+def receive_broadcast(comm, on_bucket: Callable[[Bucket], None], *, src: int = 0, device=None) -> int:
+    """Receiver loop (engine worker): pass each bucket to `on_bucket` (a `BucketReceiver.add`,
+    or a `NativeTransport.send`) until the sender's end; returns the bytes received."""
     buf: torch.Tensor | None = None
+    total = 0
     while True:
         meta = comm.broadcast_obj(None, src)
         if meta is None:
-            break
+            return total
         n = meta["bytes"]
         if buf is None or buf.numel() < n:
             buf = torch.empty(n, dtype=torch.uint8, device=device)
         view = buf[:n]
         comm.broadcast(view, src)
-        rx.add(Bucket(view, meta["pieces"]))
-    rx.finish()
-    return rx.bytes
+        on_bucket(Bucket(view, meta["pieces"]))
+        total += n
