@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--last-k", type=int, nargs="+", default=[4, 30])
     ap.add_argument("--row-chunk", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layer-spec", default=None, help="default: sdpa on GPU, local on CPU")
     args = ap.parse_args(argv)
 
     from megatron_rl.models.hf_config import ModelArch
@@ -97,7 +98,8 @@ def main(argv=None) -> None:
     init_distributed()
     torch.manual_seed(0)
     dtype = "bfloat16" if gpu else "float32"
-    model = build_model(arch, dtype=dtype, layer_spec="sdpa" if gpu else "local")
+    spec = args.layer_spec or ("sdpa" if gpu else "local")
+    model = build_model(arch, dtype=dtype, layer_spec=spec)
     model.eval()
     policy = Policy(model, micro_batch_size=args.micro_batch)
     batch, ctx, ins = make_batch(args.batch, args.prompt, args.response, arch.vocab_size)
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
 
     dev = torch.cuda.get_device_name() if gpu else "CPU"
     head = (f"VGR attention recomputation, {'tiny' if args.tiny else 'SmolLM2-135M-shaped'} random model, "
-            f"{dtype}, {dev}; {args.batch} sequences x ({args.prompt} prompt + {args.response} response) "
+            f"{dtype}, {spec} spec, {dev}; {args.batch} sequences x ({args.prompt} prompt + {args.response} response) "
             f"tokens, micro-batch {args.micro_batch}; resident weights {resident:.0f} MiB")
     lines = [head, "", "| pass | last k | row chunk | time (s) | vs logprob | peak extra mem (MiB) |",
              "|---|---|---|---|---|---|"]
