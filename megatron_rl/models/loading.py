@@ -117,8 +117,10 @@ def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tu
     pp = mpu.get_pipeline_model_parallel_world_size()
     my_stage = mpu.get_pipeline_model_parallel_rank()
     local = {g: p for _, g, p in iter_local_params(m)}
-    dtype = next(m.parameters()).dtype
     device = next(m.parameters()).device
+    # Receivers must allocate exactly the owner's dtype: norms may stay float32 in a bf16
+    # model, and NCCL does not check sizes (a byte-count mismatch hangs; gloo hid this).
+    dtypes = _pp_param_dtypes(local) if pp > 1 else {}
     for gname in global_param_names(arch):
         rule, _ = find_rule(gname)
         owner = _owner_stage(gname, arch, pp)
@@ -133,12 +135,23 @@ def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tu
                 full = tp_unshard(rule, [shard], arch)
         if pp > 1:
             if full is None:
-                full = torch.empty(global_shape(gname, arch), dtype=dtype, device=device)
+                full = torch.empty(global_shape(gname, arch), dtype=dtypes[gname], device=device)
             group = mpu.get_pipeline_model_parallel_group()
             src = dist.get_process_group_ranks(group)[owner]
             full = full.contiguous()
             dist.broadcast(full, src=src, group=group)
         yield gname, full
+
+
+def _pp_param_dtypes(local: dict) -> dict:
+    """{global name: dtype} over every pipeline stage (one small object all-gather)."""
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_pipeline_model_parallel_group()
+    mine = {g: str(p.dtype).removeprefix("torch.") for g, p in local.items()}
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, mine, group=group)
+    return {g: getattr(torch, d) for part in parts for g, d in part.items()}
 
 
 def iter_hf_weights(model, arch: ModelArch | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -26,7 +26,8 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float3
         return t
     group = mpu.get_pipeline_model_parallel_group()
     dev = "cuda" if torch.cuda.is_available() else "cpu"     # NCCL moves device tensors only
-    t = torch.empty(shape, dtype=dtype, device=dev) if t is None else t.to(dev).contiguous()
+    # Sender and receivers must agree on the dtype: NCCL does not check sizes (a mismatch hangs).
+    t = torch.empty(shape, dtype=dtype, device=dev) if t is None else t.to(dev, dtype).contiguous()
     dist.broadcast(t, src=dist.get_process_group_ranks(group)[-1], group=group)
     return t.cpu()
 
