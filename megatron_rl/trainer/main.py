@@ -92,8 +92,8 @@ def train_main(config_path, overrides=None) -> int:
         from megatron_rl.trainer.gad import build_gad_trainer
         trainer = build_gad_trainer(cfg)
     elif getattr(cfg.steering, "enable", False) and cfg.steering.predictor.enable:
-        # The LLM stays frozen; only the strength predictor learns (megatron_rl/steering/train_loop.py).
-        from megatron_rl.steering.train_loop import build_predictor_trainer
+        # The LLM stays frozen; only the strength predictor learns (megatron_rl/trainer/steering_loop.py).
+        from megatron_rl.trainer.steering_loop import build_predictor_trainer
         trainer = build_predictor_trainer(cfg)
     else:
         trainer = build_trainer(cfg)

@@ -95,7 +95,7 @@ def rows(run_dir):
 
 def test_predictor_converges_to_best_strength_with_llm_frozen(toy, monkeypatch):
     from megatron_rl.config import load_experiment_config
-    from megatron_rl.steering import train_loop
+    from megatron_rl.trainer import steering_loop as train_loop
 
     overrides, run_dir = toy
     overrides = overrides + ["trainer.total_steps=150"]
@@ -146,7 +146,7 @@ def test_resume_continues_exactly(toy):
 
 def _dp_worker(rank, world, overrides, out_dir):
     from megatron_rl.config import load_experiment_config
-    from megatron_rl.steering.train_loop import build_predictor_trainer
+    from megatron_rl.trainer.steering_loop import build_predictor_trainer
 
     tr = build_predictor_trainer(load_experiment_config(None, overrides))
     try:
@@ -182,7 +182,7 @@ def test_frac_tokens_changed_counts_differing_and_missing_positions():
 
 def test_rollout_n_must_equal_predictor_samples(toy):
     from megatron_rl.config import load_experiment_config
-    from megatron_rl.steering.train_loop import build_predictor_trainer
+    from megatron_rl.trainer.steering_loop import build_predictor_trainer
 
     overrides, _ = toy
     with pytest.raises(ValueError, match="rollout.n=4 but steering.predictor.n_samples=16"):

@@ -25,7 +25,7 @@ from megatron_rl.parallel.data_parallel import dp_mean, dp_rank_size, reduce_met
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.steering.compare import frac_tokens_changed
 from megatron_rl.steering.predictor import group_index, prompt_repr
-from megatron_rl.steering.predictor_checkpoint import load_predictor_checkpoint, save_predictor_checkpoint
+from megatron_rl.trainer.predictor_checkpoint import load_predictor_checkpoint, save_predictor_checkpoint
 from megatron_rl.steering.predictor_trainer import StrengthPredictorTrainer
 from megatron_rl.trainer import phases
 from megatron_rl.trainer.checkpoint import find_checkpoint
