@@ -1,0 +1,188 @@
+"""The vLLM engine's pure-Python parts, with fake vLLM objects: sampling-parameter
+mapping, prompts without padding, RequestOutputs -> Batch, steering groups, the
+sleep/wake state machine, bucketed weight loading, and the error without vLLM."""
+import sys
+import types
+
+import pytest
+import torch
+
+from megatron_rl.data.batch import Batch
+from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.rollout.vllm_config import VLLMConfig
+from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lists, request_seeds,
+                                              steering_groups, token_logprobs, vllm_sampling_kwargs)
+
+
+def _prompts():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    return Batch({"prompt_ids": ids, "prompt_mask": mask}, [{"uid": f"p{i}"} for i in range(3)])
+
+
+def _completion(index, tokens, lps):
+    return types.SimpleNamespace(index=index, token_ids=tokens, finish_reason="stop",
+                                 logprobs=[{t: types.SimpleNamespace(logprob=lp), 99: -0.1} for t, lp in zip(tokens, lps)])
+
+
+def test_rollout_sampling_kwargs_sampled():
+    kw = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, n=4, max_new_tokens=32,
+                                             stop=["###"]), seed=11, stop_token_ids=[2, 5])
+    assert kw == dict(n=4, max_tokens=32, logprobs=0, seed=11, stop=["###"], include_stop_str_in_output=True,
+                      detokenize=True, skip_special_tokens=False, stop_token_ids=[2, 5], temperature=0.7,
+                      top_p=0.9, top_k=0)
+
+
+def test_rollout_sampling_kwargs_greedy_is_temperature_zero():
+    kw = vllm_sampling_kwargs(SamplingParams(greedy=True, temperature=0.7, top_k=5, max_new_tokens=8))
+    assert (kw["temperature"], kw["top_k"], kw["top_p"], kw["stop"], kw["detokenize"]) == (0.0, 0, 1.0, None, False)
+
+
+def test_rollout_request_seeds_leave_room_for_n_children():
+    assert request_seeds(SamplingParams(seed=100, n=4), 3) == [100, 104, 108]
+    assert request_seeds(SamplingParams(seed=None), 2) == [None, None]
+
+
+def test_rollout_prompt_token_lists_drop_left_padding():
+    assert prompt_token_lists(_prompts()) == [[5, 6], [7, 8, 9, 10], [11, 12, 13]]
+
+
+def test_rollout_outputs_to_batch_layout():
+    batch = _prompts()
+    outs = [types.SimpleNamespace(outputs=[_completion(1, [3, 4, 2], [-1.0, -2.0, -0.5]), _completion(0, [6], [-3.0])])
+            for _ in range(3)]
+    out = outputs_to_batch(batch, outs, n=2, pad_id=1)
+    assert out["response_ids"].tolist()[:2] == [[6, 1, 1], [3, 4, 2]]          # sorted by completion index
+    assert out["response_mask"].tolist()[:2] == [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert out["response_mask"].dtype == torch.float32
+    assert out["rollout_logprob"].tolist()[:2] == [[-3.0, 0.0, 0.0], [-1.0, -2.0, -0.5]]
+    assert out["prompt_ids"].shape == (6, 4) and torch.equal(out["prompt_ids"][4], batch["prompt_ids"][2])
+    assert [s["group"] for s in out.samples] == ["p0", "p0", "p1", "p1", "p2", "p2"]
+    assert out.samples[0]["finish_reason"] == "stop"
+
+
+def test_rollout_outputs_to_batch_wrong_n_is_an_error():
+    outs = [types.SimpleNamespace(outputs=[_completion(0, [3], [-1.0])])] * 3
+    with pytest.raises(RuntimeError, match="1 completions for prompt 0, expected n=2"):
+        outputs_to_batch(_prompts(), outs, n=2, pad_id=0)
+
+
+def test_rollout_token_logprobs_without_logprobs_is_an_error():
+    c = types.SimpleNamespace(token_ids=[1, 2], logprobs=None)
+    with pytest.raises(RuntimeError, match="logprobs must be 0"):
+        token_logprobs(c)
+
+
+def test_rollout_steering_groups_by_strength_and_prompt_length():
+    batch = _prompts()
+    batch["steer_strengths"] = torch.tensor([[1.0], [2.0], [1.0]])
+    assert steering_groups(batch, by_prompt_len=False) == [((1.0,), None, [0, 2]), ((2.0,), None, [1])]
+    assert steering_groups(batch, by_prompt_len=True) == [((1.0,), 2, [0]), ((2.0,), 4, [1]), ((1.0,), 3, [2])]
+
+
+def test_rollout_vllm_config_rejects_unknown_transport():
+    with pytest.raises(ValueError, match="rollout.vllm.transport must be one of"):
+        VLLMConfig(transport="carrier-pigeon")
+
+
+def test_rollout_missing_vllm_is_a_clear_error(monkeypatch):
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    cfg = types.SimpleNamespace(rollout=types.SimpleNamespace())
+    with pytest.raises(ImportError, match="rollout.engine=vllm needs the 'vllm' package"):
+        VLLMEngine.from_config(cfg, None)
+
+
+# --- the engine around a fake LLM --------------------------------------------------------------
+
+class FakeModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.loaded = {}
+
+    def load_weights(self, weights):
+        for n, t in weights:
+            self.loaded[n] = t.clone()
+        return set(self.loaded)
+
+
+class FakeLLM:
+    """Echoes `prompt[-1] + k` for k = 1..max_tokens, logprob -k; records engine calls."""
+
+    def __init__(self):
+        self.model, self.calls = FakeModel(), []
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append(("generate", len(prompts)))
+        outs = []
+        for p, sp in zip(prompts, params):
+            last = p["prompt_token_ids"][-1]
+            toks = [last + k for k in range(1, sp.kw["max_tokens"] + 1)]
+            outs.append(types.SimpleNamespace(outputs=[_completion(j, toks, [-float(k) for k in range(1, len(toks) + 1)])
+                                                       for j in range(sp.kw["n"])]))
+        return outs
+
+    def apply_model(self, fn):
+        return [fn(self.model)]
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake", tuple(tags) if tags else None))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    mod = types.ModuleType("vllm")
+    mod.SamplingParams = lambda **kw: types.SimpleNamespace(kw=kw)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    return mod
+
+
+def _engine(**cfg):
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    tok = types.SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    return VLLMEngine(FakeLLM(), tok, VLLMConfig(**cfg), colocate=True, bucket_mb=1024 / 2 ** 20)
+
+
+def test_rollout_engine_generate_then_sleeps(fake_vllm):
+    eng = _engine(sleep_level=1)
+    out = eng.generate(_prompts(), SamplingParams(n=2, max_new_tokens=3))
+    assert out["response_ids"][2].tolist() == [11, 12, 13]
+    assert out["rollout_logprob"][2].tolist() == [-1.0, -2.0, -3.0]
+    assert eng.llm.calls == [("generate", 3), ("sleep", 1)] and eng.state == "asleep"
+
+
+def test_rollout_engine_sync_wakes_weights_then_kv(fake_vllm):
+    eng = _engine(sleep_level=2)
+    eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
+    with pytest.raises(RuntimeError, match="level 2"):
+        eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
+    big = torch.randn(40, 33)
+    metrics = eng.update_weights(iter([("model.embed_tokens.weight", big), ("model.norm.weight", torch.ones(4))]))
+    assert torch.equal(eng.llm.model.loaded["model.embed_tokens.weight"], big)      # split over 6 buckets, rejoined
+    assert metrics["weight_sync/buckets"] == 6 and metrics["weight_sync/bytes"] == 40 * 33 * 4 + 16
+    eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
+    assert eng.llm.calls[2:] == [("wake", ("weights",)), ("reset_prefix_cache",), ("wake", ("kv_cache",)),
+                                 ("generate", 3), ("sleep", 2)]
+
+
+def test_rollout_engine_one_generate_call_per_strength_group(fake_vllm):
+    eng = _engine(sleep_level=0)
+    seen = []
+    eng._set_steering = lambda s, p: seen.append((s, p))
+    eng.steering_scope = "generated"
+    batch = _prompts()
+    batch["steer_strengths"] = torch.tensor([[1.0], [1.0], [3.0]])
+    out = eng.generate(batch, SamplingParams(max_new_tokens=2))
+    assert seen == [((1.0,), 2), ((1.0,), 4), ((3.0,), 3)]
+    assert [c for c in eng.llm.calls if c[0] == "generate"] == [("generate", 1)] * 3
+    assert out["response_ids"].tolist() == [[7, 8], [11, 12], [14, 15]]          # rows back in prompt order
+    assert "steer_strengths" in out
