@@ -306,7 +306,8 @@ def main() -> int:
                     help="comma-separated subset of logprobs,sync,tokens,steering,grpo,sync1b")
     ap.add_argument("--budget-s", type=float, default=400, help="skip the ~1B sync section after this many seconds")
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")     # the model lives in this process
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # callables through apply_model if not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     want = set(args.sections.split(","))
 
