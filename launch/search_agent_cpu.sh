@@ -2,6 +2,8 @@
 # A short CPU search-agent run on SmolLM2-135M-Instruct: start the BM25 retriever in the
 # background, wait for /health, evaluate the base model (greedy, exact match + tool-call
 # rate), train, evaluate the trained checkpoint, stop the server (also on error).
+# The questions carry two worked exchanges as earlier chat turns (--few-shot 2): the 135M
+# model ignores the tag instruction alone, so without them no rollout earns a reward.
 # Extra arguments are dotted config overrides for training and evaluation alike.
 #
 #   bash launch/search_agent_cpu.sh                       # defaults below, ~15-25 min on 2 cores
@@ -12,13 +14,15 @@ PY="${PY:-$(bash "$ROOT/launch/dev_env.sh" | tail -1)}"
 cd "$ROOT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 
-DATA="${DATA:-data/generated/search_qa}"
+DATA="${DATA:-data/generated/search_qa_fewshot}"
 RUN="${RUN:-runs/search_agent_cpu}"
 PORT="${PORT:-8000}"
 STEPS="${STEPS:-8}"
 
+mkdir -p "$(dirname "$RUN")"
 "$PY" tools/fetch_demo_model.py >/dev/null
-[ -f "$DATA/train.jsonl" ] || "$PY" tools/make_search_qa_data.py --out "$DATA" --n-train 64 --n-val 32
+[ -f "$DATA/train.jsonl" ] || "$PY" tools/make_search_qa_data.py --out "$DATA" --n-train 64 --n-val 32 --few-shot 2
+head -n 4 "$DATA/val.jsonl" > "$DATA/val_head.jsonl"    # training's own end-of-run validation: kept short
 
 "$PY" -m megatron_rl.cli serve-retriever --corpus "$DATA/corpus.jsonl" --port "$PORT" --topk 3 \
     > "${RUN%/}.server.log" 2>&1 &
@@ -32,12 +36,11 @@ done
 curl -sf "http://127.0.0.1:$PORT/health" || { echo "retriever server not healthy on port $PORT"; exit 1; }
 echo
 
-COMMON=(data.train_files="[$DATA/train.jsonl]" data.val_files="[$DATA/val.jsonl]"
-        agent.retriever_url="http://127.0.0.1:$PORT/retrieve" logging.run_dir="$RUN")
+COMMON=(data.train_files="[$DATA/train.jsonl]" data.max_prompt_length=384 agent.retriever_url="http://127.0.0.1:$PORT/retrieve" logging.run_dir="$RUN")
 TRAIN=(trainer.total_steps="$STEPS" trainer.val_before_train=false trainer.val_every=0
        trainer.save_every=0 trainer.keep_last=1 data.train_batch_size=4 rollout.n=4
-       rollout.max_new_tokens=64 agent.max_response_length=256 actor.optim.lr=5.0e-6)
-EVAL=(algos.use_kl_loss=false)
+       rollout.max_new_tokens=64 agent.max_response_length=256 actor.optim.lr=1.0e-5)
+EVAL=(algos.use_kl_loss=false data.val_files="[$DATA/val.jsonl]")
 
 rm -rf "$RUN"
 mkdir -p "$RUN"
@@ -45,7 +48,8 @@ echo "== before training"
 "$PY" -m megatron_rl.agent.evaluate --config configs/search_agent.yaml --out "$RUN/eval_before.json" \
     "${COMMON[@]}" "${TRAIN[@]}" "${EVAL[@]}" trainer.resume=none "$@"
 echo "== training ($STEPS steps)"
-"$PY" -m megatron_rl.cli train --config configs/search_agent.yaml "${COMMON[@]}" "${TRAIN[@]}" "$@"
+"$PY" -m megatron_rl.cli train --config configs/search_agent.yaml "${COMMON[@]}" "${TRAIN[@]}" \
+    data.val_files="[$DATA/val_head.jsonl]" "$@"
 echo "== after training"
 "$PY" -m megatron_rl.agent.evaluate --config configs/search_agent.yaml --out "$RUN/eval_after.json" \
     "${COMMON[@]}" "${TRAIN[@]}" "${EVAL[@]}" trainer.resume=auto "$@"

@@ -1,7 +1,7 @@
 """Make an offline search-QA task whose answers exist only in a generated corpus.
 
     python tools/make_search_qa_data.py --out data/search_qa [--n-train 512] [--n-val 64]
-                                        [--n-passages 100000] [--seed 0]
+                                        [--n-passages 100000] [--seed 0] [--few-shot 2]
 
 Every question is about an invented entity ("What is the capital of the fictional
 country Zorvania?"), so a policy can only answer it by searching; the answer sits in
@@ -10,6 +10,11 @@ about the same entities that do not answer (near misses) and, with --n-passages,
 distractor passages about other invented entities (the retriever benchmark uses
 100k). Writes train.jsonl / val.jsonl (chat `prompt`, `ground_truth` list, `uid`,
 `data_source`) and corpus.jsonl (`id`, `contents` = title line + text).
+
+`--few-shot K` puts K worked exchanges (question / search / information / answer, about
+entities not in the corpus) before the question as earlier chat turns. A 135M model
+ignores the tag instruction alone (0 of 32 validation questions searched) but imitates
+in-context turns, which gives a short RL run rewards to learn from.
 """
 from __future__ import annotations
 
@@ -26,6 +31,22 @@ INSTRUCTION = (
     "as you want. If you find no further external knowledge needed, you can directly provide "
     "the answer inside <answer> and </answer>, without detailed illustrations. For example, "
     "<answer> Beijing </answer>.")
+
+SHORT_INSTRUCTION = ("Answer questions about fictional things. Search with <search> query </search>, "
+                     "read the <information>, then answer with <answer> answer </answer>.")
+# (question, query, [(title, passage)], answer): worked exchanges for --few-shot; none of
+# these entities can appear in the generated corpus (all its words come from `Names`).
+FEW_SHOT = [
+    ("What is the capital of the fictional country Belmora?", "capital of Belmora",
+     [("Belmora", "Belmora is a small inland country. Belmora's capital is Tessin."),
+      ("Belmora", "Belmora is known for its salt exports and its mountain festivals.")], "Tessin"),
+    ("Who designed the Garvik Tower?", "Garvik Tower designer",
+     [("Garvik", "The Garvik Tower was designed by the architect Olen Marsk."),
+      ("Garvik", "The Garvik Tower is a landmark built mostly of glass.")], "Olen Marsk"),
+    ("Into which lake does the Ostwin river flow?", "Ostwin river lake",
+     [("Ostwin", "The Ostwin river rises in the northern hills and flows into Lake Perrow."),
+      ("Ostwin", "The Ostwin river is popular with anglers because of its tea mills.")], "Lake Perrow"),
+]
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "qu", "r", "s",
            "st", "t", "th", "v", "vr", "z", "zh", "c", "ch", "sk", "tr"]
@@ -95,7 +116,23 @@ def make_fact(names: Names, rng: random.Random, kind: str | None = None) -> dict
             "passage": p.format(e=entity, a=answer), "near_miss": miss.format(e=entity, g=good)}
 
 
-def build(n_train: int, n_val: int, n_passages: int = 0, seed: int = 0):
+def few_shot_turns(k: int) -> list[dict]:
+    """k (user, assistant) chat turns showing the whole protocol, the observation in
+    exactly the form the agent loop injects it."""
+    from megatron_rl.agent.actions import OBS_CLOSE, OBS_OPEN
+
+    if not 0 <= k <= len(FEW_SHOT):
+        raise ValueError(f"--few-shot must be in 0..{len(FEW_SHOT)}, got {k}")
+    turns = []
+    for question, query, docs, answer in FEW_SHOT[:k]:
+        info = "".join(f"Doc {i + 1}(Title: {t}) {p}\n" for i, (t, p) in enumerate(docs))
+        turns += [{"role": "user", "content": f"Question: {question}"},
+                  {"role": "assistant",
+                   "content": f"<search> {query} </search>{OBS_OPEN}{info}{OBS_CLOSE}<answer> {answer} </answer>"}]
+    return turns
+
+
+def build(n_train: int, n_val: int, n_passages: int = 0, seed: int = 0, few_shot: int = 0):
     """(train records, val records, corpus records)."""
     rng = random.Random(seed)
     names = Names(rng)
@@ -109,9 +146,10 @@ def build(n_train: int, n_val: int, n_passages: int = 0, seed: int = 0):
         text = f["passage"] if rng.random() < 0.5 else f["near_miss"]
         corpus.append({"id": f"distractor-{len(corpus)}", "contents": f"{f['entity']}\n{text}"})
     rng.shuffle(corpus)
+    system = [{"role": "system", "content": SHORT_INSTRUCTION if few_shot else INSTRUCTION}]
+    shots = few_shot_turns(few_shot)
     records = [{"uid": f"search_qa-{i}", "data_source": "search_qa",
-                "prompt": [{"role": "system", "content": INSTRUCTION},
-                           {"role": "user", "content": f"Question: {f['question']}"}],
+                "prompt": system + shots + [{"role": "user", "content": f"Question: {f['question']}"}],
                 "ground_truth": [f["answer"]], "kind": f["kind"]} for i, f in enumerate(facts)]
     return records[:n_train], records[n_train:], corpus
 
@@ -130,8 +168,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-passages", type=int, default=0,
                    help="pad the corpus with distractors up to this many passages (e.g. 100000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--few-shot", type=int, default=0,
+                   help=f"worked exchanges before each question as chat turns (0..{len(FEW_SHOT)})")
     args = p.parse_args(argv)
-    train, val, corpus = build(args.n_train, args.n_val, args.n_passages, args.seed)
+    train, val, corpus = build(args.n_train, args.n_val, args.n_passages, args.seed, args.few_shot)
     os.makedirs(args.out, exist_ok=True)
     for name, rows in (("train.jsonl", train), ("val.jsonl", val), ("corpus.jsonl", corpus)):
         write_jsonl(os.path.join(args.out, name), rows)

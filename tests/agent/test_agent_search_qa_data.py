@@ -35,3 +35,18 @@ def test_cli_writes_chat_prompts_with_the_tag_instruction(tmp_path):
 
 def test_same_seed_same_data():
     assert make_data.build(5, 1, 50, seed=7) == make_data.build(5, 1, 50, seed=7)
+
+
+def test_few_shot_turns_show_the_protocol_as_the_loop_injects_it():
+    from megatron_rl.agent.actions import OBS_CLOSE, OBS_OPEN
+
+    train, _, corpus = make_data.build(6, 2, seed=1, few_shot=2)
+    prompt = train[0]["prompt"]
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user", "assistant", "user"]
+    first = prompt[2]["content"]
+    assert first == ("<search> capital of Belmora </search>" + OBS_OPEN
+                     + "Doc 1(Title: Belmora) Belmora is a small inland country. Belmora's capital is Tessin.\n"
+                     + "Doc 2(Title: Belmora) Belmora is known for its salt exports and its mountain festivals.\n"
+                     + OBS_CLOSE + "<answer> Tessin </answer>")
+    assert not any(w in d["contents"] for d in corpus for w in ("Belmora", "Garvik", "Ostwin"))
+    assert make_data.build(6, 2, seed=1) != make_data.build(6, 2, seed=1, few_shot=2)
