@@ -27,7 +27,6 @@ SMOL=.cache/demo/SmolLM2-135M-Instruct
 
 stage_memory() {
   for c in "--hf-config llama-1b --seq 4096 --num-microbatches 2" \
-           "--hf-config llama-1b --seq 4096 --num-microbatches 2 --recompute selective" \
            "--hf-config smollm2-135m --seq 8192 --micro-batch 2 --num-microbatches 2"; do
     echo "== measure_peak_memory $c"
     timeout 180 $R1 tools/measure_peak_memory.py $c 2>&1 | grep --line-buffered -v -i warn | tail -8
@@ -44,8 +43,8 @@ stage_memory2() {
 
 stage_multi() { timeout 300 $R2 tools/gpu_multi_check.py --hang-timeout 240 --json "$OUT/multi.json" 2>&1 | grep --line-buffered -v -i warn; }
 stage_fusedtp() { timeout 150 $R2 tools/bench_fused_loss_tp.py --tokens 32768 --vocab 128256 2>&1 | grep --line-buffered -v -i warn; }
-stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-config "$SMOL" 2>&1 | grep --line-buffered -v -i warn; }
-stage_vgr() { timeout 240 python3 tools/bench_vgr.py --model-config "$SMOL" 2>&1 | grep --line-buffered -v -i warn; }
+stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
+stage_vgr() { timeout 240 python3 tools/bench_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
 
 stage_vpart() {
   mkdir -p /tmp/vparts
