@@ -8,6 +8,8 @@
 #
 #   bash launch/search_agent_cpu.sh                       # defaults below, ~15-25 min on 2 cores
 #   STEPS=4 bash launch/search_agent_cpu.sh rollout.n=2   # shorter
+#   STEPS=4 EVAL_BEFORE=0 bash launch/search_agent_cpu.sh # reuse the base model's evaluation
+#   (EVAL_FILE=...jsonl: evaluate on other questions, e.g. the first 16 of val.jsonl)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PY:-$(bash "$ROOT/launch/dev_env.sh" | tail -1)}"
@@ -18,6 +20,7 @@ DATA="${DATA:-data/generated/search_qa_fewshot}"
 RUN="${RUN:-runs/search_agent_cpu}"
 PORT="${PORT:-8000}"
 STEPS="${STEPS:-8}"
+EVAL_FILE="${EVAL_FILE:-$DATA/val.jsonl}"       # the questions both evaluations use
 
 mkdir -p "$(dirname "$RUN")"
 "$PY" tools/fetch_demo_model.py >/dev/null
@@ -40,13 +43,17 @@ COMMON=(data.train_files="[$DATA/train.jsonl]" data.max_prompt_length=384 agent.
 TRAIN=(trainer.total_steps="$STEPS" trainer.val_before_train=false trainer.val_every=0
        trainer.save_every=0 trainer.keep_last=1 data.train_batch_size=4 rollout.n=4
        rollout.max_new_tokens=64 agent.max_response_length=256 actor.optim.lr=1.0e-5)
-EVAL=(algos.use_kl_loss=false data.val_files="[$DATA/val.jsonl]")
+EVAL=(algos.use_kl_loss=false data.val_files="[$EVAL_FILE]")
 
-rm -rf "$RUN"
-mkdir -p "$RUN"
-echo "== before training"
-"$PY" -m megatron_rl.agent.evaluate --config configs/search_agent.yaml --out "$RUN/eval_before.json" \
-    "${COMMON[@]}" "${TRAIN[@]}" "${EVAL[@]}" trainer.resume=none "$@"
+if [ "${EVAL_BEFORE:-1}" = 1 ]; then
+    rm -rf "$RUN"
+    mkdir -p "$RUN"
+    echo "== before training"
+    "$PY" -m megatron_rl.agent.evaluate --config configs/search_agent.yaml --out "$RUN/eval_before.json" \
+        "${COMMON[@]}" "${TRAIN[@]}" "${EVAL[@]}" trainer.resume=none "$@"
+else                        # EVAL_BEFORE=0: keep $RUN/eval_before.json of an earlier run
+    rm -rf "$RUN/checkpoints" "$RUN/metrics.jsonl"
+fi
 echo "== training ($STEPS steps)"
 "$PY" -m megatron_rl.cli train --config configs/search_agent.yaml "${COMMON[@]}" "${TRAIN[@]}" \
     data.val_files="[$DATA/val_head.jsonl]" "$@"

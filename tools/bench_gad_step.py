@@ -113,7 +113,8 @@ def overrides(args, model: Path, data: Path, run_dir: Path) -> list[str]:
             "algos.kl_loss_kind=low_var_kl", "algos.kl_loss_coef=0.001",
             "gad.enable=true", f"gad.d_micro_batch_size={args.micro_batch_size}", "gad.d_lr=1e-6",
             "gad.log_rule_reward=false", "reward.name=format", "reward.num_workers=0",
-            f"trainer.total_steps={args.warmup + args.steps}", "trainer.critic_warmup=0",
+            # one step more than run: no validation falls inside a timed step
+            f"trainer.total_steps={args.warmup + args.steps + 1}", "trainer.val_every=0", "trainer.critic_warmup=0",
             "trainer.val_before_train=false", "trainer.save_every=0", "trainer.resume=none",
             f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]"]
 
