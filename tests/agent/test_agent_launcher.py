@@ -10,4 +10,4 @@ def test_search_agent_launcher_parses_and_manages_the_server():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     text = SCRIPT.read_text()
     assert "/health" in text and "trap " in text and "serve-retriever" in text
-    assert text.index("serve-retriever") < text.index("/health") < text.index("cli train")
+    assert text.index("cli serve-retriever") < text.index("$PORT/health") < text.index("cli train")
