@@ -106,7 +106,7 @@ class Policy:
 
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
         mbs = self._microbatches(mini)
-        weights = _microbatch_weights(mbs, algos.loss_agg_mode)
+        weights = _microbatch_weights(mbs, algos.loss_agg_mode, algos.token_weights_apply_to)
         # Megatron's schedule divides each micro-batch loss by the number of
         # micro-batches; our weights already sum to 1, so undo that division.
         for mb, w in zip(mbs, weights):
@@ -141,11 +141,14 @@ class Policy:
         return metrics
 
 
-def _microbatch_weights(mbs: list[dict], agg_mode: str) -> list[float]:
+def _microbatch_weights(mbs: list[dict], agg_mode: str, token_weights_apply_to: str = "pg") -> list[float]:
     """Each micro-batch's share of the mini-batch loss, so that summing the scaled
-    micro-batch losses equals the loss of the whole mini-batch."""
+    micro-batch losses equals the loss of the whole mini-batch. With token weights applied
+    to the mask, the token-mean denominator is the sum of weights, so shares follow it."""
     if agg_mode == "token-mean":
-        counts = [float(mb["response_mask"].sum()) for mb in mbs]
+        weighted = token_weights_apply_to == "mask"
+        counts = [float((mb["response_mask"] * mb["token_weights"]).sum()) if weighted and "token_weights" in mb
+                  else float(mb["response_mask"].sum()) for mb in mbs]
     else:
         counts = [float((mb["response_mask"].sum(-1) > 0).sum()) for mb in mbs]
     total = sum(counts)
