@@ -7,7 +7,7 @@
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) |
 # vllm (vLLM engine, weight sync, steering; needs the bundle) | vpart (stash the carried
-# vLLM bundle part in /tmp/vparts) | vunpack (join and unpack the parts into /tmp/vsite).
+# vLLM bundle part in /tmp/vparts) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
 # parts of an xz tarball (../shared/gpu-wheels/build_vllm_bundle.sh, re-split at 50 MB
@@ -43,6 +43,20 @@ stage_memory2() {
 
 stage_multi() { timeout 300 $R2 tools/gpu_multi_check.py --hang-timeout 240 --json "$OUT/multi.json" 2>&1 | grep --line-buffered -v -i warn; }
 stage_fusedtp() { timeout 150 $R2 tools/bench_fused_loss_tp.py --tokens 32768 --vocab 128256 2>&1 | grep --line-buffered -v -i warn; }
+stage_scale() {   # issue #12 on however many GPUs are here (8 for the real run)
+  local n; n=$(nvidia-smi -L | grep -c '^GPU'); local h=$((n / 2))
+  local RN="python3 -m torch.distributed.run --standalone --nproc-per-node $n"
+  for c in "--tp $n" "--tp $h --pp 2"; do
+    echo "== 70B-shaped 4 layers, $c: step time, peak memory vs planner"
+    timeout 200 $RN tools/measure_peak_memory.py --hf-config configs/shapes/llama3_70b_4layers.json $c \
+      --seq 4096 --num-microbatches 4 --json "$OUT/scale_mem_${c// /}.json" 2>&1 | grep --line-buffered -v -i warn | tail -14
+    echo "== weight sync $c"
+    timeout 200 $RN tools/gpu_scale_check.py $c --json "$OUT/scale_sync_${c// /}.json" 2>&1 | grep --line-buffered "^|\|weight sync\|Error"
+  done
+  echo "== fused loss TP=$n"
+  timeout 150 $RN tools/bench_fused_loss_tp.py --tokens 32768 --vocab 128256 2>&1 | grep --line-buffered -v -i warn | tail -6
+}
+
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
 stage_vgr() { timeout 240 python3 tools/bench_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
 
