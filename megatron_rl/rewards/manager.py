@@ -133,6 +133,12 @@ class RewardManager:
         batch["token_rewards"] = to_token_rewards(result.scores, mask)
         if any(w is not None for w in result.token_weights):
             rows = [w if w is not None else [] for w in result.token_weights]
+            for i, row in enumerate(rows):       # name the sample, not just the row, in the error
+                bad = [t for t, v in enumerate(row) if not math.isfinite(float(v))]
+                if bad:
+                    raise ValueError(f"reward function returned token_weights for sample {i} "
+                                     f"(uid {batch.samples[i].get('uid', '?')}) with a non-finite value at "
+                                     f"response token {bad[0]}")
             batch["token_weights"] = align_token_weights(rows, mask.shape[1], dtype=batch["token_rewards"].dtype)
         for sample, score, extra in zip(batch.samples, result.scores, result.extras):
             sample["score"] = score
