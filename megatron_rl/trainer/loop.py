@@ -50,6 +50,7 @@ class Trainer:
         prompts = self.data.next_batch()
         with self.logger.timer("rollout"):
             batch = phases.rollout(self, prompts, step)
+        metrics.update(getattr(self.engine, "last_metrics", None) or {})   # e.g. agent/* from the tool loop
         with self.logger.timer("reward"):
             metrics.update(phases.rewards(self, batch))
         with self.logger.timer("logprob"):
