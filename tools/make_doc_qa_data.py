@@ -13,10 +13,8 @@ Rows: {"prompt": [messages], "ground_truth": "Rome", "distractors": [...], "data
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
+from megatron_rl.data.writers import prompt_set_parser, write_splits
 
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Frank", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo"]
 KINDS = {
@@ -43,25 +41,10 @@ def make_row(rng: random.Random) -> dict:
             "data_source": "doc_qa"}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-train", type=int, default=512)
-    p.add_argument("--n-val", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = prompt_set_parser(__doc__.splitlines()[0]).parse_args(argv)
     rng = random.Random(args.seed)
-    write_jsonl(out / "train.jsonl", [make_row(rng) for _ in range(args.n_train)])
-    write_jsonl(out / "val.jsonl", [make_row(rng) for _ in range(args.n_val)])
-    print(f"wrote {args.n_train} train and {args.n_val} val prompts to {out}")
+    write_splits(args.out, [make_row(rng) for _ in range(args.n_train)], [make_row(rng) for _ in range(args.n_val)])
 
 
 if __name__ == "__main__":

@@ -17,10 +17,8 @@ Prompts are 48 tokens with SmolLM2's chat template.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
-from pathlib import Path
+from megatron_rl.data.writers import prompt_set_parser, write_splits
 
 SYSTEM = "Add."
 EXAMPLE = [{"role": "user", "content": "3 + 1?"}, {"role": "assistant", "content": "3 + 1 = 4\n#### 4"}]
@@ -43,25 +41,10 @@ def make_split(n: int, rng: random.Random) -> list[dict]:
     return [make_row(a, b) for a, b in pairs[:n]]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-train", type=int, default=512)
-    p.add_argument("--n-val", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = prompt_set_parser(__doc__.splitlines()[0]).parse_args(argv)
     rng = random.Random(args.seed)
-    write_jsonl(out / "train.jsonl", make_split(args.n_train, rng))
-    write_jsonl(out / "val.jsonl", make_split(args.n_val, rng))
-    print(f"wrote {args.n_train} train and {args.n_val} val prompts to {out}")
+    write_splits(args.out, make_split(args.n_train, rng), make_split(args.n_val, rng))
 
 
 if __name__ == "__main__":

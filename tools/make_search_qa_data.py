@@ -23,6 +23,8 @@ import json
 import os
 import random
 
+from megatron_rl.data.writers import write_jsonl
+
 INSTRUCTION = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first "
     "every time you get new information. After reasoning, if you find you lack some knowledge, "
@@ -152,12 +154,6 @@ def build(n_train: int, n_val: int, n_passages: int = 0, seed: int = 0, few_shot
                 "prompt": system + shots + [{"role": "user", "content": f"Question: {f['question']}"}],
                 "ground_truth": [f["answer"]], "kind": f["kind"]} for i, f in enumerate(facts)]
     return records[:n_train], records[n_train:], corpus
-
-
-def write_jsonl(path: str, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def main(argv=None) -> int:

@@ -48,16 +48,23 @@ def save_checkpoint(run_dir, step: int, actor, trainer_state: dict, keep_last: i
     torch.save(state, tmp / f"rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / (LATEST + ".tmp")
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / LATEST)
-        _prune(root, keep_last)
+        publish(root, tmp, final, step, trainer_state, keep_last)
     _barrier()
     return final
+
+
+def publish(root: Path, tmp: Path, final: Path, step: int, trainer_state: dict, keep_last: int) -> None:
+    """Rank 0, once every file is in `tmp`: write the trainer state, rename `tmp` to `final`,
+    point `latest` at it (itself tmp + rename) and prune old steps. A crash before the
+    rename leaves the previous checkpoint as `latest`."""
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / (LATEST + ".tmp")
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / LATEST)
+    _prune(root, keep_last)
 
 
 def _prune(root: Path, keep_last: int) -> None:

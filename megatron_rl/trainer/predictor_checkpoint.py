@@ -9,13 +9,12 @@ never picks half a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from megatron_rl.trainer.checkpoint import LATEST, _barrier, _prune, _rank, checkpoint_root
+from megatron_rl.trainer.checkpoint import _barrier, _rank, checkpoint_root, publish
 
 PREDICTOR_FILE = "predictor.pt"
 
@@ -30,14 +29,7 @@ def save_predictor_checkpoint(run_dir, step: int, predictor_state: dict, trainer
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         torch.save({**predictor_state, "torch_rng": torch.get_rng_state()}, tmp / PREDICTOR_FILE)
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / (LATEST + ".tmp")
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / LATEST)
-        _prune(root, keep_last)
+        publish(root, tmp, final, step, trainer_state, keep_last)
     _barrier()
     return final
 
