@@ -29,22 +29,19 @@ def teacher_text(value):
 
 
 def read(path: Path, prompt_field: str, teacher_field: str) -> tuple[list[dict], int]:
+    from megatron_rl.data.readers import DataError, read_jsonl
+
     rows, skipped = [], 0
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{line_no}: bad JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise SystemExit(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
-            prompt, teacher = rec.get(prompt_field), teacher_text(rec.get(teacher_field))
-            if not prompt or not teacher:
-                skipped += 1
-                continue
-            rows.append({"prompt": prompt, "teacher_response": teacher, "source": f"{path.name}:{line_no}"})
+    try:
+        records = list(read_jsonl(path))
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    for r in records:
+        prompt, teacher = r.fields.get(prompt_field), teacher_text(r.fields.get(teacher_field))
+        if not prompt or not teacher:
+            skipped += 1
+            continue
+        rows.append({"prompt": prompt, "teacher_response": teacher, "source": f"{path.name}:{r.line}"})
     return rows, skipped
 
 

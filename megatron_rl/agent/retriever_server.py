@@ -22,23 +22,18 @@ import numpy as np
 
 
 def load_corpus(path: str) -> list[dict]:
+    from megatron_rl.data.readers import read_jsonl
+
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not JSON ({e})") from None
-            if "contents" in rec:
-                contents = rec["contents"]
-            elif "text" in rec:
-                contents = f"{rec['title']}\n{rec['text']}" if rec.get("title") else rec["text"]
-            else:
-                raise ValueError(f"{path}:{line_no}: expected 'contents' or 'title'+'text', "
-                                 f"got keys {sorted(rec)}")
-            docs.append({"id": str(rec.get("id", len(docs))), "contents": contents})
+    for r in read_jsonl(path):
+        rec = r.fields
+        if "contents" in rec:
+            contents = rec["contents"]
+        elif "text" in rec:
+            contents = f"{rec['title']}\n{rec['text']}" if rec.get("title") else rec["text"]
+        else:
+            raise ValueError(f"{path}:{r.line}: expected 'contents' or 'title'+'text', got keys {sorted(rec)}")
+        docs.append({"id": str(rec.get("id", len(docs))), "contents": contents})
     if not docs:
         raise ValueError(f"{path}: corpus is empty")
     return docs
