@@ -119,7 +119,7 @@ def sec_logprobs(ctx):
     lp, _ = policy.compute_logprobs(out)
     m, x = masked_diff(lp, out["rollout_logprob"], out["response_mask"])
     row("logprobs", "before sync: mean / max abs diff", f"{m:.4f} / {x:.4f}")
-    metrics = engine.sync_weights(actor)
+    metrics = engine.sync_weights(policy)        # the Trainer passes its Policy (has .model)
     row("logprobs", "sync bytes (GB)", metrics["weight_sync/bytes"] / 1e9)
     out = engine.generate(batch, sp)
     lp, _ = policy.compute_logprobs(out)
@@ -163,11 +163,11 @@ def sec_tokens(ctx):
 
     batch = prompts_batch(ctx.tok, 256)
     sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=1)
-    timed_generate(ctx.fast, batch.select(range(16)), sp)          # warm-up
+    timed_generate(ctx.fast, batch.select(range(min(16, len(batch)))), sp)          # warm-up
     toks, dt = timed_generate(ctx.fast, batch, sp)
     row("tokens/s", "vLLM 256 x 128 (eager, bf16)", toks / dt)
     native = NativeEngine(ctx.actor, ctx.tok, max_batch_size=256)
-    timed_generate(native, batch.select(range(16)), SamplingParams(max_new_tokens=8))
+    timed_generate(native, batch.select(range(min(16, len(batch)))), SamplingParams(max_new_tokens=8))
     toks_n, dt_n = timed_generate(native, batch, sp)
     row("tokens/s", "native Megatron engine, same prompts", toks_n / dt_n)
     row("tokens/s", "vLLM / native", (toks / dt) / (toks_n / dt_n))
