@@ -31,6 +31,7 @@ LoggingConfig = _optional("megatron_rl.logging.config", "LoggingConfig")
 AgentConfig = _optional("megatron_rl.agent.config", "AgentConfig")
 SteeringConfig = _optional("megatron_rl.steering.config", "SteeringConfig")
 GADConfig = _optional("megatron_rl.trainer.gad_config", "GADConfig")
+VLLMConfig = _optional("megatron_rl.rollout.vllm_config", "VLLMConfig")
 TokenWeightsConfig = _optional("megatron_rl.token_weights.config", "TokenWeightsConfig")
 
 
@@ -100,6 +101,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5   # vLLM
     colocate: bool = True
     weight_sync_bucket_mb: int = 256
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)   # engine: vllm only (megatron_rl/rollout/vllm_config.py)
 
 
 @dataclass
