@@ -61,11 +61,12 @@ def sync_cuda():
 
 # --- set-up ---------------------------------------------------------------------------------
 
-def make_llm(model_dir: Path, util: float, **extra):
-    """One vLLM `LLM` in this process; optional keywords are dropped if this vLLM lacks them."""
+def make_llm(model_dir: Path, util: float, sleep_mode: bool = True, **extra):
+    """A vLLM `LLM` in this process; optional keywords are dropped if this vLLM lacks them.
+    Sleep mode's CuMem allocator serves one LLM per process, so a second one needs sleep_mode=False."""
     import vllm
 
-    kw = dict(model=str(model_dir), dtype="bfloat16", enforce_eager=True, enable_sleep_mode=True,
+    kw = dict(model=str(model_dir), dtype="bfloat16", enforce_eager=True, enable_sleep_mode=sleep_mode,
               gpu_memory_utilization=util, max_model_len=1024, seed=0, enable_prefix_caching=True, **extra)
     optional = dict(logprobs_mode="processed_logprobs", generation_config="vllm")
     try:
@@ -292,7 +293,7 @@ def sec_sync_1b(ctx, budget_s: float):
     actor = build_model(arch_from_hf_config(big), dtype="bfloat16", layer_spec="sdpa").cuda()
     n = sum(p.numel() for p in actor.parameters())
     row("sync", "~1B actor parameters (B)", n / 1e9)
-    llm = make_llm(big, 0.3, load_format="dummy")
+    llm = make_llm(big, 0.3, sleep_mode=False, load_format="dummy")
     engine = VLLMEngine(llm, ctx.tok, VLLMConfig(sleep_level=0), colocate=False, bucket_mb=256, dtype=torch.bfloat16)
     sec_sync(ctx, "~1B", engine, actor)
 

@@ -60,6 +60,7 @@ class VLLMEngine:
         self.cfg = config or VLLMConfig()
         self.colocate, self.bucket_mb, self.dtype = colocate, bucket_mb, dtype
         self.steering_scope = steering_scope          # None: no steering hook attached
+        self.steering_enabled = True                  # set_steering_enabled(False) turns the hooks into no-ops
         self.eos_ids = _eos_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.state = "awake"                          # awake | asleep | weights (weights awake, KV asleep)
@@ -115,6 +116,7 @@ class VLLMEngine:
     def set_steering_enabled(self, enabled: bool) -> None:
         from megatron_rl.steering.vllm_hooks import set_vllm_steering
 
+        self.steering_enabled = bool(enabled)
         self.llm.apply_model(partial(set_vllm_steering, enabled=enabled, prompt_len=0))
 
     # --- protocol ----------------------------------------------------------------------------
@@ -161,7 +163,8 @@ class VLLMEngine:
         """The Trainer's hook after every update: the actor's weights (any TP/PP) into vLLM."""
         from megatron_rl.models.loading import iter_hf_weights
 
-        return self.update_weights(iter_hf_weights(actor.model))
+        model = getattr(actor, "model", actor)      # a Policy or its bare (DDP-wrapped) model
+        return self.update_weights(iter_hf_weights(model))
 
     def sleep(self) -> None:
         if self.state != "asleep" and self.cfg.sleep_level:
@@ -192,7 +195,9 @@ class VLLMEngine:
         from megatron_rl.steering.vllm_hooks import set_vllm_steering
 
         s = torch.tensor(strengths) if strengths is not None else None
-        self.llm.apply_model(partial(set_vllm_steering, strengths=s, prompt_len=prompt_len))
+        # Every group re-sends the on/off switch: set_state would otherwise switch the hook back on.
+        self.llm.apply_model(partial(set_vllm_steering, strengths=s, prompt_len=prompt_len,
+                                     enabled=self.steering_enabled))
 
     def _broadcast_transport(self):
         """Separate GPUs: one stateless NCCL group, trainer = rank 0, vLLM worker r = rank 1 + r.

@@ -186,3 +186,36 @@ def test_rollout_engine_one_generate_call_per_strength_group(fake_vllm):
     assert [c for c in eng.llm.calls if c[0] == "generate"] == [("generate", 1)] * 3
     assert out["response_ids"].tolist() == [[7, 8], [11, 12], [14, 15]]          # rows back in prompt order
     assert "steer_strengths" in out
+
+
+def test_rollout_engine_disabled_steering_stays_off_through_generate(fake_vllm):
+    """set_steering_enabled(False) must survive the per-group strength update in generate
+    (an H100 run showed identical outputs with steering "off" and on)."""
+    from megatron_rl.steering.vllm_hooks import ATTR
+
+    eng = _engine(sleep_level=0)
+    states = []
+
+    class Hook:
+        def set_state(self, strengths, prompt_len, enabled=True):
+            states.append(enabled)
+
+    setattr(eng.llm.model, ATTR, Hook())
+    eng.steering_scope = "all"
+    eng.set_steering_enabled(False)
+    eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
+    eng.set_steering_enabled(True)
+    eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
+    assert states == [False, False, True, True]
+
+
+def test_rollout_engine_sync_weights_takes_policy_or_model(fake_vllm, monkeypatch):
+    from megatron_rl.models import loading
+
+    eng = _engine(sleep_level=0)
+    seen = []
+    monkeypatch.setattr(loading, "iter_hf_weights", lambda m: seen.append(m) or iter([("w", torch.ones(2))]))
+    model = object()
+    eng.sync_weights(types.SimpleNamespace(model=model))
+    eng.sync_weights(model)
+    assert seen == [model, model]
