@@ -8,7 +8,8 @@ import torch
 
 from megatron_rl.parallel.data_parallel import reduce_metrics
 from megatron_rl.trainer import phases
-from megatron_rl.trainer.checkpoint import find_checkpoint, load_checkpoint_into, save_checkpoint
+from megatron_rl.trainer.checkpoint import (_barrier, _rank, find_checkpoint, load_checkpoint_into,
+                                            save_checkpoint)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Trainer:
     kl_ctrl: object
     logger: object          # MetricsLogger
     token_weights: object = None  # callable(trainer, batch) -> metrics; sets batch["token_weights"]
+    critic: object = None         # Critic (trainer/critic.py): values for GAE, updated after the actor
     step: int = 0
     val_before: float | None = None
 
@@ -55,13 +57,22 @@ class Trainer:
             metrics.update(phases.rewards(self, batch))
         with self.logger.timer("logprob"):
             metrics.update(phases.logprobs(self, batch))
+        if self.critic is not None:
+            with self.logger.timer("values"):
+                batch["values"] = self.critic.compute_values(batch)
         with self.logger.timer("advantage"):
             metrics.update(phases.advantages(self, batch))
         if self.token_weights is not None:
             with self.logger.timer("token_weights"):
                 metrics.update(self.token_weights(self, batch))
-        with self.logger.timer("update"):
-            metrics.update(phases.update_actor(self, batch, step))
+        if self.critic is None or step > self.cfg.trainer.critic_warmup:   # warm-up: only the critic learns
+            with self.logger.timer("update"):
+                metrics.update(phases.update_actor(self, batch, step))
+        if self.critic is not None:
+            with self.logger.timer("critic"):
+                metrics.update(self.critic.update(batch, self.cfg.algos, self.cfg.critic,
+                                                  mini_batch_size=self.cfg.actor.mini_batch_size,
+                                                  seed=self.cfg.trainer.seed + step))
         metrics.update(self.sync_engine_weights())
         metrics = reduce_metrics(metrics)
         metrics.update(self.step_metrics(batch, t0))
@@ -86,7 +97,10 @@ class Trainer:
 
     def save(self) -> None:
         state = {"data": self.data.state_dict(), "kl_ctrl": _state(self.kl_ctrl), "val_before": self.val_before}
-        save_checkpoint(self.cfg.logging.run_dir, self.step, self.actor, state, self.cfg.trainer.keep_last)
+        path = save_checkpoint(self.cfg.logging.run_dir, self.step, self.actor, state, self.cfg.trainer.keep_last)
+        if self.critic is not None:     # one file per rank next to the actor's (as GAD's discriminator)
+            torch.save(self.critic.state_dict(), path / f"critic_rank{_rank():05d}.pt")
+            _barrier()
 
     def _maybe_resume(self) -> None:
         path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
@@ -98,6 +112,12 @@ class Trainer:
         if state.get("kl_ctrl") and hasattr(self.kl_ctrl, "load_state_dict"):
             self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         self.val_before = state.get("val_before")
+        if self.critic is not None:
+            f = path / f"critic_rank{_rank():05d}.pt"
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: checkpoint has no critic state for rank {_rank()} "
+                                        f"(saved without critic.enable?)")
+            self.critic.load_state_dict(torch.load(f, weights_only=False))
         print(f"resumed from {path} at step {self.step}", flush=True)
 
 

@@ -53,6 +53,9 @@ def build_trainer(cfg):
     set_seed(cfg.trainer.seed, cfg.trainer.deterministic)
     if not cfg.model.path:
         raise ValueError("model.path is required (an HF directory or a megatron-rl checkpoint)")
+    if cfg.algos.adv_estimator == "gae" and not cfg.critic.enable:
+        raise ValueError("algos.adv_estimator=gae needs values from a critic: set critic.enable=true "
+                         "(or choose another algos.adv_estimator, e.g. grpo)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or _tokenizer_dir(cfg.model.path))
     actor = build_actor(cfg)
     if getattr(cfg.steering, "enable", False):
@@ -66,6 +69,10 @@ def build_trainer(cfg):
             from megatron_rl.steering.rollout_is import UnsteeredTraining
             actor.steering = UnsteeredTraining(actor.steering)
     reference = build_reference(cfg) if reference_needed(cfg) else None
+    critic = None
+    if cfg.critic.enable:
+        from megatron_rl.trainer.critic import build_critic
+        critic = build_critic(cfg)
     a = cfg.algos
     kl_ctrl = kl_controller(a.kl_ctrl, init_kl_coef=a.kl_coef, target_kl=a.target_kl, horizon=a.kl_horizon)
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
@@ -77,7 +84,7 @@ def build_trainer(cfg):
     return Trainer(cfg=cfg, tokenizer=tokenizer, data=PromptLoader(cfg.data, tokenizer),
                    engine=build_engine(cfg, actor, tokenizer), actor=actor, reference=reference,
                    rewards=RewardManager(cfg.reward), kl_ctrl=kl_ctrl, logger=logger,
-                   token_weights=token_weights)
+                   token_weights=token_weights, critic=critic)
 
 
 def _tokenizer_dir(path: str) -> str:

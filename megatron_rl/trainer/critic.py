@@ -1,0 +1,153 @@
+"""The PPO critic: a GPTModel trunk + scalar head (`models.value_head`) that predicts
+V(prefix) per response token, so GAE (`algos.adv_estimator: gae`) has `values`.
+
+The value of response token t is read at the position whose hidden state predicts
+t (P-1+t, the positions `microbatch.response_logits` reads), i.e. V of the prefix
+before t. Values are zero outside `response_mask`. Both the forward (`compute_values`)
+and the update run through Megatron's schedule, so TP/PP work as for the actor.
+The update minimises the PPO clipped value loss (`algos.value_loss`) towards the
+returns of the advantage phase, clipped around the values it was given (`batch["values"]`).
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_rl.algos.value_loss import value_loss
+from megatron_rl.data.batch import Batch
+from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.models.value_head import attach_value_head, value_forward
+from megatron_rl.trainer.microbatch import make_microbatches
+from megatron_rl.trainer.policy import (_broadcast_from_last_stage, _broadcast_metrics, _microbatch_weights,
+                                        _weighted_mean)
+
+
+def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """[b, R] values that go with the response tokens, from per-position values [b, P+R]."""
+    p = int(mb["prompt_len"])
+    r = mb["labels"].shape[1]
+    return values[:, p - 1: p - 1 + r]
+
+
+def clip_range(critic_cfg) -> float | None:
+    """`critic.cliprange_value`; null or <= 0 turns clipping off (a zero range would freeze V)."""
+    c = getattr(critic_cfg, "cliprange_value", None)
+    return None if c is None or c <= 0 else float(c)
+
+
+class Critic:
+    """`ddp` wraps the trunk whose last stage carries `value_head`; `optimizer` and
+    `scheduler` are Megatron's (built by `build_critic`)."""
+
+    def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):
+        self.ddp = ddp
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.mbs = micro_batch_size
+
+    @property
+    def model(self):
+        return self.ddp.module
+
+    def _microbatches(self, batch: Batch) -> list[dict]:
+        device = next(self.model.parameters()).device
+        return [{k: v.to(device) for k, v in mb.items()} for mb in make_microbatches(batch, self.mbs)]
+
+    @staticmethod
+    def _forward(m, mb):
+        return value_forward(m, mb["input_ids"], mb["attention_mask"])
+
+    @torch.no_grad()
+    def compute_values(self, batch: Batch) -> torch.Tensor:
+        """[B, R] float32 values of the response tokens, zero outside `response_mask`, on every rank."""
+        was_training = self.model.training
+        self.model.eval()
+        res = run_microbatches([self.ddp], self._microbatches(batch), self._forward,
+                               lambda mb, out: (out.sum() * 0, {"v": response_values(out, mb).float().cpu()}),
+                               forward_only=True)
+        self.model.train(was_training)
+        n, r = len(batch), batch["response_ids"].shape[1]
+        v = torch.cat([x["v"] for x in res])[:n] if res else None
+        v = _broadcast_from_last_stage(v, (n, r))
+        return v * (batch["response_mask"] > 0).float()
+
+    def update(self, batch: Batch, algos_cfg, critic_cfg, *, mini_batch_size: int = 0,
+               seed: int = 0) -> dict[str, float]:
+        """`critic_cfg.ppo_epochs` passes over shuffled mini-batches of `batch` (which needs
+        `values`, the critic's own values before the update, and `returns`); returns the
+        `critic/*` metrics averaged over the optimizer steps."""
+        for key in ("values", "returns"):
+            if key not in batch:
+                raise KeyError(f"critic update: batch has no '{key}' (run compute_values and the advantage "
+                               f"phase first; batch keys: {sorted(batch.tensors)})")
+        self.model.train()
+        n = len(batch)
+        mini = mini_batch_size or n
+        gen = torch.Generator().manual_seed(seed)
+        steps = []
+        for _ in range(max(1, critic_cfg.ppo_epochs)):
+            perm = torch.randperm(n, generator=gen) if mini < n else torch.arange(n)
+            for start in range(0, n, mini):
+                steps.append(self._optimizer_step(batch.select(perm[start:start + mini]), algos_cfg,
+                                                  clip_range(critic_cfg)))
+        return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
+
+    def _optimizer_step(self, mini: Batch, algos_cfg, clip: float | None) -> dict[str, float]:
+        mbs = self._microbatches(mini)
+        # token weights shape the policy loss only; the value target is the same for every token
+        weights = _microbatch_weights(mbs, algos_cfg.loss_agg_mode, "pg")
+        for mb, w in zip(mbs, weights):
+            # Megatron's schedule divides each micro-batch loss by the number of micro-batches
+            mb["loss_scale"] = torch.tensor(w * len(mbs), device=mb["input_ids"].device)
+
+        def loss_fn(mb, out):
+            v = response_values(out, mb)
+            mask = mb["response_mask"]
+            loss, clipfrac = value_loss(v, mb["values"], mb["returns"], mask, clip,
+                                        agg_mode=algos_cfg.loss_agg_mode, norm_len=algos_cfg.norm_len)
+            valid = (mask > 0).float()
+            info = {"critic/vf_loss": float(loss.detach()), "critic/vf_clipfrac": float(clipfrac),
+                    "critic/values_mean": float((v.detach() * valid).sum() / valid.sum().clamp(min=1)),
+                    "_w": float(mb["loss_scale"]) / len(mbs)}
+            return loss * mb["loss_scale"], info
+
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        res = run_microbatches([self.ddp], mbs, self._forward, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step(increment=1)
+        metrics = _broadcast_metrics(_weighted_mean(res))
+        metrics["critic/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["critic/update_ok"] = float(bool(ok))
+        metrics["critic/lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_critic(cfg) -> Critic:
+    """Trunk from `critic.path` (default model.path), same TP/PP and dtype as the actor,
+    micro-batches of `actor.micro_batch_size`, optimizer `critic.optim`."""
+    from megatron_rl.models import load_checkpoint
+    from megatron_rl.trainer.build import build_optimizer, wrap_ddp
+
+    c, mc = cfg.critic, cfg.model
+    if mc.sequence_parallel:
+        raise NotImplementedError("critic.enable: the value head reads full hidden states; "
+                                  "use model.sequence_parallel=false")
+    model = load_checkpoint(c.path or mc.path, dtype=mc.dtype, layer_spec=mc.layer_spec, recompute=mc.recompute)
+    attach_value_head(model, seed=cfg.trainer.seed)
+    use_dist = c.optim.distributed_optimizer
+    use_dist = torch.cuda.is_available() if use_dist is None else use_dist
+    ddp = wrap_ddp(model, use_dist)
+    opt, sched = build_optimizer(ddp, c.optim, mc.dtype, cfg.trainer.total_steps * max(1, c.ppo_epochs))
+    return Critic(ddp, opt, sched, cfg.actor.micro_batch_size)
