@@ -165,6 +165,16 @@ def test_gae_resume_reproduces_uninterrupted_critic(tiny_run, tmp_path):
         assert part[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
 
 
+def test_critic_warmup_steps_leave_the_actor_alone(tiny_run):
+    from megatron_rl.trainer.main import train_main
+
+    overrides, run_dir = tiny_run
+    assert train_main(None, overrides + GAE + ["trainer.total_steps=2", "trainer.critic_warmup=1"]) == 0
+    rows = {r["step"]: r for r in read_metrics(run_dir)}
+    assert "critic/vf_loss" in rows[1] and "actor/pg_loss" not in rows[1]
+    assert "critic/vf_loss" in rows[2] and "actor/pg_loss" in rows[2]
+
+
 def test_gae_without_critic_is_an_error_naming_both_keys(tiny_run):
     from megatron_rl.trainer.main import train_main
 
