@@ -210,3 +210,27 @@ def test_critic_matches_tp1(tmp_path, tp, pp):
         assert par["metrics"][k] == pytest.approx(ref["metrics"][k], rel=1e-5, abs=1e-6), k
     assert (ref["after"] - ref["values"]).abs().max() > 1e-3
     assert (ref["after"] - par["after"]).abs().max() < 1e-4
+
+
+def _dp_critic_step(rank, world, hf, out):
+    from megatron_rl.parallel import destroy_distributed, init_distributed
+
+    init_distributed(tp=1, pp=1)
+    critic = make_critic(hf)
+    probe = value_batch(seed=0)
+    before = critic.compute_values(probe)
+    batch = value_batch(seed=1 + rank)                 # each DP rank its own rows
+    batch["values"] = critic.compute_values(batch)
+    critic.update(batch, *configs())
+    torch.save({"before": before, "after": critic.compute_values(probe)}, f"{out}.{rank}")
+    destroy_distributed()
+
+
+@pytest.mark.multiproc
+def test_data_parallel_ranks_keep_one_critic(tmp_path):
+    hf = make_tiny_hf(tmp_path / "hf", "llama", tie=False)
+    out = str(tmp_path / "dp")
+    run_multiproc(_dp_critic_step, 2, (hf, out))
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert (r0["after"] - r0["before"]).abs().max() > 1e-3       # it learned
+    assert (r0["after"] - r1["after"]).abs().max() < 1e-6        # from gradients averaged over DP
