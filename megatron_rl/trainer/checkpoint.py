@@ -31,7 +31,11 @@ def checkpoint_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir, step: int, actor, trainer_state: dict, keep_last: int = 2) -> Path:
+def save_checkpoint(run_dir, step: int, actor, trainer_state: dict, keep_last: int = 2,
+                    extra_states: dict | None = None) -> Path:
+    """Actor (mcore dist-checkpoint + per-rank optimizer/RNG) and `extra_states` (name -> this
+    rank's state dict, e.g. critic, discriminator) written into `step_N.tmp`, then published
+    together: a crash never leaves a `latest` that lacks one of them."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -46,6 +50,8 @@ def save_checkpoint(run_dir, step: int, actor, trainer_state: dict, keep_last: i
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     torch.save(state, tmp / f"rank{_rank():05d}.pt")
+    for name, extra in (extra_states or {}).items():
+        torch.save(extra, tmp / f"{name}_rank{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         publish(root, tmp, final, step, trainer_state, keep_last)

@@ -25,7 +25,7 @@ from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.parallel.data_parallel import dp_mean, reduce_metrics
 from megatron_rl.rewards.token_rewards import to_token_rewards
 from megatron_rl.trainer import phases
-from megatron_rl.trainer.checkpoint import _barrier, _rank, checkpoint_root, find_checkpoint
+from megatron_rl.trainer.checkpoint import _rank, find_checkpoint
 from megatron_rl.trainer.discriminator import Discriminator, pair_with_teachers, scoring_batch
 from megatron_rl.trainer.loop import Trainer
 from megatron_rl.trainer.microbatch import response_logits
@@ -229,12 +229,9 @@ class GADTrainer(Trainer):
             self.logger.log(self.validate_discriminator(), step=0)
 
     # --- checkpoints: the actor's checkpoint plus one discriminator file per rank -------
-    def save(self) -> None:
-        super().save()
-        path = checkpoint_root(self.cfg.logging.run_dir) / f"step_{self.step:06d}"
-        torch.save({**self.discriminator.state_dict(), "skipped_no_teacher": self.skipped_no_teacher},
-                   path / f"discriminator_rank{_rank():05d}.pt")
-        _barrier()
+    def extra_checkpoint_states(self) -> dict:
+        return {**super().extra_checkpoint_states(),
+                "discriminator": {**self.discriminator.state_dict(), "skipped_no_teacher": self.skipped_no_teacher}}
 
     def _maybe_resume(self) -> None:
         super()._maybe_resume()

@@ -8,7 +8,7 @@ import torch
 
 from megatron_rl.parallel.data_parallel import reduce_metrics
 from megatron_rl.trainer import phases
-from megatron_rl.trainer.checkpoint import (_barrier, _rank, find_checkpoint, load_checkpoint_into,
+from megatron_rl.trainer.checkpoint import (_rank, find_checkpoint, load_checkpoint_into,
                                             save_checkpoint)
 
 
@@ -97,10 +97,12 @@ class Trainer:
 
     def save(self) -> None:
         state = {"data": self.data.state_dict(), "kl_ctrl": _state(self.kl_ctrl), "val_before": self.val_before}
-        path = save_checkpoint(self.cfg.logging.run_dir, self.step, self.actor, state, self.cfg.trainer.keep_last)
-        if self.critic is not None:     # one file per rank next to the actor's (as GAD's discriminator)
-            torch.save(self.critic.state_dict(), path / f"critic_rank{_rank():05d}.pt")
-            _barrier()
+        save_checkpoint(self.cfg.logging.run_dir, self.step, self.actor, state, self.cfg.trainer.keep_last,
+                        extra_states=self.extra_checkpoint_states())
+
+    def extra_checkpoint_states(self) -> dict:
+        """Models besides the actor, saved per rank inside the same atomic checkpoint."""
+        return {"critic": self.critic.state_dict()} if self.critic is not None else {}
 
     def _maybe_resume(self) -> None:
         path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
