@@ -15,10 +15,10 @@ import torch
 from megatron_rl.algos.value_loss import value_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
-from megatron_rl.models.value_head import attach_value_head, value_forward
-from megatron_rl.trainer.microbatch import make_microbatches
+from megatron_rl.models.value_head import attach_value_head
 from megatron_rl.trainer.policy import (_broadcast_from_last_stage, _broadcast_metrics, _microbatch_weights,
                                         _weighted_mean)
+from megatron_rl.trainer.value_model import ValueModel
 
 
 def response_values(values: torch.Tensor, mb: dict) -> torch.Tensor:
@@ -34,27 +34,8 @@ def clip_range(critic_cfg) -> float | None:
     return None if c is None or c <= 0 else float(c)
 
 
-class Critic:
-    """`ddp` wraps the trunk whose last stage carries `value_head`; `optimizer` and
-    `scheduler` are Megatron's (built by `build_critic`)."""
-
-    def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):
-        self.ddp = ddp
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.mbs = micro_batch_size
-
-    @property
-    def model(self):
-        return self.ddp.module
-
-    def _microbatches(self, batch: Batch) -> list[dict]:
-        device = next(self.model.parameters()).device
-        return [{k: v.to(device) for k, v in mb.items()} for mb in make_microbatches(batch, self.mbs)]
-
-    @staticmethod
-    def _forward(m, mb):
-        return value_forward(m, mb["input_ids"], mb["attention_mask"])
+class Critic(ValueModel):
+    """Built by `build_critic`; the shared trunk + head plumbing is in `value_model.py`."""
 
     @torch.no_grad()
     def compute_values(self, batch: Batch) -> torch.Tensor:
@@ -123,16 +104,6 @@ class Critic:
         return metrics
 
     # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-
 
 def build_critic(cfg) -> Critic:
     """Trunk from `critic.path` (default model.path), same TP/PP and dtype as the actor,

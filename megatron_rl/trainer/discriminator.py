@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
-from megatron_rl.models.value_head import attach_value_head, last_token_index, value_forward
-from megatron_rl.trainer.microbatch import make_microbatches
+from megatron_rl.models.value_head import attach_value_head, last_token_index
 from megatron_rl.trainer.policy import _broadcast_from_last_stage, _broadcast_metrics
+from megatron_rl.trainer.value_model import ValueModel
 
 
 def bt_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,27 +44,8 @@ def scoring_batch(prompts: Batch, response_ids: torch.Tensor, response_attn: tor
                  [{} for _ in range(len(prompts))])
 
 
-class Discriminator:
-    """`ddp` wraps the trunk whose last stage carries `value_head`; `optimizer` and
-    `scheduler` are Megatron's (built by `build_discriminator`)."""
-
-    def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):
-        self.ddp = ddp
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.mbs = micro_batch_size
-
-    @property
-    def model(self):
-        return self.ddp.module
-
-    def _microbatches(self, batch: Batch) -> list[dict]:
-        device = next(self.model.parameters()).device
-        return [{k: v.to(device) for k, v in mb.items()} for mb in make_microbatches(batch, self.mbs)]
-
-    @staticmethod
-    def _forward(m, mb):
-        return value_forward(m, mb["input_ids"], mb["attention_mask"])
+class Discriminator(ValueModel):
+    """Built by `build_discriminator`; the shared trunk + head plumbing is in `value_model.py`."""
 
     @staticmethod
     def _last(values, mb) -> torch.Tensor:
@@ -130,16 +111,6 @@ class Discriminator:
         return _broadcast_metrics(metrics)
 
     # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-
 
 def build_discriminator(cfg) -> Discriminator:
     """Trunk from `gad.discriminator_path` (default model.path), same TP/PP as the actor."""
