@@ -253,6 +253,9 @@ def build_gad_trainer(cfg) -> GADTrainer:
     from megatron_rl.trainer.discriminator import build_discriminator
     from megatron_rl.trainer.main import build_trainer
 
+    if getattr(cfg.critic, "enable", False):
+        raise ValueError("gad.enable and critic.enable are both true: GAD's value model is its discriminator "
+                         "(advantages are GRPO); set critic.enable=false")
     key = teacher_key(cfg)
     cfg = dataclasses.replace(cfg, gad=dataclasses.replace(cfg.gad, teacher_key=key),
                               data=dataclasses.replace(cfg.data, teacher_response_key=None))
