@@ -50,9 +50,8 @@ class AlgosConfig:
     target_kl: float | None = None    # adaptive controller only
     kl_horizon: float | None = None   # adaptive controller only
 
-    # Entropy bonus and critic.
+    # Entropy bonus (the critic's value clip is `critic.cliprange_value`).
     entropy_coef: float = 0.0
-    value_clip: float | None = 0.5
 
     # Token weights: where they apply ("pg" or "mask", see algos.token_weights).
     token_weights_apply_to: str = "pg"
