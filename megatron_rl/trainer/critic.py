@@ -16,8 +16,8 @@ from megatron_rl.algos.value_loss import value_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.models.value_head import attach_value_head
-from megatron_rl.trainer.policy import (_broadcast_from_last_stage, _broadcast_metrics, _microbatch_weights,
-                                        _weighted_mean)
+from megatron_rl.trainer.policy import _broadcast_from_last_stage, _broadcast_metrics
+from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 from megatron_rl.trainer.value_model import ValueModel
 
 
@@ -61,24 +61,15 @@ class Critic(ValueModel):
                 raise KeyError(f"critic update: batch has no '{key}' (run compute_values and the advantage "
                                f"phase first; batch keys: {sorted(batch.tensors)})")
         self.model.train()
-        n = len(batch)
-        mini = mini_batch_size or n
-        gen = torch.Generator().manual_seed(seed)
-        steps = []
-        for _ in range(max(1, critic_cfg.ppo_epochs)):
-            perm = torch.randperm(n, generator=gen) if mini < n else torch.arange(n)
-            for start in range(0, n, mini):
-                steps.append(self._optimizer_step(batch.select(perm[start:start + mini]), algos_cfg,
-                                                  clip_range(critic_cfg)))
+        clip = clip_range(critic_cfg)
+        steps = minibatch_passes(batch, mini_batch_size, max(1, critic_cfg.ppo_epochs), seed,
+                                 lambda mini: self._optimizer_step(mini, algos_cfg, clip))
         return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
 
     def _optimizer_step(self, mini: Batch, algos_cfg, clip: float | None) -> dict[str, float]:
         mbs = self._microbatches(mini)
         # token weights shape the policy loss only; the value target is the same for every token
-        weights = _microbatch_weights(mbs, algos_cfg.loss_agg_mode, "pg")
-        for mb, w in zip(mbs, weights):
-            # Megatron's schedule divides each micro-batch loss by the number of micro-batches
-            mb["loss_scale"] = torch.tensor(w * len(mbs), device=mb["input_ids"].device)
+        set_loss_scales(mbs, algos_cfg.loss_agg_mode, "pg")
 
         def loss_fn(mb, out):
             v = response_values(out, mb)
@@ -91,17 +82,8 @@ class Critic(ValueModel):
                     "_w": float(mb["loss_scale"]) / len(mbs)}
             return loss * mb["loss_scale"], info
 
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        res = run_microbatches([self.ddp], mbs, self._forward, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step(increment=1)
-        metrics = _broadcast_metrics(_weighted_mean(res))
-        metrics["critic/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["critic/update_ok"] = float(bool(ok))
-        metrics["critic/lr"] = self.optimizer.param_groups[0]["lr"]
-        return metrics
+        res, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
+        return {**_broadcast_metrics(weighted_mean(res)), **{f"critic/{k}": v for k, v in step.items()}}
 
     # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
 

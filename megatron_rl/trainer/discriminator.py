@@ -17,6 +17,7 @@ from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.models.value_head import attach_value_head, last_token_index
 from megatron_rl.trainer.policy import _broadcast_from_last_stage, _broadcast_metrics
+from megatron_rl.trainer.update_steps import optimizer_step
 from megatron_rl.trainer.value_model import ValueModel
 
 
@@ -99,15 +100,9 @@ class Discriminator(ValueModel):
             return (mb["coef"] * self._last(out, mb)).sum() * n_mb, {}
 
         self.model.train()
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        run_microbatches([self.ddp], mbs, self._forward, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step(increment=1)
+        _, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
         metrics = {**self.evaluate(student_scores, teacher_scores, pair),
-                   "critic/d_grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                   "critic/d_update_ok": float(bool(ok))}
+                   "critic/d_grad_norm": step["grad_norm"], "critic/d_update_ok": step["update_ok"]}
         return _broadcast_metrics(metrics)
 
     # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------

@@ -2,8 +2,6 @@
 through Megatron's schedules, DDP wrapper and optimizer."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -12,6 +10,7 @@ from megatron_rl.kernels import token_logprob_entropy, token_weighted_ppo_loss
 from megatron_rl.models.forward import gpt_forward
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import make_microbatches, response_logits
+from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
 
 def _tp_group():
@@ -94,23 +93,12 @@ class Policy:
         if self.optimizer is None:
             raise RuntimeError("update() on a frozen policy")
         self.model.train()
-        n = len(batch)
-        mini = mini_batch_size or n
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for _ in range(ppo_epochs):
-            perm = torch.randperm(n, generator=gen) if mini < n else torch.arange(n)
-            for start in range(0, n, mini):
-                out.append(self._optimizer_step(batch.select(perm[start:start + mini]), algos, use_ref))
-        return out
+        return minibatch_passes(batch, mini_batch_size, ppo_epochs, seed,
+                                lambda mini: self._optimizer_step(mini, algos, use_ref))
 
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
         mbs = self._microbatches(mini)
-        weights = _microbatch_weights(mbs, algos.loss_agg_mode, algos.token_weights_apply_to)
-        # Megatron's schedule divides each micro-batch loss by the number of
-        # micro-batches; our weights already sum to 1, so undo that division.
-        for mb, w in zip(mbs, weights):
-            mb["loss_scale"] = torch.tensor(w * len(mbs), device=mb["input_ids"].device)
+        set_loss_scales(mbs, algos.loss_agg_mode, algos.token_weights_apply_to)
         kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
 
         def loss_fn(mb, output):
@@ -127,40 +115,8 @@ class Policy:
             info["_w"] = float(mb["loss_scale"]) / len(mbs)
             return loss * mb["loss_scale"], info
 
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        res = run_microbatches([self.ddp], mbs, self._forward, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step(increment=1)
-        metrics = _weighted_mean(res)
-        metrics = _broadcast_metrics(metrics)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["update_ok"] = float(bool(ok))
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        return metrics
-
-
-def _microbatch_weights(mbs: list[dict], agg_mode: str, token_weights_apply_to: str = "pg") -> list[float]:
-    """Each micro-batch's share of the mini-batch loss, so that summing the scaled
-    micro-batch losses equals the loss of the whole mini-batch. With token weights applied
-    to the mask, the token-mean denominator is the sum of weights, so shares follow it."""
-    if agg_mode == "token-mean":
-        weighted = token_weights_apply_to == "mask"
-        counts = [float((mb["response_mask"] * mb["token_weights"]).sum()) if weighted and "token_weights" in mb
-                  else float(mb["response_mask"].sum()) for mb in mbs]
-    else:
-        counts = [float((mb["response_mask"].sum(-1) > 0).sum()) for mb in mbs]
-    total = sum(counts)
-    return [c / total if total > 0 else 0.0 for c in counts]
-
-
-def _weighted_mean(res: list[dict]) -> dict[str, float]:
-    if not res:
-        return {}
-    total = sum(r["_w"] for r in res) or 1.0
-    keys = [k for k in res[0] if k != "_w"]
-    return {k: sum(r[k] * r["_w"] for r in res if not math.isnan(r[k])) / total for k in keys}
+        res, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
+        return {**_broadcast_metrics(weighted_mean(res)), **step}
 
 
 def _broadcast_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -3,7 +3,7 @@ weights are applied to the loss mask (the token-mean denominator is then the wei
 import pytest
 import torch
 
-from megatron_rl.trainer.policy import _microbatch_weights
+from megatron_rl.trainer.update_steps import microbatch_weights as _microbatch_weights
 
 
 def _mbs():
