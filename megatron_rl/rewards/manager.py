@@ -133,13 +133,10 @@ class RewardManager:
         batch["token_rewards"] = to_token_rewards(result.scores, mask)
         if any(w is not None for w in result.token_weights):
             rows = [w if w is not None else [] for w in result.token_weights]
-            for i, row in enumerate(rows):       # name the sample, not just the row, in the error
-                bad = [t for t, v in enumerate(row) if not math.isfinite(float(v))]
-                if bad:
-                    raise ValueError(f"reward function returned token_weights for sample {i} "
-                                     f"(uid {batch.samples[i].get('uid', '?')}) with a non-finite value at "
-                                     f"response token {bad[0]}")
-            batch["token_weights"] = align_token_weights(rows, mask.shape[1], dtype=batch["token_rewards"].dtype)
+            try:
+                batch["token_weights"] = align_token_weights(rows, mask.shape[1], dtype=batch["token_rewards"].dtype)
+            except ValueError as e:             # name the sample, not just the row (only on the error path)
+                raise ValueError(f"{e}; {_first_nonfinite(rows, batch.samples)}") from None
         for sample, score, extra in zip(batch.samples, result.scores, result.extras):
             sample["score"] = score
             sample["reward_extras"] = extra
@@ -172,6 +169,15 @@ def _unpack(value: Any, name: str, uid: str) -> tuple[float, dict[str, Any], Any
     if not math.isfinite(score):
         raise ValueError(f"reward '{name}' returned {score} for sample {uid}")
     return score, extra, token_weights
+
+
+def _first_nonfinite(rows, samples) -> str:
+    for i, row in enumerate(rows):
+        for t, v in enumerate(row):
+            if not math.isfinite(float(v)):
+                return (f"reward function returned token_weights for sample {i} "
+                        f"(uid {samples[i].get('uid', '?')}) with a non-finite value at response token {t}")
+    return "no non-finite value found in the rows as returned"
 
 
 def _metrics(scores: list[float], names: list[str], samples: Sequence[dict[str, Any]]) -> dict[str, float]:
