@@ -2,10 +2,9 @@
 tokenizer; prompts with a `<document>` span and a question after it."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from megatron_rl.data.writers import write_jsonl
 from tests.helpers import make_tiny_hf, write_word_tokenizer
 
 WORDS = ("<document> </document> anna ben lives in rome oslo paris where does live ? answer the 0 1 2 3 4 5"
@@ -33,9 +32,8 @@ def tiny_vgr_run(tmp_path, tiny_hf):
     data = tmp_path / "data"
     data.mkdir()
     for split, n in (("train", 8), ("val", 2)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "ground_truth": "rome"}) + "\n")
+        write_jsonl(data / f"{split}.jsonl", [{"prompt": PROMPTS[i % len(PROMPTS)], "ground_truth": "rome"}
+                                              for i in range(n)])
     (tmp_path / "reward.py").write_text(REWARD_FILE)
     run_dir = tmp_path / "run"
     overrides = [f"model.path={tiny_hf}", "model.layer_spec=local", f"data.train_files=[{data / 'train.jsonl'}]",

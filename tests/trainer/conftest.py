@@ -2,10 +2,9 @@
 holds a word-level tokenizer with a chat template, prompts and a reward file."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from megatron_rl.data.writers import write_jsonl
 from tests.helpers import make_tiny_hf, write_word_tokenizer
 
 WORDS = "what is one two three four five plus ? give the number answer yes no 0 1 2 3 4 5 6 7 8 9".split()
@@ -30,9 +29,7 @@ def tiny_run(tmp_path):
     qs = ["what is two plus two ?", "what is one plus three ?", "give the number four",
           "what is three plus one ?"]
     for split, n in (("train", 16), ("val", 4)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                f.write(json.dumps({"prompt": qs[i % len(qs)], "ground_truth": "4"}) + "\n")
+        write_jsonl(data / f"{split}.jsonl", [{"prompt": qs[i % len(qs)], "ground_truth": "4"} for i in range(n)])
     (tmp_path / "reward.py").write_text(REWARD_FILE)
     run_dir = tmp_path / "run"
     overrides = [f"model.path={hf}", "model.layer_spec=local", f"data.train_files=[{data / 'train.jsonl'}]",
