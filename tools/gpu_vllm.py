@@ -13,6 +13,8 @@ Sections (each in try/except: a failure prints its traceback and the rest still 
                steered Megatron actor (same intervention, residual stream = hidden + residual).
   5. grpo      one GRPO step through the real Trainer with `rollout.engine=vllm`
                (colocated: vLLM sleeps during training, wakes for the weight sync).
+  6. graph     torch.compile + CUDA graphs (enforce_eager=False): tokens/s of the plain model
+               vs the steered architecture (steering/vllm_graph.py), and the same checks as 4.
 Random weights (no hub): the SmolLM2 config/tokenizer from --model-config.
 Prints a markdown table; writes $OUT/vllm_results.md and $OUT/vllm_results.json if $OUT is set.
 
@@ -67,7 +69,8 @@ def make_llm(model_dir: Path, util: float, sleep_mode: bool = True, **extra):
     import vllm
 
     kw = dict(model=str(model_dir), dtype="bfloat16", enforce_eager=True, enable_sleep_mode=sleep_mode,
-              gpu_memory_utilization=util, max_model_len=1024, seed=0, enable_prefix_caching=True, **extra)
+              gpu_memory_utilization=util, max_model_len=1024, seed=0, enable_prefix_caching=True)
+    kw.update(extra)
     optional = dict(logprobs_mode="processed_logprobs", generation_config="vllm")
     try:
         return vllm.LLM(**kw, **optional)
@@ -167,6 +170,7 @@ def sec_tokens(ctx):
     timed_generate(ctx.fast, batch.select(range(min(16, len(batch)))), sp)          # warm-up
     toks, dt = timed_generate(ctx.fast, batch, sp)
     row("tokens/s", "vLLM 256 x 128 (eager, bf16)", toks / dt)
+    ctx.eager_tps = toks / dt
     native = NativeEngine(ctx.actor, ctx.tok, max_batch_size=256)
     timed_generate(native, batch.select(range(min(16, len(batch)))), SamplingParams(max_new_tokens=8))
     toks_n, dt_n = timed_generate(native, batch, sp)
@@ -184,35 +188,34 @@ def random_sae(d_in: int, layer: int):
                 "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.05, "b_dec": torch.zeros(d_in)})
 
 
-def sec_steering(ctx):
+def interleaved_tps(engines: dict, batch, sp, reps: int = 3) -> dict[str, float]:
+    """Median tokens/s per named engine (or (engine, steering on/off) pair), runs interleaved
+    so machine drift hits every variant alike."""
+    tps = {name: [] for name in engines}
+    for _ in range(reps):
+        for name, (engine, steer_on) in engines.items():
+            if steer_on is not None:
+                engine.set_steering_enabled(steer_on)
+            toks, dt = timed_generate(engine, batch, sp)
+            tps[name].append(toks / dt)
+    return {name: statistics.median(v) for name, v in tps.items()}
+
+
+def steering_checks(label: str, engine, ctx, iv, layer: int) -> None:
+    """Greedy tokens changed by steering; steered vLLM log-probs vs the steered Megatron actor."""
     from megatron_rl.rollout.protocol import SamplingParams
     from megatron_rl.steering.controller import SteeringController
-    from megatron_rl.steering.interventions import build_intervention
 
-    layer = ctx.actor.config.num_layers // 2
-    sae = random_sae(ctx.actor.config.hidden_size, layer).cuda()
-    iv = build_intervention("add", sae, feature_idxs=[7], max_activations=[2.0], strengths=[8.0])
-    ctx.fast.attach_intervention(iv, layer, "all")
-    batch = prompts_batch(ctx.tok, 256)
-    sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=2)
-    on, off = [], []
-    for _ in range(2):
-        for enabled, acc in ((False, off), (True, on)):
-            ctx.fast.set_steering_enabled(enabled)
-            toks, dt = timed_generate(ctx.fast, batch, sp)
-            acc.append(toks / dt)
-    row("steering", "tokens/s without hook / with one-layer add", f"{max(off):.0f} / {max(on):.0f}")
-    row("steering", "overhead % (goal <= 3)", 100 * (max(off) / max(on) - 1))
     small = prompts_batch(ctx.tok, 32)
     greedy = SamplingParams(greedy=True, max_new_tokens=32)
-    ctx.fast.set_steering_enabled(False)
-    plain = ctx.fast.generate(small, greedy)
-    ctx.fast.set_steering_enabled(True)
-    steered = ctx.fast.generate(small, greedy)
+    engine.set_steering_enabled(False)
+    plain = engine.generate(small, greedy)
+    engine.set_steering_enabled(True)
+    steered = engine.generate(small, greedy)
     w = min(plain["response_ids"].shape[1], steered["response_ids"].shape[1])
     changed = (plain["response_ids"][:, :w] != steered["response_ids"][:, :w]).float().mean().item()
-    row("steering", "fraction of greedy tokens changed by steering", changed)
-    out = ctx.fast.generate(small, SamplingParams(temperature=1.0, max_new_tokens=32, seed=3))
+    row(label, "fraction of greedy tokens changed by steering", changed)
+    out = engine.generate(small, SamplingParams(temperature=1.0, max_new_tokens=32, seed=3))
     ctl = SteeringController(iv, layer, scope="all")
     ctl.attach(ctx.actor)
     ctx.policy.steering = ctl
@@ -222,8 +225,73 @@ def sec_steering(ctx):
         ctx.policy.steering = None
         ctl.detach()
     m, x = masked_diff(lp, out["rollout_logprob"], out["response_mask"])
-    row("steering", "steered vLLM vs steered Megatron log-probs: mean / max", f"{m:.4f} / {x:.4f}")
-    ctx.fast.set_steering_enabled(False)
+    row(label, "steered vLLM vs steered Megatron log-probs: mean / max", f"{m:.4f} / {x:.4f}")
+
+
+def one_layer_add(ctx):
+    from megatron_rl.steering.interventions import build_intervention
+
+    layer = ctx.actor.config.num_layers // 2
+    sae = random_sae(ctx.actor.config.hidden_size, layer).cuda()
+    return build_intervention("add", sae, feature_idxs=[7], max_activations=[2.0], strengths=[8.0]), layer
+
+
+def sec_steering(ctx):
+    from megatron_rl.rollout.protocol import SamplingParams
+
+    iv, layer = one_layer_add(ctx)
+    ctx.fast.attach_intervention(iv, layer, "all")
+    tps = interleaved_tps({"off": (ctx.fast, False), "on": (ctx.fast, True)}, prompts_batch(ctx.tok, 256),
+                          SamplingParams(temperature=1.0, max_new_tokens=128, seed=2))
+    row("steering", "eager: tokens/s without hook / with one-layer add (median of 3, interleaved)",
+        f"{tps['off']:.0f} / {tps['on']:.0f}")
+    row("steering", "eager: overhead % (goal <= 3)", 100 * (tps["off"] / tps["on"] - 1))
+    steering_checks("steering", ctx.fast, ctx, iv, layer)
+    ctx.fast.detach_steering()
+
+
+def sleep_small_llm(ctx) -> None:
+    """Give the 135M engine's memory back before another LLM starts in this process."""
+    if not getattr(ctx, "small_asleep", False):
+        grpo = getattr(ctx, "grpo_engine", None)
+        if grpo is None or grpo.state != "asleep":
+            ctx.llm.sleep(level=1)
+        ctx.small_asleep = True
+
+
+def sec_graph(ctx):
+    """CUDA graphs + torch.compile (enforce_eager=False): plain vs steered architecture."""
+    from megatron_rl.rollout.protocol import SamplingParams
+    from megatron_rl.rollout.vllm_config import VLLMConfig
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+    from megatron_rl.steering.vllm_graph import graph_overrides, register_steered_arch
+
+    sleep_small_llm(ctx)
+    iv, layer = one_layer_add(ctx)
+    vcfg = VLLMConfig(sleep_level=0, enforce_eager=False)
+    t = time.time()
+    common = dict(sleep_mode=False, enforce_eager=False, enable_prefix_caching=False)   # no cache: equal prefill
+    plain = VLLMEngine(make_llm(ctx.model_dir, 0.15, **common), ctx.tok, vcfg,
+                       colocate=False, dtype=torch.bfloat16)
+    row("graph", "LLM() start with torch.compile + CUDA graphs, s", time.time() - t)
+    register_steered_arch()
+    steered = VLLMEngine(make_llm(ctx.model_dir, 0.15, **common,
+                                  hf_overrides=graph_overrides(ctx.model_dir, layer)),
+                         ctx.tok, vcfg, colocate=False, dtype=torch.bfloat16)
+    for e in (plain, steered):
+        e.sync_weights(ctx.policy)
+    steered.attach_intervention(iv, layer, "all")
+    sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=2)
+    batch = prompts_batch(ctx.tok, 256)
+    timed_generate(plain, batch.select(range(16)), sp)            # warm-up
+    timed_generate(steered, batch.select(range(16)), sp)
+    tps = interleaved_tps({"plain": (plain, None), "on": (steered, True), "off": (steered, False)}, batch, sp)
+    row("graph", "tokens/s plain model / steered model, steering on / off (median of 3)",
+        f"{tps['plain']:.0f} / {tps['on']:.0f} / {tps['off']:.0f}")
+    row("graph", "overhead % of one-layer add vs plain model (goal <= 3)", 100 * (tps["plain"] / tps["on"] - 1))
+    row("graph", "tokens/s vs eager plain model (tokens/s section)", tps["plain"] / ctx.eager_tps
+        if getattr(ctx, "eager_tps", None) else "n/a")
+    steering_checks("graph", steered, ctx, iv, layer)
 
 
 def sec_grpo(ctx):
@@ -287,9 +355,7 @@ def sec_sync_1b(ctx, budget_s: float):
         for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (ctx.model_dir / f).exists():
                 shutil.copy2(ctx.model_dir / f, big / f)
-    grpo = getattr(ctx, "grpo_engine", None)
-    if grpo is None or grpo.state != "asleep":
-        ctx.llm.sleep(level=1)             # give the 135M engine's memory back first
+    sleep_small_llm(ctx)
     actor = build_model(arch_from_hf_config(big), dtype="bfloat16", layer_spec="sdpa").cuda()
     n = sum(p.numel() for p in actor.parameters())
     row("sync", "~1B actor parameters (B)", n / 1e9)
@@ -303,8 +369,8 @@ def sec_sync_1b(ctx, budget_s: float):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-config", required=True, help="directory with SmolLM2's config.json and tokenizer")
-    ap.add_argument("--sections", default="logprobs,sync,tokens,steering,grpo,sync1b",
-                    help="comma-separated subset of logprobs,sync,tokens,steering,grpo,sync1b")
+    ap.add_argument("--sections", default="logprobs,sync,tokens,steering,grpo,sync1b,graph",
+                    help="comma-separated subset of logprobs,sync,tokens,steering,grpo,sync1b,graph")
     ap.add_argument("--budget-s", type=float, default=400, help="skip the ~1B sync section after this many seconds")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")     # the model lives in this process
@@ -350,6 +416,8 @@ def main() -> int:
         section("grpo", sec_grpo, ctx)
     if "sync1b" in want:
         section("sync", sec_sync_1b, ctx, args.budget_s)
+    if "graph" in want:
+        section("graph", sec_graph, ctx)
     table = "| section | metric | value |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in ROWS)
     print("\n" + table + f"\n\ntotal {time.time() - T0:.0f}s", flush=True)
     out = os.environ.get("OUT")

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 @dataclass
 class VLLMConfig:
     """Engine start-up (passed to `vllm.LLM`): tensor_parallel_size is vLLM's own TP,
-    independent of the actor's; enforce_eager=True is required by the forward-hook
-    steering path (CUDA graphs would skip hooks registered after capture) and is the
-    verified default; dtype "" = the actor's `model.dtype`."""
+    independent of the actor's; enforce_eager=True is the verified default and the
+    only mode for clamp steering (forward hooks; CUDA graphs would skip hooks registered
+    after capture); enforce_eager=False keeps torch.compile + CUDA graphs, with additive
+    steering built into the model (steering/vllm_graph.py); dtype "" = the actor's
+    `model.dtype`."""
 
     tensor_parallel_size: int = 1
     enforce_eager: bool = True

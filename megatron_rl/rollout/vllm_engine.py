@@ -15,8 +15,10 @@ next `generate` wakes the KV cache. The prefix cache is reset after every weight
 update: cached KV from old weights must never be reused.
 
 Steering (`steering.enable`): the SAE intervention is hooked on every vLLM worker
-(steering/vllm_hooks.py); requests are generated in one call per distinct strength
-row (and prompt length, for scope prompt/generated).
+(steering/vllm_hooks.py, eager mode); with `rollout.vllm.enforce_eager: false`, additive
+modes are built into the model instead (steering/vllm_graph.py) so CUDA graphs and
+torch.compile stay on. Requests are generated in one call per distinct strength row
+(and prompt length, for scope prompt/generated).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class VLLMEngine:
         self.state = "awake"                          # awake | asleep | weights (weights awake, KV asleep)
         self.weights_stale = False                    # level-2 sleep dropped the weights
         self._broadcast = None
+        self._steer_key = None                        # steering state the workers hold now (None: unknown)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -84,40 +87,44 @@ class VLLMEngine:
                       logprobs_mode=v.logprobs_mode, generation_config="vllm")
         if v.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = v.distributed_executor_backend
-        kwargs.update(v.extra_args)
-        llm = vllm.LLM(**kwargs)
         steer = getattr(cfg, "steering", None)
+        steering = steering_intervention(steer) if getattr(steer, "enable", False) else None
+        if steering is not None and not v.enforce_eager:
+            from megatron_rl.steering.vllm_graph import graph_overrides, register_steered_arch
+
+            register_steered_arch()
+            kwargs["hf_overrides"] = graph_overrides(cfg.model.path, steering[1], steering[0].name)
+        extra = dict(v.extra_args)
+        if "hf_overrides" in extra and "hf_overrides" in kwargs:
+            kwargs["hf_overrides"] = {**extra.pop("hf_overrides"), **kwargs["hf_overrides"]}
+        kwargs.update(extra)
+        llm = vllm.LLM(**kwargs)
         engine = cls(llm, tokenizer, v, colocate=r.colocate, bucket_mb=r.weight_sync_bucket_mb,
                      dtype=_DTYPES.get(dtype))
-        if getattr(steer, "enable", False):
-            engine.attach_steering(steer)
+        if steering is not None:
+            engine.attach_intervention(steering[0], steering[1], steer.scope)
         return engine
 
-    def attach_steering(self, steer_cfg) -> None:
-        """Load the SAE and hook the intervention on every vLLM worker."""
-        from megatron_rl.steering.build import resolve_layer
-        from megatron_rl.steering.interventions import build_intervention
-        from megatron_rl.steering.sae import load_sae
-
-        if not self.cfg.enforce_eager:
-            raise ValueError("steering inside vLLM uses forward hooks: set rollout.vllm.enforce_eager=true")
-        sae = load_sae(steer_cfg.sae_path, steer_cfg.sae_id)
-        intervention = build_intervention(steer_cfg.mode, sae, feature_idxs=steer_cfg.feature_idxs,
-                                          max_activations=steer_cfg.max_activations, strengths=steer_cfg.strengths,
-                                          global_strength=steer_cfg.global_strength)
-        self.attach_intervention(intervention, resolve_layer(steer_cfg, sae), steer_cfg.scope)
-
     def attach_intervention(self, intervention, layer: int, scope: str = "all") -> None:
+        """Hook (eager) or bind (CUDA-graph mode) the intervention on every vLLM worker."""
         from megatron_rl.steering.vllm_hooks import attach_vllm_steering
 
-        self.llm.apply_model(partial(attach_vllm_steering, intervention=intervention, layer=layer, scope=scope))
+        self.llm.apply_model(partial(attach_vllm_steering, intervention=intervention, layer=layer, scope=scope,
+                                     graph=not self.cfg.enforce_eager))
         self.steering_scope = scope
 
-    def set_steering_enabled(self, enabled: bool) -> None:
-        from megatron_rl.steering.vllm_hooks import set_vllm_steering
+    def detach_steering(self) -> None:
+        """Remove the intervention from every worker; later generates are unsteered."""
+        from megatron_rl.steering.vllm_hooks import detach_vllm_steering
 
+        self.llm.apply_model(detach_vllm_steering)
+        self.steering_scope, self._steer_key = None, None
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+
+    def set_steering_enabled(self, enabled: bool) -> None:
+        """Steering on/off for the following generate calls (applied per group there)."""
         self.steering_enabled = bool(enabled)
-        self.llm.apply_model(partial(set_vllm_steering, enabled=enabled, prompt_len=0))
 
     # --- protocol ----------------------------------------------------------------------------
     def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
@@ -170,6 +177,7 @@ class VLLMEngine:
         if self.state != "asleep" and self.cfg.sleep_level:
             self.llm.sleep(level=self.cfg.sleep_level)
             self.state = "asleep"
+            self._steer_key = None      # sleep drops the KV cache; level 2 also the steering buffers
             self.weights_stale = self.cfg.sleep_level >= 2
 
     def wake(self) -> None:
@@ -192,12 +200,20 @@ class VLLMEngine:
         self.wake()
 
     def _set_steering(self, strengths, prompt_len) -> None:
+        """Send the group's steering state to every worker if it changed. A change also resets
+        the prefix cache: cached prompt KV was computed under the old steering and would
+        otherwise be reused (steering at layer L changes the KV of every later layer)."""
         from megatron_rl.steering.vllm_hooks import set_vllm_steering
 
+        key = (None if strengths is None else tuple(strengths), prompt_len, self.steering_enabled)
+        if key == self._steer_key:
+            return
         s = torch.tensor(strengths) if strengths is not None else None
-        # Every group re-sends the on/off switch: set_state would otherwise switch the hook back on.
         self.llm.apply_model(partial(set_vllm_steering, strengths=s, prompt_len=prompt_len,
                                      enabled=self.steering_enabled))
+        if self._steer_key is not None and hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+        self._steer_key = key
 
     def _broadcast_transport(self):
         """Separate GPUs: one stateless NCCL group, trainer = rank 0, vLLM worker r = rank 1 + r.
@@ -217,6 +233,19 @@ class VLLMEngine:
             t.join()
             self._broadcast = comm
         return _ThreadedBroadcast(BroadcastTransport(self._broadcast, 0), self.llm)
+
+
+def steering_intervention(steer_cfg):
+    """(intervention, layer) from the `steering` config section: the SAE is loaded here."""
+    from megatron_rl.steering.build import resolve_layer
+    from megatron_rl.steering.interventions import build_intervention
+    from megatron_rl.steering.sae import load_sae
+
+    sae = load_sae(steer_cfg.sae_path, steer_cfg.sae_id)
+    intervention = build_intervention(steer_cfg.mode, sae, feature_idxs=steer_cfg.feature_idxs,
+                                      max_activations=steer_cfg.max_activations, strengths=steer_cfg.strengths,
+                                      global_strength=steer_cfg.global_strength)
+    return intervention, resolve_layer(steer_cfg, sae)
 
 
 _WORKER_COMM: dict[str, object] = {}

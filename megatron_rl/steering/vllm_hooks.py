@@ -116,15 +116,22 @@ class VLLMSteeringHook:
         return hidden + change, residual
 
 
-def attach_vllm_steering(model, intervention: Intervention, layer: int, scope: str = "all") -> VLLMSteeringHook:
-    """Run on each vLLM worker (`llm.apply_model(lambda m: attach_vllm_steering(m, ...))`)."""
+def attach_vllm_steering(model, intervention: Intervention, layer: int, scope: str = "all",
+                         graph: bool = False) -> VLLMSteeringHook:
+    """Run on each vLLM worker (`llm.apply_model(lambda m: attach_vllm_steering(m, ...))`).
+    graph=True: the model was built with steering buffers (steering/vllm_graph.py), no hook."""
     sae = intervention.sae
     device = next(model.parameters()).device
     if sae.W_dec.device != device:
         intervention.sae = sae.to(device)
         for k in ("idx", "max_act", "base_strengths"):
             setattr(intervention, k, getattr(intervention, k).to(device))
-    hook = VLLMSteeringHook(intervention, layer, scope)
+    if graph:
+        from megatron_rl.steering.vllm_graph import VLLMGraphSteering
+
+        hook = VLLMGraphSteering(intervention, layer, scope)
+    else:
+        hook = VLLMSteeringHook(intervention, layer, scope)
     hook.attach(model)
     hook.set_state(None, 0 if scope != "all" else None)
     return hook
@@ -136,4 +143,14 @@ def set_vllm_steering(model, strengths=None, prompt_len: int | None = None, enab
     if hook is None:
         return False
     hook.set_state(strengths, prompt_len, enabled)
+    return True
+
+
+def detach_vllm_steering(model) -> bool:
+    """Worker side of `VLLMEngine.detach_steering`: remove the hook (graph mode: zero the delta)."""
+    hook = getattr(model, ATTR, None)
+    if hook is None:
+        return False
+    hook.detach()
+    delattr(model, ATTR)
     return True

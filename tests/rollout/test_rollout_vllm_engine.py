@@ -204,9 +204,31 @@ def test_rollout_engine_disabled_steering_stays_off_through_generate(fake_vllm):
     eng.steering_scope = "all"
     eng.set_steering_enabled(False)
     eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
+    eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
     eng.set_steering_enabled(True)
     eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
-    assert states == [False, False, True, True]
+    assert states == [False, True]                      # unchanged state is not re-sent
+
+
+def test_rollout_engine_steering_change_resets_the_prefix_cache(fake_vllm):
+    """Prompt KV cached under one steering state must not serve another (an H100 run showed
+    steered vLLM log-probs 0.09 off Megatron's, vs 0.007 unsteered, from exactly that)."""
+    eng = _engine(sleep_level=0)
+    eng.steering_scope = "all"
+    eng._steer_key = None
+    sent = []
+    eng.llm.apply_model = lambda fn: sent.append(fn.keywords["strengths"]) or [True]
+    batch = _prompts()
+    batch["steer_strengths"] = torch.tensor([[1.0], [1.0], [1.0]])
+    eng.generate(batch, SamplingParams(max_new_tokens=1))
+    eng.generate(batch, SamplingParams(max_new_tokens=1))
+    assert len(sent) == 1 and ("reset_prefix_cache",) not in eng.llm.calls
+    batch["steer_strengths"] = torch.tensor([[2.0], [2.0], [3.0]])
+    eng.generate(batch, SamplingParams(max_new_tokens=1))
+    assert len(sent) == 3 and eng.llm.calls.count(("reset_prefix_cache",)) == 2
+    eng.set_steering_enabled(False)
+    eng.generate(batch, SamplingParams(max_new_tokens=1))
+    assert eng.llm.calls.count(("reset_prefix_cache",)) == 4
 
 
 def test_rollout_engine_sync_weights_takes_policy_or_model(fake_vllm, monkeypatch):
@@ -219,3 +241,52 @@ def test_rollout_engine_sync_weights_takes_policy_or_model(fake_vllm, monkeypatc
     eng.sync_weights(types.SimpleNamespace(model=model))
     eng.sync_weights(model)
     assert seen == [model, model]
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_rollout_from_config_builds_graph_steering_without_eager(fake_vllm, monkeypatch, tmp_path, eager):
+    """enforce_eager=false + steering: vLLM starts the steered architecture (buffers on the
+    steering layer) and the intervention binds to them; eager mode registers a hook."""
+    import json
+
+    from megatron_rl.rollout import vllm_engine
+    from megatron_rl.steering.interventions import build_intervention
+    from megatron_rl.steering.sae import SAE
+    from megatron_rl.steering.vllm_graph import LAYERS_KEY, STEERED_ARCH
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    sae = SAE({"architecture": "standard", "d_in": 4, "d_sae": 8, "hook_name": "blocks.0.hook_resid_post"},
+              {"W_enc": torch.ones(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.ones(8, 4), "b_dec": torch.zeros(4)})
+    monkeypatch.setattr(vllm_engine, "steering_intervention",
+                        lambda s: (build_intervention("add", sae, feature_idxs=[1], strengths=[2.0]), 0))
+    started, registry = {}, {}
+    attached = []
+
+    class LLM(FakeLLM):
+        def __init__(self, **kw):
+            super().__init__()
+            started.update(kw)
+
+        def apply_model(self, fn):
+            attached.append(fn.keywords)
+            return [True]
+
+    fake_vllm.LLM = LLM
+    fake_vllm.ModelRegistry = types.SimpleNamespace(get_supported_archs=lambda: list(registry),
+                                                    register_model=lambda a, c: registry.__setitem__(a, c))
+    cfg = types.SimpleNamespace(
+        rollout=types.SimpleNamespace(vllm=VLLMConfig(enforce_eager=eager, extra_args={"max_num_seqs": 8}),
+                                      colocate=True, gpu_memory_utilization=0.3, max_new_tokens=16,
+                                      weight_sync_bucket_mb=64),
+        model=types.SimpleNamespace(path=str(tmp_path), tokenizer_path="", dtype="bfloat16"),
+        data=types.SimpleNamespace(max_prompt_length=32),
+        steering=types.SimpleNamespace(enable=True, scope="generated"))
+    eng = vllm_engine.VLLMEngine.from_config(cfg, types.SimpleNamespace(eos_token_id=2, pad_token_id=0))
+    assert started["enforce_eager"] is eager and started["max_num_seqs"] == 8
+    assert attached[0]["graph"] is (not eager) and attached[0]["scope"] == "generated"
+    assert eng.steering_scope == "generated"
+    if eager:
+        assert "hf_overrides" not in started and not registry
+    else:
+        assert started["hf_overrides"] == {"architectures": [STEERED_ARCH], LAYERS_KEY: [0]}
+        assert registry == {STEERED_ARCH: "megatron_rl.steering.vllm_graph_model:SteeredLlamaForCausalLM"}

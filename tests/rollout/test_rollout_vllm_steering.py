@@ -1,11 +1,15 @@
 """Steering hooks for vLLM-style decoder layers, which return `(hidden, residual)` with the
 full residual stream `hidden + residual`: the hooked model equals a reference that applies
 the intervention to the stream after layer L (what the native engine steers)."""
+import json
+
 import pytest
 import torch
 
 from megatron_rl.steering.interventions import build_intervention
 from megatron_rl.steering.sae import SAE
+from megatron_rl.steering.vllm_graph import (LAYERS_KEY, NO_LIMIT, STEERED_ARCH, SteeredOutput, graph_overrides,
+                                             layer_index, position_window)
 from megatron_rl.steering.vllm_hooks import attach_vllm_steering, set_vllm_steering
 
 D, LAYER = 16, 1
@@ -116,3 +120,92 @@ def test_rollout_vllm_hook_without_prompt_length_is_an_error():
 def test_rollout_vllm_hook_layer_out_of_range():
     with pytest.raises(ValueError, match="steering layer 7 out of range for a vLLM model with 3 layers"):
         attach_vllm_steering(VLLMStyleModel(), build_intervention("add", _sae(), feature_idxs=[3]), 7)
+
+
+# --- CUDA-graph mode: the add built into the layer, state in persistent buffers ------------------
+
+class GraphStyleLayer(SteeredOutput, VLLMStyleLayer):
+    """What vllm_graph_model.SteeredLlamaDecoderLayer does, on the toy layer."""
+
+    def __init__(self, steered: bool):
+        super().__init__()
+        self.mrl_steered = steered
+        if steered:
+            self.init_steering(D)
+
+    def forward(self, positions, hidden_states, residual):
+        h, r = super().forward(positions, hidden_states, residual)
+        return (self.steer_output(positions, h) if self.mrl_steered else h), r
+
+
+def _graph_model():
+    model = VLLMStyleModel()
+    eager = VLLMStyleModel()
+    for i, layer in enumerate(model.model.layers):
+        g = GraphStyleLayer(i == LAYER)
+        g.lin.load_state_dict(layer.lin.state_dict())
+        model.model.layers[i] = g
+    return model, eager
+
+
+@pytest.mark.parametrize("scope", ["all", "generated", "prompt"])
+def test_rollout_vllm_graph_steering_matches_the_eager_hook(scope):
+    model, eager = _graph_model()
+    iv = build_intervention("add", _sae(), feature_idxs=[3, 5], strengths=[2.0, -1.0])
+    pos, x = _tokens()
+    with torch.no_grad():
+        plain = model(pos, x)
+        buffers = [b.data_ptr() for b in model.buffers()]
+        attach_vllm_steering(model, iv, LAYER, scope=scope, graph=True)
+        attach_vllm_steering(eager, iv, LAYER, scope=scope)
+        for strengths in (None, torch.tensor([4.0, 1.0])):
+            for m in (model, eager):
+                set_vllm_steering(m, strengths, prompt_len=4)
+            steered, ref = model(pos, x), eager(pos, x)
+            assert (steered - plain).abs().max() > 0.1
+            assert (steered - ref).abs().max() < 1e-5
+        set_vllm_steering(model, None, prompt_len=4, enabled=False)
+        assert torch.equal(model(pos, x), plain)
+    assert [b.data_ptr() for b in model.buffers()] == buffers      # in place: captured graphs stay valid
+
+
+def test_rollout_vllm_graph_steering_needs_the_buffers_and_an_additive_mode():
+    with pytest.raises(RuntimeError, match="layer 1 has no steering buffers"):
+        attach_vllm_steering(VLLMStyleModel(), build_intervention("add", _sae(), feature_idxs=[3]), LAYER, graph=True)
+    model, _ = _graph_model()
+    with pytest.raises(ValueError, match="'clamp' needs rollout.vllm.enforce_eager=true"):
+        attach_vllm_steering(model, build_intervention("clamp", _sae(), feature_idxs=[3], max_activations=[1.0]),
+                             LAYER, graph=True)
+
+
+def test_rollout_vllm_graph_overrides_check_the_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert graph_overrides(tmp_path, 5) == {"architectures": [STEERED_ARCH], LAYERS_KEY: [5]}
+    with pytest.raises(ValueError, match="'direction_clamp' needs rollout.vllm.enforce_eager=true"):
+        graph_overrides(tmp_path, 5, "direction_clamp")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"config.json: architectures=\['Qwen3MoeForCausalLM'\]"):
+        graph_overrides(tmp_path, 5)
+    with pytest.raises(ValueError, match="cannot read"):
+        graph_overrides(tmp_path / "missing", 5)
+
+
+def test_rollout_vllm_graph_layer_index_and_window():
+    assert layer_index("model.layers.12") == 12
+    assert position_window("all", None) == (0, NO_LIMIT)
+    assert position_window("generated", 7) == (7, NO_LIMIT)
+    assert position_window("prompt", 7) == (0, 7)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_rollout_vllm_detach_restores_the_plain_model(graph):
+    from megatron_rl.steering.vllm_hooks import detach_vllm_steering
+
+    model = _graph_model()[0] if graph else VLLMStyleModel()
+    pos, x = _tokens()
+    with torch.no_grad():
+        plain = model(pos, x)
+        attach_vllm_steering(model, build_intervention("add", _sae(), feature_idxs=[3]), LAYER, graph=graph)
+        assert not torch.equal(model(pos, x), plain)
+        assert detach_vllm_steering(model) and not detach_vllm_steering(model)
+        assert torch.equal(model(pos, x), plain)
