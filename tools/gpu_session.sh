@@ -6,7 +6,7 @@
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) |
-# vllm (vLLM engine, weight sync, steering; needs the bundle) | vpart (stash the carried
+# vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
@@ -75,6 +75,12 @@ stage_vllm() {
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
   PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 560 python3 tools/gpu_vllm.py --model-config "$SMOL" 2>&1 \
     | grep --line-buffered -v -i warn
+}
+
+stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered architecture (own process)
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 400 python3 tools/gpu_vllm.py --model-config "$SMOL" --sections graph \
+    2>&1 | grep --line-buffered -v -i warn
 }
 
 for s in "$@"; do

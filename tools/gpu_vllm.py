@@ -13,7 +13,7 @@ Sections (each in try/except: a failure prints its traceback and the rest still 
                steered Megatron actor (same intervention, residual stream = hidden + residual).
   5. grpo      one GRPO step through the real Trainer with `rollout.engine=vllm`
                (colocated: vLLM sleeps during training, wakes for the weight sync).
-  6. graph     torch.compile + CUDA graphs (enforce_eager=False): tokens/s of the plain model
+  6. graph     (own process: --sections graph) torch.compile + CUDA graphs (enforce_eager=False): tokens/s of the plain model
                vs the steered architecture (steering/vllm_graph.py), and the same checks as 4.
 Random weights (no hub): the SmolLM2 config/tokenizer from --model-config.
 Prints a markdown table; writes $OUT/vllm_results.md and $OUT/vllm_results.json if $OUT is set.
@@ -260,7 +260,8 @@ def sleep_small_llm(ctx) -> None:
 
 
 def sec_graph(ctx):
-    """CUDA graphs + torch.compile (enforce_eager=False): plain vs steered architecture."""
+    """CUDA graphs + torch.compile (enforce_eager=False): the steered architecture first
+    (checks, steering on/off), then the plain model for the overhead."""
     from megatron_rl.rollout.protocol import SamplingParams
     from megatron_rl.rollout.vllm_config import VLLMConfig
     from megatron_rl.rollout.vllm_engine import VLLMEngine
@@ -269,29 +270,27 @@ def sec_graph(ctx):
     sleep_small_llm(ctx)
     iv, layer = one_layer_add(ctx)
     vcfg = VLLMConfig(sleep_level=0, enforce_eager=False)
-    t = time.time()
     common = dict(sleep_mode=False, enforce_eager=False, enable_prefix_caching=False)   # no cache: equal prefill
-    plain = VLLMEngine(make_llm(ctx.model_dir, 0.15, **common), ctx.tok, vcfg,
-                       colocate=False, dtype=torch.bfloat16)
-    row("graph", "LLM() start with torch.compile + CUDA graphs, s", time.time() - t)
     register_steered_arch()
-    steered = VLLMEngine(make_llm(ctx.model_dir, 0.15, **common,
-                                  hf_overrides=graph_overrides(ctx.model_dir, layer)),
+    t = time.time()
+    steered = VLLMEngine(make_llm(ctx.model_dir, 0.15, hf_overrides=graph_overrides(ctx.model_dir, layer), **common),
                          ctx.tok, vcfg, colocate=False, dtype=torch.bfloat16)
-    for e in (plain, steered):
-        e.sync_weights(ctx.policy)
+    row("graph", "steered LLM() start with torch.compile + CUDA graphs, s", time.time() - t)
+    steered.sync_weights(ctx.policy)
     steered.attach_intervention(iv, layer, "all")
+    steering_checks("graph", steered, ctx, iv, layer)
     sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=2)
     batch = prompts_batch(ctx.tok, 256)
-    timed_generate(plain, batch.select(range(16)), sp)            # warm-up
-    timed_generate(steered, batch.select(range(16)), sp)
-    tps = interleaved_tps({"plain": (plain, None), "on": (steered, True), "off": (steered, False)}, batch, sp)
-    row("graph", "tokens/s plain model / steered model, steering on / off (median of 3)",
-        f"{tps['plain']:.0f} / {tps['on']:.0f} / {tps['off']:.0f}")
+    timed_generate(steered, batch.select(range(16)), sp)            # warm-up
+    tps = interleaved_tps({"on": (steered, True), "off": (steered, False)}, batch, sp)
+    row("graph", "tokens/s steered model, steering on / off (median of 3)", f"{tps['on']:.0f} / {tps['off']:.0f}")
+    plain = VLLMEngine(make_llm(ctx.model_dir, 0.15, **common), ctx.tok, vcfg, colocate=False, dtype=torch.bfloat16)
+    plain.sync_weights(ctx.policy)
+    timed_generate(plain, batch.select(range(16)), sp)
+    tps = interleaved_tps({"plain": (plain, None), "on": (steered, True)}, batch, sp)
+    row("graph", "tokens/s plain model / steered model (median of 3, interleaved)",
+        f"{tps['plain']:.0f} / {tps['on']:.0f}")
     row("graph", "overhead % of one-layer add vs plain model (goal <= 3)", 100 * (tps["plain"] / tps["on"] - 1))
-    row("graph", "tokens/s vs eager plain model (tokens/s section)", tps["plain"] / ctx.eager_tps
-        if getattr(ctx, "eager_tps", None) else "n/a")
-    steering_checks("graph", steered, ctx, iv, layer)
 
 
 def sec_grpo(ctx):
@@ -369,7 +368,7 @@ def sec_sync_1b(ctx, budget_s: float):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-config", required=True, help="directory with SmolLM2's config.json and tokenizer")
-    ap.add_argument("--sections", default="logprobs,sync,tokens,steering,grpo,sync1b,graph",
+    ap.add_argument("--sections", default="logprobs,sync,tokens,steering,grpo,sync1b",
                     help="comma-separated subset of logprobs,sync,tokens,steering,grpo,sync1b,graph")
     ap.add_argument("--budget-s", type=float, default=400, help="skip the ~1B sync section after this many seconds")
     args = ap.parse_args()
@@ -394,13 +393,16 @@ def main() -> int:
     ctx.actor = load_checkpoint(ctx.model_dir, dtype="bfloat16", layer_spec="sdpa")
     ctx.policy = Policy(ctx.actor, micro_batch_size=64)
     ctx.d2d = d2d_bandwidth()
-    t = time.time()
-    ctx.llm = make_llm(ctx.model_dir, 0.35)
-    row("setup", "vLLM LLM() start, s", time.time() - t)
-    ctx.vcfg_colocated = VLLMConfig(sleep_level=1)
-    ctx.engine = VLLMEngine(ctx.llm, ctx.tok, ctx.vcfg_colocated, colocate=True, dtype=torch.bfloat16)
-    ctx.fast = VLLMEngine(ctx.llm, ctx.tok, VLLMConfig(sleep_level=0), colocate=False, dtype=torch.bfloat16)
     row("setup", "device-to-device copy GB/s", ctx.d2d)
+    if want - {"graph"}:       # graph alone starts its own LLMs (a crash there must not take the others)
+        t = time.time()
+        ctx.llm = make_llm(ctx.model_dir, 0.35)
+        row("setup", "vLLM LLM() start, s", time.time() - t)
+        ctx.vcfg_colocated = VLLMConfig(sleep_level=1)
+        ctx.engine = VLLMEngine(ctx.llm, ctx.tok, ctx.vcfg_colocated, colocate=True, dtype=torch.bfloat16)
+        ctx.fast = VLLMEngine(ctx.llm, ctx.tok, VLLMConfig(sleep_level=0), colocate=False, dtype=torch.bfloat16)
+    else:
+        ctx.small_asleep = True
     if "logprobs" in want:
         section("logprobs", sec_logprobs, ctx)
     if "sync" in want:
@@ -422,9 +424,10 @@ def main() -> int:
     print("\n" + table + f"\n\ntotal {time.time() - T0:.0f}s", flush=True)
     out = os.environ.get("OUT")
     if out:
+        tag = "" if args.sections == ap.get_default("sections") else "_" + args.sections.replace(",", "_")
         Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, "vllm_results.md").write_text(table + "\n")
-        Path(out, "vllm_results.json").write_text(json.dumps(ROWS, indent=1))
+        Path(out, f"vllm_results{tag}.md").write_text(table + "\n")
+        Path(out, f"vllm_results{tag}.json").write_text(json.dumps(ROWS, indent=1))
     return 0
 
 
