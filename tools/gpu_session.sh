@@ -73,7 +73,8 @@ stage_vunpack() {
 
 stage_vllm() {
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
-  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 560 python3 tools/gpu_vllm.py --model-config "$SMOL" 2>&1 \
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 560 python3 tools/gpu_vllm.py --model-config "$SMOL" \
+    ${VLLM_SECTIONS:+--sections "$VLLM_SECTIONS"} 2>&1 \
     | grep --line-buffered -v -i warn
 }
 

@@ -188,17 +188,28 @@ def random_sae(d_in: int, layer: int):
                 "W_dec": torch.randn(d_sae, d_in, generator=g) * 0.05, "b_dec": torch.zeros(d_in)})
 
 
-def interleaved_tps(engines: dict, batch, sp, reps: int = 3) -> dict[str, float]:
-    """Median tokens/s per named engine (or (engine, steering on/off) pair), runs interleaved
-    so machine drift hits every variant alike."""
+def interleaved_tps(engines: dict, batch, sp, reps: int = 5) -> dict[str, tuple[float, float, float]]:
+    """Tokens/s per named (engine, steering on/off/None) variant as (median, min, max). Runs
+    are interleaved and the order flips every repetition (ABBA...), so drift and order
+    effects hit every variant alike; min-max shows the noise."""
     tps = {name: [] for name in engines}
-    for _ in range(reps):
-        for name, (engine, steer_on) in engines.items():
+    names = list(engines)
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            engine, steer_on = engines[name]
             if steer_on is not None:
                 engine.set_steering_enabled(steer_on)
             toks, dt = timed_generate(engine, batch, sp)
             tps[name].append(toks / dt)
-    return {name: statistics.median(v) for name, v in tps.items()}
+    return {name: (statistics.median(v), min(v), max(v)) for name, v in tps.items()}
+
+
+def tps_row(label: str, tps: dict, base: str, steered: str) -> None:
+    """One row per variant (median [min-max]) and the overhead of `steered` over `base`."""
+    for name, (med, lo, hi) in tps.items():
+        row(label, f"tokens/s {name}: median [min-max] of interleaved runs",
+            f"{med:.0f} [{lo:.0f}-{hi:.0f}]")
+    row(label, f"overhead % ({base} -> {steered}, medians; goal <= 3)", 100 * (tps[base][0] / tps[steered][0] - 1))
 
 
 def steering_checks(label: str, engine, ctx, iv, layer: int) -> None:
@@ -241,11 +252,9 @@ def sec_steering(ctx):
 
     iv, layer = one_layer_add(ctx)
     ctx.fast.attach_intervention(iv, layer, "all")
-    tps = interleaved_tps({"off": (ctx.fast, False), "on": (ctx.fast, True)}, prompts_batch(ctx.tok, 256),
-                          SamplingParams(temperature=1.0, max_new_tokens=128, seed=2))
-    row("steering", "eager: tokens/s without hook / with one-layer add (median of 3, interleaved)",
-        f"{tps['off']:.0f} / {tps['on']:.0f}")
-    row("steering", "eager: overhead % (goal <= 3)", 100 * (tps["off"] / tps["on"] - 1))
+    tps = interleaved_tps({"eager, hook off": (ctx.fast, False), "eager, one-layer add": (ctx.fast, True)},
+                          prompts_batch(ctx.tok, 256), SamplingParams(temperature=1.0, max_new_tokens=128, seed=2))
+    tps_row("steering", tps, "eager, hook off", "eager, one-layer add")
     steering_checks("steering", ctx.fast, ctx, iv, layer)
     ctx.fast.detach_steering()
 
@@ -282,15 +291,12 @@ def sec_graph(ctx):
     sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=2)
     batch = prompts_batch(ctx.tok, 256)
     timed_generate(steered, batch.select(range(16)), sp)            # warm-up
-    tps = interleaved_tps({"on": (steered, True), "off": (steered, False)}, batch, sp)
-    row("graph", "tokens/s steered model, steering on / off (median of 3)", f"{tps['on']:.0f} / {tps['off']:.0f}")
     plain = VLLMEngine(make_llm(ctx.model_dir, 0.15, **common), ctx.tok, vcfg, colocate=False, dtype=torch.bfloat16)
     plain.sync_weights(ctx.policy)
     timed_generate(plain, batch.select(range(16)), sp)
-    tps = interleaved_tps({"plain": (plain, None), "on": (steered, True)}, batch, sp)
-    row("graph", "tokens/s plain model / steered model (median of 3, interleaved)",
-        f"{tps['plain']:.0f} / {tps['on']:.0f}")
-    row("graph", "overhead % of one-layer add vs plain model (goal <= 3)", 100 * (tps["plain"] / tps["on"] - 1))
+    tps = interleaved_tps({"graphs, plain model": (plain, None), "graphs, one-layer add": (steered, True),
+                           "graphs, steered model with zero delta": (steered, False)}, batch, sp)
+    tps_row("graph", tps, "graphs, plain model", "graphs, one-layer add")
 
 
 def sec_grpo(ctx):
