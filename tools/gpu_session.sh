@@ -6,7 +6,7 @@
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) |
-# vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vpart (stash the carried
+# vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
@@ -76,6 +76,12 @@ stage_vllm() {
   PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 560 python3 tools/gpu_vllm.py --model-config "$SMOL" \
     ${VLLM_SECTIONS:+--sections "$VLLM_SECTIONS"} 2>&1 \
     | grep --line-buffered -v -i warn
+}
+
+stage_vspmd() {   # 2 GPUs: TP=2 Megatron actor + SPMD vLLM TP=2 (external_launcher) in the same ranks
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 420 $R2 tools/gpu_vllm_spmd.py --model-config "$SMOL" 2>&1 \
+    | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP"
 }
 
 stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered architecture (own process)

@@ -339,9 +339,23 @@ def sec_grpo(ctx):
     row("grpo", "GPU memory free after the step (vLLM asleep), GB", free / 1e9)
 
 
-def sec_sync_1b(ctx, budget_s: float):
+def llama_1b_config_dir(out: Path, tokenizer_dir: Path) -> Path:
+    """A ~1B Llama config (no weights: vLLM starts with load_format=dummy) + SmolLM2's tokenizer."""
     import transformers
 
+    if not (out / "config.json").exists():
+        cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=49152,
+                                       max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5)
+        cfg.architectures = ["LlamaForCausalLM"]
+        cfg.save_pretrained(out)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_dir / f).exists():
+                shutil.copy2(tokenizer_dir / f, out / f)
+    return out
+
+
+def sec_sync_1b(ctx, budget_s: float):
     from megatron_rl.models.hf_config import arch_from_hf_config
     from megatron_rl.models.provider import build_model
     from megatron_rl.rollout.vllm_config import VLLMConfig
@@ -350,16 +364,7 @@ def sec_sync_1b(ctx, budget_s: float):
     if time.time() - T0 > budget_s:
         row("sync", "~1B", f"skipped: {time.time() - T0:.0f}s spent, budget {budget_s:.0f}s")
         return
-    big = Path("/tmp/llama-1b-random")
-    if not (big / "config.json").exists():
-        cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=49152,
-                                       max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5)
-        cfg.architectures = ["LlamaForCausalLM"]
-        cfg.save_pretrained(big)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (ctx.model_dir / f).exists():
-                shutil.copy2(ctx.model_dir / f, big / f)
+    big = llama_1b_config_dir(Path("/tmp/llama-1b-random"), ctx.model_dir)
     sleep_small_llm(ctx)
     actor = build_model(arch_from_hf_config(big), dtype="bfloat16", layer_spec="sdpa").cuda()
     n = sum(p.numel() for p in actor.parameters())

@@ -159,12 +159,18 @@ class VLLMEngine:
                                    dtype=self.dtype, device=torch.device("cuda", torch.cuda.current_device()))
         else:
             transport = ColocatedTransport(lambda p: self.llm.apply_model(partial(_load_on_worker, p)),
-                                           ipc=self.cfg.tensor_parallel_size > 1)
+                                           ipc=self.workers_in_other_processes)
             metrics = sync_weights(named_tensors, transport, bucket_mb=self.bucket_mb, dtype=self.dtype)
         self.weights_stale = False
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
         return metrics
+
+    @property
+    def workers_in_other_processes(self) -> bool:
+        """vLLM TP > 1 spawns worker processes (bucket handles go by CUDA IPC), except under
+        `external_launcher` (SPMD: each trainer rank hosts its own TP rank's worker)."""
+        return self.cfg.tensor_parallel_size > 1 and self.cfg.distributed_executor_backend != "external_launcher"
 
     def sync_weights(self, actor) -> dict[str, float]:
         """The Trainer's hook after every update: the actor's weights (any TP/PP) into vLLM."""

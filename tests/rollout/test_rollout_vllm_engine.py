@@ -290,3 +290,10 @@ def test_rollout_from_config_builds_graph_steering_without_eager(fake_vllm, monk
     else:
         assert started["hf_overrides"] == {"architectures": [STEERED_ARCH], LAYERS_KEY: [0]}
         assert registry == {STEERED_ARCH: "megatron_rl.steering.vllm_graph_model:SteeredLlamaForCausalLM"}
+
+
+@pytest.mark.parametrize("tp,backend,ipc", [(1, "", False), (2, "", True), (2, "mp", True),
+                                            (2, "external_launcher", False)])
+def test_rollout_ipc_only_when_workers_live_in_other_processes(fake_vllm, tp, backend, ipc):
+    eng = _engine(sleep_level=0, tensor_parallel_size=tp, distributed_executor_backend=backend)
+    assert eng.workers_in_other_processes is ipc

@@ -1,0 +1,118 @@
+"""SPMD vLLM next to a TP=2 Megatron actor: the colocated layout of multi-GPU RL.
+
+    python3 -m torch.distributed.run --nproc-per-node 2 tools/gpu_vllm_spmd.py \
+        --model-config .cache/demo/SmolLM2-135M-Instruct        # (tools/gpu_session.sh vspmd)
+
+Each torchrun rank holds one Megatron TP shard of a ~1B Llama (random weights) and one vLLM
+TP rank (`tensor_parallel_size=2`, `distributed_executor_backend=external_launcher`, sleep
+mode on; `rollout.vllm` keys of the same names). Checks: weight sync from the TP=2 training
+layout into vLLM's TP=2 layout (time, GB/s), vLLM log-probs of sampled tokens vs the actor's
+after the sync and again after a sleep/wake cycle, both ranks generating the same tokens,
+tokens/s. Rank 0 prints the table and writes $OUT/vllm_spmd.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.gpu_vllm import (ROWS, llama_1b_config_dir, make_llm, masked_diff, prompts_batch, row,  # noqa: E402
+                            section, sync_cuda, timed_generate)
+
+
+def compare(label: str, engine, policy, tok, n: int = 64) -> None:
+    from megatron_rl.rollout.protocol import SamplingParams
+
+    out = engine.generate(prompts_batch(tok, n), SamplingParams(temperature=1.0, max_new_tokens=64, seed=5))
+    lp, _ = policy.compute_logprobs(out)
+    m, x = masked_diff(lp, out["rollout_logprob"], out["response_mask"])
+    row("logprobs", f"{label}: vLLM vs Megatron TP=2, mean / max abs diff", f"{m:.4f} / {x:.4f}")
+    ids = out["response_ids"].cuda()
+    gathered = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, ids)
+    row("logprobs", f"{label}: both ranks generated the same tokens", all(torch.equal(g, ids) for g in gathered))
+
+
+def sec_sync(engine, policy, reps: int = 3) -> None:
+    times, res = [], None
+    for _ in range(reps):
+        dist.barrier()
+        sync_cuda()
+        t = time.perf_counter()
+        res = engine.sync_weights(policy)
+        sync_cuda()
+        times.append(time.perf_counter() - t)
+    sec, gb = statistics.median(times), res["weight_sync/bytes"] / 1e9
+    row("sync", f"TP=2 Megatron -> TP=2 vLLM, {gb:.2f} GB per rank, s (median of {reps})", sec)
+    row("sync", "GB/s per rank (TP gather + buckets + load)", gb / sec)
+
+
+def sec_tokens(engine, tok) -> None:
+    from megatron_rl.rollout.protocol import SamplingParams
+
+    batch = prompts_batch(tok, 256)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=1)
+    timed_generate(engine, batch.select(range(16)), sp)
+    toks, dt = timed_generate(engine, batch, sp)
+    row("tokens/s", "vLLM TP=2 (eager, SPMD), 256 x 128", toks / dt)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-config", required=True, help="directory with a tokenizer (SmolLM2's)")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # external_launcher: the worker is this process
+    rank = int(os.environ.get("RANK", "0"))
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+
+    import transformers
+
+    from megatron_rl.models.hf_config import arch_from_hf_config
+    from megatron_rl.models.provider import build_model
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.rollout.vllm_config import VLLMConfig
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+    from megatron_rl.trainer.policy import Policy
+
+    init_distributed(tp=2)
+    big = Path("/tmp/llama-1b-spmd")
+    if rank == 0:
+        llama_1b_config_dir(big, Path(args.model_config))
+    dist.barrier()
+    tok = transformers.AutoTokenizer.from_pretrained(big)
+    actor = build_model(arch_from_hf_config(big), dtype="bfloat16", layer_spec="sdpa").cuda()
+    policy = Policy(actor, micro_batch_size=32)
+    row("setup", "actor parameters per rank (B)", sum(p.numel() for p in actor.parameters()) / 1e9)
+    vcfg = VLLMConfig(tensor_parallel_size=2, distributed_executor_backend="external_launcher", sleep_level=1)
+    t = time.time()
+    llm = make_llm(big, 0.4, sleep_mode=True, tensor_parallel_size=2, load_format="dummy",
+                   distributed_executor_backend="external_launcher")
+    row("setup", "vLLM LLM() start (TP=2, external_launcher), s", time.time() - t)
+    engine = VLLMEngine(llm, tok, vcfg, colocate=True, dtype=torch.bfloat16)
+    section("logprobs", compare, "before any sync (dummy weights)", engine, policy, tok)
+    section("sync", sec_sync, engine, policy)
+    section("logprobs", compare, "after the sync", engine, policy, tok)
+    engine.sleep()
+    section("sync", sec_sync, engine, policy, 1)
+    section("logprobs", compare, "after sleep, wake and sync", engine, policy, tok)
+    section("tokens/s", sec_tokens, engine, tok)
+    table = "| section | metric | value |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in ROWS)
+    print("\n" + table, flush=True)
+    if rank == 0 and os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        Path(os.environ["OUT"], "vllm_spmd.md").write_text(table + "\n")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
