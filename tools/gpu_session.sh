@@ -80,8 +80,10 @@ stage_vllm() {
 
 stage_vspmd() {   # 2 GPUs: TP=2 Megatron actor + SPMD vLLM TP=2 (external_launcher) in the same ranks
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
-  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 420 $R2 tools/gpu_vllm_spmd.py --model-config "$SMOL" 2>&1 \
-    | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP"
+  for mode in ${VSPMD_MODES:-layout grpo}; do
+    PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 300 $R2 tools/gpu_vllm_spmd.py --model-config "$SMOL" --mode $mode \
+      2>&1 | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP"
+  done
 }
 
 stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered architecture (own process)

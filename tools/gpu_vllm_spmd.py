@@ -9,6 +9,9 @@ mode on; `rollout.vllm` keys of the same names). Checks: weight sync from the TP
 layout into vLLM's TP=2 layout (time, GB/s), vLLM log-probs of sampled tokens vs the actor's
 after the sync and again after a sleep/wake cycle, both ranks generating the same tokens,
 tokens/s. Rank 0 prints the table and writes $OUT/vllm_spmd.md.
+
+`--mode grpo`: GRPO steps through the real Trainer at DP=2 (SmolLM2 shape, TP=1), each rank
+with its own vLLM rank built by `VLLMEngine.from_config` ($OUT/vllm_spmd_grpo.md).
 """
 from __future__ import annotations
 
@@ -65,14 +68,60 @@ def sec_tokens(engine, tok) -> None:
     row("tokens/s", "vLLM TP=2 (eager, SPMD), 256 x 128", toks / dt)
 
 
+def grpo_dp(model_config: Path) -> None:
+    """GRPO steps through the real Trainer at DP=world (TP=1): every rank builds its own vLLM
+    rank via `VLLMEngine.from_config` (external_launcher picked automatically), rolls out its
+    own prompts and syncs the updated weights each step."""
+    import json
+    import subprocess
+
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.trainer.main import build_trainer
+    from tools.gpu_validate import make_random_model
+
+    init_distributed(tp=1)
+    model_dir, data, run_dir = Path("/tmp/smollm2-random-dp"), Path("/tmp/vllm_dp_data"), Path("/tmp/vllm_dp_run")
+    if dist.get_rank() == 0:
+        make_random_model(model_config, model_dir)
+        subprocess.run([sys.executable, "tools/make_quickstart_data.py", "--out", str(data), "--n-train", "128",
+                        "--n-val", "64"], check=True)
+    dist.barrier()
+    overrides = [f"model.path={model_dir}", "model.dtype=bfloat16", "model.layer_spec=sdpa", "rollout.engine=vllm",
+                 "rollout.gpu_memory_utilization=0.3", f"data.train_files=[{data / 'train.jsonl'}]",
+                 f"data.val_files=[{data / 'val.jsonl'}]", "data.train_batch_size=32", "data.val_batch_size=64",
+                 "rollout.n=8", "rollout.max_new_tokens=64", "actor.micro_batch_size=64", "reward.num_workers=0",
+                 "trainer.total_steps=3", "trainer.val_before_train=false", f"logging.run_dir={run_dir}",
+                 "logging.sinks=[jsonl]"]
+    trainer = build_trainer(load_experiment_config("configs/quickstart_cpu.yaml", overrides))
+    row("grpo", "vLLM executor picked", trainer.engine.cfg.distributed_executor_backend or "default")
+    t = time.perf_counter()
+    trainer.fit()
+    trainer.logger.close()
+    row("grpo", f"DP={dist.get_world_size()}: 3 steps + validation, s", time.perf_counter() - t)
+    if dist.get_rank() == 0:
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        for step in (1, 2, 3):
+            m = {k: v for ln in lines if ln.get("step") == step for k, v in ln.items()}
+            for k in ("timing/step", "timing/rollout", "timing/update", "timing/weight_sync",
+                      "rollout/logprob_diff", "rollout/logprob_diff_max", "val/reward"):
+                if k in m:
+                    row("grpo", f"step {step} {k}", float(m[k]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-config", required=True, help="directory with a tokenizer (SmolLM2's)")
+    ap.add_argument("--mode", choices=["layout", "grpo"], default="layout",
+                    help="layout: TP=2 actor + TP=2 vLLM checks; grpo: Trainer steps at DP=2 with vLLM")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # external_launcher: the worker is this process
     rank = int(os.environ.get("RANK", "0"))
     if rank:
         sys.stdout = open(os.devnull, "w")
+    if args.mode == "grpo":
+        section("grpo", grpo_dp, Path(args.model_config))
+        return finish("vllm_spmd_grpo.md")
 
     import transformers
 
@@ -105,11 +154,15 @@ def main() -> int:
     section("sync", sec_sync, engine, policy, 1)
     section("logprobs", compare, "after sleep, wake and sync", engine, policy, tok)
     section("tokens/s", sec_tokens, engine, tok)
+    return finish("vllm_spmd.md")
+
+
+def finish(name: str) -> int:
     table = "| section | metric | value |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in ROWS)
     print("\n" + table, flush=True)
-    if rank == 0 and os.environ.get("OUT"):
+    if dist.get_rank() == 0 and os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        Path(os.environ["OUT"], "vllm_spmd.md").write_text(table + "\n")
+        Path(os.environ["OUT"], name).write_text(table + "\n")
     dist.barrier()
     return 0
 

@@ -22,6 +22,7 @@ torch.compile stay on. Requests are generated in one call per distinct strength 
 """
 from __future__ import annotations
 
+import os
 import threading
 from functools import partial
 from typing import Iterable
@@ -78,6 +79,9 @@ class VLLMEngine:
         v = getattr(r, "vllm", None) or VLLMConfig()
         if isinstance(v, dict):
             v = VLLMConfig(**v)
+        v = spmd_defaults(v)
+        if r.colocate:   # the engine core in this process: weight buckets and steering state pass by reference
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         dtype = v.dtype or cfg.model.dtype
         max_len = v.max_model_len or max(512, cfg.data.max_prompt_length + r.max_new_tokens)
         kwargs = dict(model=cfg.model.path, tokenizer=cfg.model.tokenizer_path or cfg.model.path, dtype=dtype,
@@ -239,6 +243,44 @@ class VLLMEngine:
             t.join()
             self._broadcast = comm
         return _ThreadedBroadcast(BroadcastTransport(self._broadcast, 0), self.llm)
+
+
+def spmd_layout_error(dp_ranks: list[int], vllm_tp: int) -> str | None:
+    """Under `external_launcher` vLLM groups contiguous torch ranks into TP groups of size
+    `vllm_tp` (layout ExternalDP x TP); each group must run the same prompts, i.e. lie inside
+    one trainer data-parallel rank. `dp_ranks[r]` is rank r's trainer DP rank."""
+    world = len(dp_ranks)
+    if world % vllm_tp:
+        return f"world size {world} is not a multiple of rollout.vllm.tensor_parallel_size={vllm_tp}"
+    for start in range(0, world, vllm_tp):
+        spanned = sorted(set(dp_ranks[start:start + vllm_tp]))
+        if len(spanned) > 1:
+            return (f"vLLM TP group of ranks {start}..{start + vllm_tp - 1} spans trainer data-parallel ranks "
+                    f"{spanned}, which get different prompts; choose rollout.vllm.tensor_parallel_size so that "
+                    f"each group of that many consecutive ranks shares one DP rank (e.g. a divisor of model.tp)")
+    return None
+
+
+def spmd_defaults(v: VLLMConfig) -> VLLMConfig:
+    """Inside a torchrun world (world size > 1) the only vLLM executor that fits is
+    `external_launcher` (one vLLM rank per trainer rank, SPMD); pick it and check the layout."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return v
+    if not v.distributed_executor_backend:
+        v = dataclasses.replace(v, distributed_executor_backend="external_launcher")
+    if v.distributed_executor_backend == "external_launcher":
+        from megatron.core import parallel_state as mpu
+
+        dp_ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(dp_ranks, mpu.get_data_parallel_rank())
+        err = spmd_layout_error(dp_ranks, v.tensor_parallel_size)
+        if err:
+            raise ValueError(f"rollout.vllm: {err}")
+    return v
 
 
 def steering_intervention(steer_cfg):

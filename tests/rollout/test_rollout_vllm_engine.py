@@ -297,3 +297,40 @@ def test_rollout_from_config_builds_graph_steering_without_eager(fake_vllm, monk
 def test_rollout_ipc_only_when_workers_live_in_other_processes(fake_vllm, tp, backend, ipc):
     eng = _engine(sleep_level=0, tensor_parallel_size=tp, distributed_executor_backend=backend)
     assert eng.workers_in_other_processes is ipc
+
+
+def test_rollout_spmd_layout_groups_must_share_a_dp_rank():
+    from megatron_rl.rollout.vllm_engine import spmd_layout_error
+
+    # Megatron order: TP fastest. tp=2, dp=2 -> dp ranks [0, 0, 1, 1]
+    assert spmd_layout_error([0, 0, 1, 1], 2) is None
+    assert spmd_layout_error([0, 0, 1, 1], 1) is None
+    assert "spans trainer data-parallel ranks [0, 1]" in spmd_layout_error([0, 0, 1, 1], 4)
+    assert "not a multiple" in spmd_layout_error([0, 0, 1, 1], 3)
+    # tp=2, dp=2, pp=2 (pp slowest): [0, 0, 1, 1, 0, 0, 1, 1]
+    assert spmd_layout_error([0, 0, 1, 1, 0, 0, 1, 1], 2) is None
+    assert spmd_layout_error([0, 0, 1, 1, 0, 0, 1, 1], 4) is not None
+
+
+def test_rollout_spmd_defaults_leave_single_process_alone():
+    from megatron_rl.rollout.vllm_engine import spmd_defaults
+
+    v = VLLMConfig()
+    assert spmd_defaults(v) is v
+
+
+def _spmd_proc(rank, world):
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.rollout.vllm_engine import spmd_defaults
+
+    init_distributed(tp=1)                                    # DP=2: ranks hold different prompts
+    assert spmd_defaults(VLLMConfig()).distributed_executor_backend == "external_launcher"
+    assert spmd_defaults(VLLMConfig(distributed_executor_backend="mp")).distributed_executor_backend == "mp"
+    with pytest.raises(ValueError, match=r"rollout.vllm: vLLM TP group of ranks 0..1 spans"):
+        spmd_defaults(VLLMConfig(tensor_parallel_size=2))
+
+
+def test_rollout_spmd_defaults_under_torchrun_pick_external_launcher():
+    from tests.helpers import run_multiproc
+
+    run_multiproc(_spmd_proc, 2)
