@@ -22,6 +22,7 @@ torch.compile stay on. Requests are generated in one call per distinct strength 
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from functools import partial
@@ -36,6 +37,8 @@ from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lis
                                               steering_groups, vllm_sampling_kwargs)
 from megatron_rl.rollout.weight_sync import ColocatedTransport, receive_bucket, sync_weights
 
+log = logging.getLogger(__name__)
+MANY_GROUPS = 16                 # warn once when a steered generate needs more vLLM calls than this
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -70,6 +73,8 @@ class VLLMEngine:
         self.weights_stale = False                    # level-2 sleep dropped the weights
         self._broadcast = None
         self._steer_key = None                        # steering state the workers hold now (None: unknown)
+        self._warned_groups = False
+        self.last_metrics: dict[str, float] = {}
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -143,6 +148,13 @@ class VLLMEngine:
             groups = [(None, None, list(range(len(batch))))]
         else:
             groups = steering_groups(batch, by_prompt_len=self.steering_scope != "all")
+            self.last_metrics = {"rollout/vllm_steering_calls": float(len(groups))}
+            if len(groups) > MANY_GROUPS and not self._warned_groups:
+                self._warned_groups = True
+                log.warning("vLLM steering: %d generate calls for %d rows (one per distinct strength row%s); "
+                            "vLLM batches only within a call. Per-sample continuous strengths (predictor "
+                            "training) run faster on rollout.engine=native", len(groups), len(batch),
+                            " and prompt length" if self.steering_scope != "all" else "")
         for strengths, plen, idx in groups:
             if self.steering_scope is not None:
                 self._set_steering(strengths, plen)

@@ -183,6 +183,7 @@ def test_rollout_engine_one_generate_call_per_strength_group(fake_vllm):
     batch["steer_strengths"] = torch.tensor([[1.0], [1.0], [3.0]])
     out = eng.generate(batch, SamplingParams(max_new_tokens=2))
     assert seen == [((1.0,), 2), ((1.0,), 4), ((3.0,), 3)]
+    assert eng.last_metrics == {"rollout/vllm_steering_calls": 3.0}
     assert [c for c in eng.llm.calls if c[0] == "generate"] == [("generate", 1)] * 3
     assert out["response_ids"].tolist() == [[7, 8], [11, 12], [14, 15]]          # rows back in prompt order
     assert "steer_strengths" in out
