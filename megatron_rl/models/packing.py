@@ -16,7 +16,7 @@ token sums (`balance_across_dp`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,10 @@ class PackedBatch:
     @property
     def num_real_tokens(self) -> int:
         return int((self.rows >= 0).sum())
+
+    def to(self, device) -> "PackedBatch":
+        return replace(self, **{k: getattr(self, k).to(device) for k in
+                                ("input_ids", "position_ids", "cu_seqlens", "rows", "cols")})
 
     def packed_seq_params(self):
         from megatron.core.packed_seq_params import PackedSeqParams

@@ -3,7 +3,9 @@
 `run_microbatches` wraps `megatron.core.pipeline_parallel.get_forward_backward_func`
 so the same code path serves TP-only and pipelined models, forward-only (log-prob
 computation) and training. Under PP every micro-batch must have the same
-`[micro_batch, seq]` shape (the schedule's p2p buffers are fixed-size).
+`[micro_batch, seq]` shape (the schedule's p2p buffers are fixed-size); without PP
+shapes may differ (packed token-budget micro-batches: Megatron's no-pipelining
+schedule ignores `seq_length`).
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
 
     if not microbatches:
         return []
+    from megatron.core import parallel_state as mpu
+
     shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
-    if len(shapes) != 1:
+    if len(shapes) != 1 and mpu.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError(f"all micro-batches need one [batch, seq] shape under the pipeline schedule, got {shapes}")
-    mbs, seq = shapes.pop()
+    mbs, seq = max(shapes)
     it = iter(microbatches)
     results: list[dict] = []
 

@@ -61,7 +61,8 @@ def build_actor(cfg: Config) -> Policy:
     opt, sched = build_optimizer(ddp, cfg.actor.optim, mc.dtype, cfg.trainer.total_steps *
                                  max(1, cfg.actor.ppo_epochs))
     return Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
-                  optimizer=opt, scheduler=sched, ddp_model=ddp, fused_backend=fused_backend(cfg.actor.fused_loss))
+                  optimizer=opt, scheduler=sched, ddp_model=ddp, fused_backend=fused_backend(cfg.actor.fused_loss),
+                  max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
 
 
 def build_reference(cfg: Config) -> Policy:
@@ -71,7 +72,8 @@ def build_reference(cfg: Config) -> Policy:
         p.requires_grad_(False)
     model.eval()
     return Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
-                  fused_backend=fused_backend(cfg.actor.fused_loss))
+                  fused_backend=fused_backend(cfg.actor.fused_loss),
+                  max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
 
 
 def reference_needed(cfg: Config) -> bool:

@@ -1,15 +1,21 @@
 """Turning a rolled-out `Batch` into model inputs and micro-batches.
 
 The model sees `prompt ++ response` (left-padded prompt, right-padded response);
-the logits at positions P-1 .. P+R-2 score the response tokens. Micro-batches all
-have the same shape (Megatron's pipeline schedule needs it): a short last one is
-padded with zero-weight copies of its first row.
+the logits at positions P-1 .. P+R-2 score the response tokens. Padded micro-batches
+(`make_microbatches`) all have the same shape (Megatron's pipeline schedule needs it):
+a short last one is padded with zero-weight copies of its first row.
+
+Packed micro-batches (`make_packed_microbatches`, `actor.max_tokens_per_microbatch > 0`)
+hold the real tokens of whole rows as one `[1, T]` stream (models/packing.py), while every
+per-token training tensor stays in the rows' `[n, R]` response layout: per-token outputs
+computed on the stream are scattered there, so loss aggregation is the padded path's.
 """
 from __future__ import annotations
 
 import torch
 
 from megatron_rl.data.batch import Batch
+from megatron_rl.models.packing import pack_sequences, plan_microbatches
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "advantages", "response_mask", "token_weights",
                   "rollout_logprob", "returns", "values", "rollout_is_weights")
@@ -47,6 +53,64 @@ def make_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, tor
         mb["response_mask"] = mb["response_mask"] * mb["row_valid"][:, None]
         mbs.append(mb)
     return mbs
+
+
+def make_packed_microbatches(batch: Batch, max_tokens: int, *, pad_to: int | None = None,
+                             pad_to_multiple_of: int = 1) -> list[dict]:
+    """Token-budget micro-batches of whole rows (first-fit decreasing), real tokens only.
+
+    Each dict has `packed` (a PackedBatch), `input_ids` `[1, T]`, `rows` (the batch rows it
+    holds, `[n]`), the padded path's per-row tensors for those rows (`labels`,
+    `response_mask`, ... `[n, R]`) and the scoring index `score_pos`/`score_row`/`score_col`/
+    `score_labels` `[K]`: stream position t's logits score response token
+    `(score_row, score_col)`, the next real token of the same sequence.
+    """
+    ids, am = model_inputs(batch)
+    lengths = am.sum(-1)
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest > max_tokens:
+        row = int(lengths.argmax())
+        raise ValueError(f"actor.max_tokens_per_microbatch={max_tokens} is smaller than row {row} of the batch "
+                         f"({longest} real prompt + response tokens); a sequence is never split across "
+                         f"micro-batches, so the budget must be >= data.max_prompt_length + "
+                         f"rollout.max_new_tokens")
+    p = batch["prompt_ids"].shape[1]
+    mbs = []
+    for rows in plan_microbatches(lengths.tolist(), max_tokens):
+        pk = pack_sequences(ids, am, rows, pad_to=pad_to, pad_to_multiple_of=pad_to_multiple_of)
+        t = torch.as_tensor(rows)
+        mb = {"packed": pk, "input_ids": pk.input_ids, "rows": t, "labels": batch["response_ids"][t],
+              "prompt_len": torch.tensor(p)}
+        for k in PER_TOKEN_KEYS:
+            if k in batch:
+                mb[k] = batch[k][t].float()
+        mb.update(_scoring_index(pk, t, p))
+        mbs.append(mb)
+    return mbs
+
+
+def _scoring_index(pk, rows: torch.Tensor, prompt_len: int) -> dict[str, torch.Tensor]:
+    """Stream positions whose next token (same sequence) is a response token, and where
+    that token lives in the micro-batch's `[n, R]` response layout."""
+    seg = pk.segment_ids()
+    nxt_row, nxt_col = pk.rows[1:], pk.cols[1:]
+    sel = (seg[1:] == seg[:-1]) & (nxt_row >= 0) & (nxt_col >= prompt_len)
+    local = torch.full((pk.padded_shape[0],), -1, dtype=torch.long)
+    local[rows] = torch.arange(len(rows))
+    pos = sel.nonzero()[:, 0]
+    return {"score_pos": pos, "score_row": local[nxt_row[sel]], "score_col": nxt_col[sel] - prompt_len,
+            "score_labels": pk.input_ids[0, pos + 1]}
+
+
+def scatter_rows(values: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Per-scored-token values `[K]` into the micro-batch's `[n, R]` layout (0 elsewhere);
+    differentiable in `values`."""
+    n, r = mb["labels"].shape
+    return values.new_zeros(n, r).index_put((mb["score_row"], mb["score_col"]), values)
+
+
+def move_microbatch(mb: dict, device) -> dict:
+    return {k: v.to(device) for k, v in mb.items()}
 
 
 def response_logits(output: torch.Tensor, mb: dict, vocab_size: int) -> torch.Tensor:

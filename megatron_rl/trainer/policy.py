@@ -1,15 +1,26 @@
 """A trainable (or frozen) Megatron policy: log-prob computation and PPO/GSPO updates
-through Megatron's schedules, DDP wrapper and optimizer."""
+through Megatron's schedules, DDP wrapper and optimizer.
+
+With `max_tokens_per_microbatch > 0` (`actor.max_tokens_per_microbatch`) log-probs and the
+update run on packed token-budget micro-batches (trainer/microbatch.py): no compute on
+padding, and the same loss, since per-token log-probs/entropies are scattered back to the
+`[n, R]` response layout before `algos.actor_loss` aggregates them exactly as
+`token_weighted_ppo_loss` does for padded micro-batches (PPO and GSPO alike).
+"""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from megatron_rl.algos import actor_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.kernels import token_logprob_entropy, token_weighted_ppo_loss
+from megatron_rl.kernels.ppo_loss import _policy_loss_kwargs
 from megatron_rl.models.forward import gpt_forward
+from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
-from megatron_rl.trainer.microbatch import make_microbatches, response_logits
+from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
+                                            move_microbatch, response_logits, scatter_rows)
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
 
@@ -35,7 +46,10 @@ class Policy:
     """`model` is the GPTModel chunk; `optimizer`/`scheduler` None for frozen roles."""
 
     def __init__(self, model, *, micro_batch_size: int, temperature: float = 1.0, optimizer=None,
-                 scheduler=None, ddp_model=None, fused_backend: str | None = None):
+                 scheduler=None, ddp_model=None, fused_backend: str | None = None,
+                 max_tokens_per_microbatch: int = 0):
+        if max_tokens_per_microbatch < 0:
+            raise ValueError(f"actor.max_tokens_per_microbatch must be >= 0, got {max_tokens_per_microbatch}")
         self.model = model
         self.ddp = ddp_model
         self.optimizer = optimizer
@@ -44,11 +58,17 @@ class Policy:
         self.temperature = temperature
         self.vocab_size = model.arch.vocab_size
         self.backend = fused_backend
+        self.max_tokens = max_tokens_per_microbatch
         self.steering = None      # a SteeringController attached to this model, or None
 
     def _forward(self, m, mb):
         """The model forward; under the same per-sample SAE steering as the rollout, so
         recomputed log-probs and the update see the behaviour policy (DESIGN.md)."""
+        if "packed" in mb:       # steering here can only be the unsteered wrapper (_check_packable)
+            if self.steering is None:
+                return packed_forward(m, mb["packed"])
+            with self.steering.use():
+                return packed_forward(m, mb["packed"])
         if self.steering is None:
             return gpt_forward(m, mb["input_ids"], mb["attention_mask"])
         from megatron_rl.steering.controller import generated_positions
@@ -62,27 +82,62 @@ class Policy:
         return self.ddp if self.ddp is not None else self.model
 
     def _microbatches(self, batch: Batch) -> list[dict]:
+        """Padded micro-batches of `micro_batch_size` rows (also GAD's layout)."""
         device = next(self.model.parameters()).device
-        return [{k: v.to(device) for k, v in mb.items()} for mb in make_microbatches(batch, self.mbs)]
+        return [move_microbatch(mb, device) for mb in make_microbatches(batch, self.mbs)]
+
+    def _train_microbatches(self, batch: Batch) -> list[dict]:
+        """Micro-batches for log-probs and the update: packed by token budget when
+        `max_tokens_per_microbatch > 0`, padded otherwise."""
+        if not self.max_tokens:
+            return self._microbatches(batch)
+        self._check_packable()
+        pad_to, multiple = packed_shape(self.max_tokens, getattr(self.model.config, "sequence_parallel", False))
+        device = next(self.model.parameters()).device
+        return [move_microbatch(mb, device) for mb in
+                make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
+
+    def _check_packable(self) -> None:
+        from megatron_rl.steering.rollout_is import UnsteeredTraining
+
+        if self.steering is not None and not isinstance(self.steering, UnsteeredTraining):
+            raise ValueError(
+                "actor.max_tokens_per_microbatch > 0 (packed micro-batches) cannot be combined with steered "
+                "actor forwards (steering.enable=true, steering.logprob_mode=recompute): the SAE hook applies "
+                "one strength row per batch row, and a packed stream holds several samples in one row. "
+                "Set actor.max_tokens_per_microbatch=0, or steering.logprob_mode=rollout_is (unsteered "
+                "actor forwards, which pack).")
+
+    def _packed_token_stats(self, output: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob, entropy) `[n, R]` of a packed micro-batch's response tokens (0 where unscored)."""
+        logits = mask_padded_vocab(output[0, mb["score_pos"]], self.vocab_size)      # [K, V/tp]
+        lp, ent = token_logprob_entropy(logits, mb["score_labels"], tp_group=_tp_group(),
+                                        temperature=self.temperature, backend=self.backend)
+        return scatter_rows(lp, mb), scatter_rows(ent, mb)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs [B, R] (and entropy) of the response tokens, on every rank."""
         was_training = self.model.training
         self.model.eval()
-        mbs = self._microbatches(batch)
+        mbs = self._train_microbatches(batch)
 
         def loss_fn(mb, output):
-            logits = response_logits(output, mb, self.vocab_size)
-            lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(),
-                                            temperature=self.temperature, backend=self.backend)
-            return output.sum() * 0, {"logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
+            if "packed" in mb:
+                lp, ent = self._packed_token_stats(output, mb)
+                info = {"rows": mb["rows"].cpu()}
+            else:
+                logits = response_logits(output, mb, self.vocab_size)
+                lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(),
+                                                temperature=self.temperature, backend=self.backend)
+                info = {}
+            return output.sum() * 0, {**info, "logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
 
         res = run_microbatches([self._forward_model()], mbs, self._forward, loss_fn, forward_only=True)
         self.model.train(was_training)
         n, r = len(batch), batch["response_ids"].shape[1]
-        lp = torch.cat([x["logprob"] for x in res])[:n] if res else None
-        ent = torch.cat([x["entropy"] for x in res])[:n] if res else None
+        lp = _batch_rows(res, "logprob", n, r) if res else None
+        ent = _batch_rows(res, "entropy", n, r) if res else None
         lp = _broadcast_from_last_stage(lp, (n, r))
         ent = _broadcast_from_last_stage(ent, (n, r)) if with_entropy else None
         return lp * batch["response_mask"].float(), ent
@@ -97,11 +152,13 @@ class Policy:
                                 lambda mini: self._optimizer_step(mini, algos, use_ref))
 
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
-        mbs = self._microbatches(mini)
+        mbs = self._train_microbatches(mini)
         set_loss_scales(mbs, algos.loss_agg_mode, algos.token_weights_apply_to)
         kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
 
         def loss_fn(mb, output):
+            if "packed" in mb:
+                return self._packed_loss(mb, output, algos, kl_coef, len(mbs))
             logits = response_logits(output, mb, self.vocab_size)
             loss, metrics = token_weighted_ppo_loss(
                 logits, mb["labels"], mb["old_logprob"], mb["advantages"], mb["response_mask"],
@@ -117,6 +174,46 @@ class Policy:
 
         res, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
         return {**_broadcast_metrics(weighted_mean(res)), **step}
+
+    def _packed_loss(self, mb: dict, output: torch.Tensor, algos, kl_coef: float, num_mbs: int):
+        """`token_weighted_ppo_loss` for a packed micro-batch: the same fused log-prob/entropy
+        (on the scored stream positions only) and the same `actor_loss` on `[n, R]`."""
+        lp, ent = self._packed_token_stats(output, mb)
+        ref = mb.get("ref_logprob") if kl_coef else None
+        loss, metrics = actor_loss(
+            mb["old_logprob"].to(lp.dtype), lp, mb["advantages"].to(lp.dtype), mb["response_mask"],
+            policy_loss=algos.policy_loss, agg_mode=algos.loss_agg_mode, norm_len=algos.norm_len,
+            policy_loss_kwargs=_policy_loss_kwargs(algos.policy_loss, clip_low=algos.clip_low,
+                                                   clip_high=algos.clip_high, clip_c=algos.clip_c),
+            token_weights=mb.get("token_weights"), token_weights_apply_to=algos.token_weights_apply_to,
+            ref_logprob=None if ref is None else ref.to(lp.dtype), kl_coef=kl_coef, kl_kind=algos.kl_loss_kind,
+            entropy=ent, entropy_coef=algos.entropy_coef)
+        info = {k: float(v) for k, v in metrics.items()}
+        info["_w"] = float(mb["loss_scale"]) / num_mbs
+        return loss * mb["loss_scale"], info
+
+
+def packed_shape(max_tokens: int, sequence_parallel: bool) -> tuple[int | None, int]:
+    """(pad_to, pad_to_multiple_of) for packed streams: sequence parallelism splits T over
+    TP ranks (T % tp == 0); Megatron's pipeline schedule has fixed-size p2p buffers, so
+    under PP > 1 every stream is padded to the (aligned) budget."""
+    from megatron.core import parallel_state as mpu
+
+    tp = mpu.get_tensor_model_parallel_world_size()
+    multiple = tp if (tp > 1 and sequence_parallel) else 1
+    pad_to = -(-max_tokens // multiple) * multiple if mpu.get_pipeline_model_parallel_world_size() > 1 else None
+    return pad_to, multiple
+
+
+def _batch_rows(res: list[dict], key: str, n: int, r: int) -> torch.Tensor:
+    """`[n, R]` from per-micro-batch results: packed ones name their rows, padded ones
+    come in order (the last may carry filler rows)."""
+    if "rows" not in res[0]:
+        return torch.cat([x[key] for x in res])[:n]
+    out = torch.zeros(n, r)
+    for x in res:
+        out[x["rows"]] = x[key]
+    return out
 
 
 def _broadcast_metrics(metrics: dict[str, float]) -> dict[str, float]:
