@@ -68,7 +68,9 @@ class ActorConfig:
     ppo_epochs: int = 1
     mini_batch_size: int = 0          # samples per optimizer step; 0 = the whole batch
     micro_batch_size: int = 4         # samples per forward/backward
-    max_tokens_per_microbatch: int = 0  # >0: dynamic micro-batches by token budget
+    # > 0: log-probs and updates pack whole rows' real tokens into micro-batches of at most this
+    # many tokens (>= max prompt + response length; padded to it under PP). 0: micro_batch_size rows.
+    max_tokens_per_microbatch: int = 0
 
 
 @dataclass
