@@ -239,6 +239,38 @@ def steering_checks(label: str, engine, ctx, iv, layer: int) -> None:
     row(label, "steered vLLM vs steered Megatron log-probs: mean / max", f"{m:.4f} / {x:.4f}")
 
 
+def per_request_checks(label: str, engine, ctx, iv, layer: int) -> None:
+    """64 prompts with 16 distinct strength rows: one vLLM call (per-request rows) vs one call
+    per row; steered log-probs vs Megatron steered per sample."""
+    from megatron_rl.rollout.protocol import SamplingParams
+    from megatron_rl.steering.controller import SteeringController
+
+    row(label, "per-request steering rows active on every worker", engine.per_request)
+    batch = prompts_batch(ctx.tok, 64)
+    batch["steer_strengths"] = torch.linspace(-8.0, 8.0, 16).repeat(4)[:, None]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=64, seed=4)
+    engine.set_steering_enabled(True)
+    timed_generate(engine, batch, sp)                               # warm-up
+    _, dt_one = timed_generate(engine, batch, sp)
+    calls = engine.last_metrics.get("rollout/vllm_steering_calls")
+    saved, engine.per_request = engine.per_request, False
+    _, dt_groups = timed_generate(engine, batch, sp)
+    engine.per_request = saved
+    row(label, "64 prompts x 16 strength rows: s in one call / in one call per row",
+        f"{dt_one:.2f} ({calls:.0f} call) / {dt_groups:.2f} ({engine.last_metrics.get('rollout/vllm_steering_calls'):.0f} calls)")
+    out = engine.generate(batch, sp)
+    ctl = SteeringController(iv, layer, scope="all")
+    ctl.attach(ctx.actor)
+    ctx.policy.steering = ctl
+    try:
+        lp, _ = ctx.policy.compute_logprobs(out)
+    finally:
+        ctx.policy.steering = None
+        ctl.detach()
+    m, x = masked_diff(lp, out["rollout_logprob"], out["response_mask"])
+    row(label, "per-request rows: vLLM vs Megatron steered per sample, log-probs mean / max", f"{m:.4f} / {x:.4f}")
+
+
 def one_layer_add(ctx):
     from megatron_rl.steering.interventions import build_intervention
 
@@ -288,6 +320,7 @@ def sec_graph(ctx):
     steered.sync_weights(ctx.policy)
     steered.attach_intervention(iv, layer, "all")
     steering_checks("graph", steered, ctx, iv, layer)
+    per_request_checks("graph", steered, ctx, iv, layer)
     sp = SamplingParams(temperature=1.0, max_new_tokens=128, seed=2)
     batch = prompts_batch(ctx.tok, 256)
     timed_generate(steered, batch.select(range(16)), sp)            # warm-up

@@ -74,6 +74,7 @@ class VLLMEngine:
         self._broadcast = None
         self._steer_key = None                        # steering state the workers hold now (None: unknown)
         self._warned_groups = False
+        self.per_request = False                      # steering rows travel with the requests (graph mode)
         self.last_metrics: dict[str, float] = {}
 
     # --- construction -------------------------------------------------------------------------
@@ -116,18 +117,18 @@ class VLLMEngine:
 
     def attach_intervention(self, intervention, layer: int, scope: str = "all") -> None:
         """Hook (eager) or bind (CUDA-graph mode) the intervention on every vLLM worker."""
-        from megatron_rl.steering.vllm_hooks import attach_vllm_steering
-
-        self.llm.apply_model(partial(attach_vllm_steering, intervention=intervention, layer=layer, scope=scope,
-                                     graph=not self.cfg.enforce_eager))
+        hooks = self.llm.apply_model(partial(_attach_on_worker, intervention=intervention, layer=layer, scope=scope,
+                                             graph=not self.cfg.enforce_eager))
         self.steering_scope = scope
+        # Every worker maps tokens to request slots: one vLLM call per generate, rows carry their strengths.
+        self.per_request = bool(hooks) and all(hooks)
 
     def detach_steering(self) -> None:
         """Remove the intervention from every worker; later generates are unsteered."""
         from megatron_rl.steering.vllm_hooks import detach_vllm_steering
 
         self.llm.apply_model(detach_vllm_steering)
-        self.steering_scope, self._steer_key = None, None
+        self.steering_scope, self._steer_key, self.per_request = None, None, False
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
 
@@ -142,10 +143,13 @@ class VLLMEngine:
         self._wake_for_generate()
         prompts = prompt_token_lists(batch)
         seeds = request_seeds(sampling, len(batch))
-        params = [vllm.SamplingParams(**vllm_sampling_kwargs(sampling, s, self.eos_ids)) for s in seeds]
+        kwargs = [vllm_sampling_kwargs(sampling, s, self.eos_ids) for s in seeds]
+        requests = [{"prompt_token_ids": p} for p in prompts]
         outputs: list = [None] * len(batch)
-        if self.steering_scope is None:
+        if self.steering_scope is None or self.per_request:
             groups = [(None, None, list(range(len(batch))))]
+            if self.per_request:
+                self._attach_request_steering(batch, kwargs, requests)
         else:
             groups = steering_groups(batch, by_prompt_len=self.steering_scope != "all")
             self.last_metrics = {"rollout/vllm_steering_calls": float(len(groups))}
@@ -155,11 +159,11 @@ class VLLMEngine:
                             "vLLM batches only within a call. Per-sample continuous strengths (predictor "
                             "training) run faster on rollout.engine=native", len(groups), len(batch),
                             " and prompt length" if self.steering_scope != "all" else "")
+        params = [vllm.SamplingParams(**kw) for kw in kwargs]
         for strengths, plen, idx in groups:
-            if self.steering_scope is not None:
+            if self.steering_scope is not None and not self.per_request:
                 self._set_steering(strengths, plen)
-            res = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in idx], [params[i] for i in idx],
-                                    use_tqdm=False)
+            res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
             for i, o in zip(idx, res):
                 outputs[i] = o
         out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id)
@@ -221,6 +225,19 @@ class VLLMEngine:
                                "call sync_weights(actor) before generate, or use rollout.vllm.sleep_level=1")
         self.wake()
 
+    def _attach_request_steering(self, batch: Batch, kwargs: list[dict], requests: list[dict]) -> None:
+        """Per-request mode: each request carries its strength row (`extra_args`) and a prefix-cache
+        salt of that row, so cached KV is shared only between requests steered alike."""
+        from megatron_rl.steering.vllm_graph import EXTRA_KEY
+
+        rows = batch.get("steer_strengths")
+        for i, (kw, req) in enumerate(zip(kwargs, requests)):
+            row = None if rows is None else [float(x) for x in torch.as_tensor(rows[i]).reshape(-1).tolist()]
+            spec = {"strengths": row, "enabled": self.steering_enabled}
+            kw["extra_args"] = {**(kw.get("extra_args") or {}), EXTRA_KEY: spec}
+            req["cache_salt"] = f"mrl-steer:{self.steering_enabled}:{row}"
+        self.last_metrics = {"rollout/vllm_steering_calls": 1.0}
+
     def _set_steering(self, strengths, prompt_len) -> None:
         """Send the group's steering state to every worker if it changed. A change also resets
         the prefix cache: cached prompt KV was computed under the old steering and would
@@ -255,6 +272,13 @@ class VLLMEngine:
             t.join()
             self._broadcast = comm
         return _ThreadedBroadcast(BroadcastTransport(self._broadcast, 0), self.llm)
+
+
+def _attach_on_worker(model, **kwargs) -> bool:
+    """Worker side of `attach_intervention`; True when this worker steers per request."""
+    from megatron_rl.steering.vllm_hooks import attach_vllm_steering
+
+    return bool(getattr(attach_vllm_steering(model, **kwargs), "per_request", False))
 
 
 def spmd_layout_error(dp_ranks: list[int], vllm_tp: int) -> str | None:

@@ -3,10 +3,18 @@
 Forward hooks registered after `vllm.LLM()` starts are invisible to its compiled model
 and to the CUDA graphs captured at start-up. This mode builds the steering add into
 the model instead: vLLM loads `MrlSteeredLlamaForCausalLM` (steering/vllm_graph_model.py,
-a LlamaForCausalLM whose chosen decoder layers end with `hidden + window(positions) *
-delta`), and every generate call only rewrites persistent buffers in place: `delta [H]`
-and the position window `[lo, hi)` that implements the scope. Captured graphs read the
-same addresses, so they stay valid; disabled steering is a zero delta.
+a LlamaForCausalLM whose chosen decoder layers end with `hidden + window * delta`), and
+only persistent buffers change afterwards, in place, so captured graphs stay valid:
+
+- a slot table per request slot (vLLM's request-state index): `delta [R+1, H]` and the
+  position window `[lo, hi)` that implements the scope (generated tokens sit at
+  positions >= the request's prompt length);
+- `token_slot [max_tokens]`: the slot of every token of the scheduled batch.
+
+Per-request steering in one vLLM call: vLLM's model runner asks the model for its
+`ModelState`; ours (`SteeringModelState`) writes a new request's row from its
+`SamplingParams.extra_args["mrl_steering"]` and maps tokens to slots every step. Without
+per-request specs every row holds the state of the last `set_state` (one call per group).
 
 Additive modes only (`add`, `global`: the change does not depend on the hidden state).
 Clamp modes encode every token through the SAE and stay on the eager hook path.
@@ -28,20 +36,35 @@ BASE_ARCHS = ("LlamaForCausalLM",)
 NO_LIMIT = 2 ** 62
 
 
+EXTRA_KEY = "mrl_steering"              # SamplingParams.extra_args key: {"strengths": [F] | None, "enabled": bool}
+
+
 class SteeredOutput:
     """Mixin for a vLLM decoder layer (`forward(positions, hidden, residual) -> (hidden,
     residual)`): persistent steering buffers and the graph-safe add."""
 
-    def init_steering(self, hidden_size: int) -> None:
+    def init_steering(self, hidden_size: int, max_reqs: int, max_tokens: int) -> None:
         # Created under vLLM's model-init device/dtype context: the model's device and dtype.
-        self.register_buffer("mrl_steer_delta", torch.zeros(hidden_size), persistent=False)
-        self.register_buffer("mrl_steer_lo", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("mrl_steer_hi", torch.full((), NO_LIMIT, dtype=torch.long), persistent=False)
+        # Row `max_reqs` is spare (padding); every row starts unsteered.
+        self.register_buffer("mrl_delta", torch.zeros(max_reqs + 1, hidden_size), persistent=False)
+        self.register_buffer("mrl_lo", torch.zeros(max_reqs + 1, dtype=torch.long), persistent=False)
+        self.register_buffer("mrl_hi", torch.full((max_reqs + 1,), NO_LIMIT, dtype=torch.long), persistent=False)
+        self.register_buffer("mrl_token_slot", torch.zeros(max_tokens, dtype=torch.long), persistent=False)
 
     def steer_output(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         p = positions.reshape(-1)
-        inside = (p >= self.mrl_steer_lo) & (p < self.mrl_steer_hi)
-        return hidden + inside.to(hidden.dtype)[:, None] * self.mrl_steer_delta.to(hidden.dtype)
+        slot = self.mrl_token_slot[: hidden.shape[0]]
+        inside = (p >= self.mrl_lo[slot]) & (p < self.mrl_hi[slot])
+        return hidden + inside.to(hidden.dtype)[:, None] * self.mrl_delta[slot].to(hidden.dtype)
+
+
+def fill_token_slots(layer, idx_mapping: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int,
+                     num_tokens: int) -> None:
+    """Token t of batch request b gets slot `idx_mapping[b]` (no host sync: output_size given);
+    padding tokens past `num_tokens` keep their old slot (their outputs are discarded)."""
+    counts = query_start_loc[1:num_reqs + 1] - query_start_loc[:num_reqs]
+    slots = torch.repeat_interleave(idx_mapping[:num_reqs].long(), counts, output_size=num_tokens)
+    layer.mrl_token_slot[:num_tokens].copy_(slots)
 
 
 def layer_index(prefix: str) -> int:
@@ -58,13 +81,18 @@ def position_window(scope: str, prompt_len: int | None) -> tuple[int, int]:
 
 
 class VLLMGraphSteering(VLLMSteeringHook):
-    """Worker-side state for the built-in add: same `set_state` contract as the eager hook,
-    but it writes the layer's buffers instead of registering a forward hook."""
+    """Worker-side state for the built-in add: the eager hook's `set_state` contract (it
+    fills every slot row), plus `bind_request` for one request's own row."""
 
     def __init__(self, intervention, layer: int, scope: str = "all"):
         require_additive(intervention.name)
         super().__init__(intervention, layer, scope)
         self._module = None
+
+    @property
+    def per_request(self) -> bool:
+        """True when vLLM's runner uses our ModelState (token slots are mapped every step)."""
+        return bool(self._module is not None and getattr(self._module, "mrl_slots_live", False))
 
     def attach(self, model) -> "VLLMGraphSteering":
         from megatron_rl.steering.vllm_hooks import ATTR
@@ -75,31 +103,46 @@ class VLLMGraphSteering(VLLMSteeringHook):
         module = layers[self.layer]
         if type(module).__name__ == "PPMissingLayer":
             return self
-        if not hasattr(module, "mrl_steer_delta"):
+        if not hasattr(module, "mrl_delta"):
             raise RuntimeError(f"vLLM layer {self.layer} has no steering buffers: start vLLM with "
                                f"hf_overrides=graph_overrides(model_path, {self.layer}) (VLLMEngine.from_config does "
                                f"this when steering is on and rollout.vllm.enforce_eager=false)")
         self._module = module
+        module.mrl_steering = self
         setattr(model, ATTR, self)
         return self
 
     def detach(self) -> None:
         if self._module is not None:
-            self._module.mrl_steer_delta.zero_()
+            self._module.mrl_delta.zero_()
+            self._module.mrl_steering = None
             self._module = None
 
     def set_state(self, strengths=None, prompt_len: int | None = None, enabled: bool = True) -> None:
         super().set_state(strengths, prompt_len, enabled)
+        if self._module is not None:
+            self._write(slice(None), self._delta if enabled else None, position_window(self.scope, prompt_len))
+
+    def bind_request(self, slot: int, spec: dict | None, prompt_len: int) -> None:
+        """A new request at slot `slot`: its own strengths (spec from extra_args) or, without a
+        spec, the current `set_state` strengths; its own prompt length sets the window."""
         if self._module is None:
             return
-        m = self._module
+        enabled = self.enabled if spec is None else bool(spec.get("enabled", True))
+        delta = None
         if enabled:
-            m.mrl_steer_delta.copy_(self._delta)
+            given = None if spec is None else spec.get("strengths")
+            delta = self._delta if given is None and spec is None else self.delta_for(self.strengths_row(given))
+        self._write(slot, delta, position_window(self.scope, prompt_len))
+
+    def _write(self, rows, delta: torch.Tensor | None, window: tuple[int, int]) -> None:
+        m = self._module
+        if delta is None:
+            m.mrl_delta[rows] = 0
         else:
-            m.mrl_steer_delta.zero_()
-        lo, hi = position_window(self.scope, prompt_len)
-        m.mrl_steer_lo.fill_(lo)
-        m.mrl_steer_hi.fill_(hi)
+            m.mrl_delta[rows] = delta.to(m.mrl_delta)
+        m.mrl_lo[rows] = window[0]
+        m.mrl_hi[rows] = window[1]
 
 
 def require_additive(mode: str) -> None:

@@ -68,20 +68,29 @@ class VLLMSteeringHook:
             self._handle.remove()
             self._handle = None
 
-    def set_state(self, strengths=None, prompt_len: int | None = None, enabled: bool = True) -> None:
-        """Strengths `[F]` (None: config defaults) and prompt length for the next generate call."""
+    def strengths_row(self, strengths=None) -> torch.Tensor:
+        """`[F]` strengths (None: config defaults), checked against the intervention."""
         s = self.intervention.default_strengths() if strengths is None else torch.as_tensor(strengths)
         s = s.reshape(-1)
         if s.numel() != self.intervention.n_strengths:
             raise ValueError(f"vLLM steering strengths must have {self.intervention.n_strengths} entries for mode "
                              f"{self.intervention.name!r}; got {s.numel()}")
+        return s
+
+    def delta_for(self, strengths: torch.Tensor) -> torch.Tensor:
+        """Additive modes: the constant `[H]` change the intervention adds at these strengths."""
+        sae = self.intervention.sae
+        zero = torch.zeros(1, sae.d_in, dtype=sae.dtype, device=sae.W_dec.device)
+        return self.intervention.apply(zero, strengths.to(zero)[None])[0]
+
+    def set_state(self, strengths=None, prompt_len: int | None = None, enabled: bool = True) -> None:
+        """Strengths `[F]` (None: config defaults) and prompt length for the next generate call."""
+        s = self.strengths_row(strengths)
         if self.scope != "all" and prompt_len is None:
             raise ValueError(f"steering.scope={self.scope!r} needs the group's prompt length")
         self._strengths, self.prompt_len, self.enabled = s, prompt_len, enabled
         if self.additive:
-            sae = self.intervention.sae
-            zero = torch.zeros(1, sae.d_in, dtype=sae.dtype, device=sae.W_dec.device)
-            delta = self.intervention.apply(zero, s.to(zero)[None])[0]
+            delta = self.delta_for(s)
             if self._delta is None or self._delta.shape != delta.shape:
                 self._delta = delta.clone()
             else:

@@ -335,3 +335,27 @@ def test_rollout_spmd_defaults_under_torchrun_pick_external_launcher():
     from tests.helpers import run_multiproc
 
     run_multiproc(_spmd_proc, 2)
+
+
+def test_rollout_engine_per_request_steering_is_one_call(fake_vllm):
+    """Graph mode with per-request rows: one vLLM call, each request carrying its strengths
+    (extra_args) and a prefix-cache salt of them."""
+    eng = _engine(sleep_level=0)
+    eng.steering_scope, eng.per_request = "generated", True
+    seen = []
+    real = eng.llm.generate
+    eng.llm.generate = lambda prompts, params, use_tqdm=False: seen.append((prompts, params)) or real(prompts, params)
+    batch = _prompts()
+    batch["steer_strengths"] = torch.tensor([[1.0], [1.0], [3.0]])
+    out = eng.generate(batch, SamplingParams(max_new_tokens=2))
+    assert len(seen) == 1 and eng.last_metrics == {"rollout/vllm_steering_calls": 1.0}
+    prompts, params = seen[0]
+    assert [p.kw["extra_args"]["mrl_steering"] for p in params] == [
+        {"strengths": [1.0], "enabled": True}, {"strengths": [1.0], "enabled": True},
+        {"strengths": [3.0], "enabled": True}]
+    assert prompts[0]["cache_salt"] == prompts[1]["cache_salt"] != prompts[2]["cache_salt"]
+    assert out["response_ids"].tolist() == [[7, 8], [11, 12], [14, 15]]
+    eng.set_steering_enabled(False)
+    eng.generate(batch, SamplingParams(max_new_tokens=2))
+    assert all(p.kw["extra_args"]["mrl_steering"]["enabled"] is False for p in seen[1][1])
+    assert seen[1][0][0]["cache_salt"] != prompts[0]["cache_salt"]

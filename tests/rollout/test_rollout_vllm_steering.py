@@ -8,8 +8,8 @@ import torch
 
 from megatron_rl.steering.interventions import build_intervention
 from megatron_rl.steering.sae import SAE
-from megatron_rl.steering.vllm_graph import (LAYERS_KEY, NO_LIMIT, STEERED_ARCH, SteeredOutput, graph_overrides,
-                                             layer_index, position_window)
+from megatron_rl.steering.vllm_graph import (LAYERS_KEY, NO_LIMIT, STEERED_ARCH, SteeredOutput, fill_token_slots,
+                                             graph_overrides, layer_index, position_window)
 from megatron_rl.steering.vllm_hooks import attach_vllm_steering, set_vllm_steering
 
 D, LAYER = 16, 1
@@ -131,7 +131,7 @@ class GraphStyleLayer(SteeredOutput, VLLMStyleLayer):
         super().__init__()
         self.mrl_steered = steered
         if steered:
-            self.init_steering(D)
+            self.init_steering(D, max_reqs=4, max_tokens=32)
 
     def forward(self, positions, hidden_states, residual):
         h, r = super().forward(positions, hidden_states, residual)
@@ -209,3 +209,46 @@ def test_rollout_vllm_detach_restores_the_plain_model(graph):
         assert not torch.equal(model(pos, x), plain)
         assert detach_vllm_steering(model) and not detach_vllm_steering(model)
         assert torch.equal(model(pos, x), plain)
+
+
+@pytest.mark.parametrize("scope", ["all", "generated"])
+def test_rollout_vllm_graph_per_request_rows_in_one_batch(scope):
+    """Three requests with their own strengths and prompt lengths in one scheduled batch (what
+    SteeringModelState does each step) == each request steered alone by the eager hook."""
+    model, eager = _graph_model()
+    iv = build_intervention("add", _sae(), feature_idxs=[3], strengths=[2.0])
+    hook = attach_vllm_steering(model, iv, LAYER, scope=scope, graph=True)
+    attach_vllm_steering(eager, iv, LAYER, scope=scope)
+    assert not hook.per_request                          # no ModelState has mapped slots yet
+    g = torch.Generator().manual_seed(3)
+    # batch order: request slots 2, 0, 3 with 3, 4 and 2 scheduled tokens (request-local positions)
+    reqs = [(2, {"strengths": [5.0], "enabled": True}, 2, torch.tensor([1, 2, 3])),
+            (0, {"strengths": [-3.0], "enabled": True}, 1, torch.tensor([0, 1, 2, 3])),
+            (3, {"strengths": None, "enabled": False}, 1, torch.tensor([4, 5]))]
+    xs = [torch.randn(len(p), D, generator=g) for *_, p in reqs]
+    with torch.no_grad():
+        for slot, spec, plen, _ in reqs:
+            hook.bind_request(slot, spec, plen)
+        layer = model.model.layers[LAYER]
+        fill_token_slots(layer, torch.tensor([2, 0, 3]), torch.tensor([0, 3, 7, 9]), 3, 9)
+        out = model(torch.cat([p for *_, p in reqs]), torch.cat(xs))
+        refs = []
+        for (slot, spec, plen, pos), x in zip(reqs, xs):
+            set_vllm_steering(eager, spec["strengths"], prompt_len=plen, enabled=spec["enabled"])
+            refs.append(eager(pos, x))
+    assert torch.allclose(out, torch.cat(refs), atol=1e-5)
+    assert (refs[0] - model.reference(xs[0], lambda s: s)).abs().max() > 0.1     # steering did act
+
+
+def test_rollout_vllm_graph_request_without_spec_takes_the_call_state():
+    model, eager = _graph_model()
+    iv = build_intervention("add", _sae(), feature_idxs=[3], strengths=[2.0])
+    hook = attach_vllm_steering(model, iv, LAYER, graph=True)
+    attach_vllm_steering(eager, iv, LAYER)
+    pos, x = _tokens()
+    with torch.no_grad():
+        set_vllm_steering(model, torch.tensor([4.0]))
+        hook.bind_request(1, None, 0)
+        fill_token_slots(model.model.layers[LAYER], torch.tensor([1]), torch.tensor([0, 6]), 1, 6)
+        set_vllm_steering(eager, torch.tensor([4.0]))
+        assert torch.allclose(model(pos, x), eager(pos, x), atol=1e-5)
