@@ -43,7 +43,9 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float3
 
 
 class Policy:
-    """`model` is the GPTModel chunk; `optimizer`/`scheduler` None for frozen roles."""
+    """`model` is the GPTModel chunk; `optimizer`/`scheduler` None for frozen roles.
+    `max_tokens_per_microbatch > 0` packs log-prob and update micro-batches by that token
+    budget instead of `micro_batch_size` padded rows (module docstring)."""
 
     def __init__(self, model, *, micro_batch_size: int, temperature: float = 1.0, optimizer=None,
                  scheduler=None, ddp_model=None, fused_backend: str | None = None,
@@ -92,7 +94,11 @@ class Policy:
         if not self.max_tokens:
             return self._microbatches(batch)
         self._check_packable()
-        pad_to, multiple = packed_shape(self.max_tokens, getattr(self.model.config, "sequence_parallel", False))
+        from megatron.core import parallel_state as mpu
+
+        pad_to, multiple = packed_shape(self.max_tokens, tp=mpu.get_tensor_model_parallel_world_size(),
+                                        pp=mpu.get_pipeline_model_parallel_world_size(),
+                                        sequence_parallel=getattr(self.model.config, "sequence_parallel", False))
         device = next(self.model.parameters()).device
         return [move_microbatch(mb, device) for mb in
                 make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
@@ -193,15 +199,12 @@ class Policy:
         return loss * mb["loss_scale"], info
 
 
-def packed_shape(max_tokens: int, sequence_parallel: bool) -> tuple[int | None, int]:
+def packed_shape(max_tokens: int, *, tp: int, pp: int, sequence_parallel: bool) -> tuple[int | None, int]:
     """(pad_to, pad_to_multiple_of) for packed streams: sequence parallelism splits T over
     TP ranks (T % tp == 0); Megatron's pipeline schedule has fixed-size p2p buffers, so
     under PP > 1 every stream is padded to the (aligned) budget."""
-    from megatron.core import parallel_state as mpu
-
-    tp = mpu.get_tensor_model_parallel_world_size()
     multiple = tp if (tp > 1 and sequence_parallel) else 1
-    pad_to = -(-max_tokens // multiple) * multiple if mpu.get_pipeline_model_parallel_world_size() > 1 else None
+    pad_to = -(-max_tokens // multiple) * multiple if pp > 1 else None
     return pad_to, multiple
 
 

@@ -179,6 +179,22 @@ def test_packed_microbatches_keep_budget_and_score_every_response_token():
                                                                                     pad_to_multiple_of=8))
 
 
+@pytest.mark.parametrize("tp,pp,sp,expected", [(1, 1, False, (None, 1)), (2, 1, False, (None, 1)),
+                                                (2, 1, True, (None, 2)), (1, 2, False, (50, 1)),
+                                                (4, 2, True, (52, 4))])
+def test_packed_stream_shape_follows_parallelism(tp, pp, sp, expected):
+    """PP pads every stream to the budget; sequence parallelism aligns T to a multiple of tp."""
+    from megatron_rl.trainer.policy import packed_shape
+
+    assert packed_shape(50, tp=tp, pp=pp, sequence_parallel=sp) == expected
+    pad_to, multiple = expected
+    lengths = {mb["input_ids"].shape[1] for mb in make_packed_microbatches(ragged_batch(), 50, pad_to=pad_to,
+                                                                           pad_to_multiple_of=multiple)}
+    if pad_to:
+        assert lengths == {pad_to}
+    assert all(n % multiple == 0 for n in lengths)
+
+
 def test_steered_actor_forward_refuses_packing():
     from megatron_rl.trainer.policy import Policy
 
