@@ -58,7 +58,8 @@ def _policy(hf, spec, budget, trained):
     ddp = wrap_ddp(model, False)
     # Adam's first step is ~lr * sign(grad); eps 1e-3 keeps elements with ~0 gradient from
     # turning float32 rounding noise into full-size steps.
-    opt, sched = build_optimizer(ddp, OptimConfig(lr=1e-3, eps=1e-3, clip_grad=1.0), "float32", 10)
+    optim = OptimConfig(lr=1e-3, eps=1e-3, clip_grad=1.0, distributed_optimizer=False)
+    opt, sched = build_optimizer(ddp, optim, "float32", 10)
     return Policy(model, micro_batch_size=2, optimizer=opt, scheduler=sched, ddp_model=ddp,
                   max_tokens_per_microbatch=budget)
 
