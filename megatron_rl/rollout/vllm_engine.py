@@ -156,8 +156,9 @@ class VLLMEngine:
             if len(groups) > MANY_GROUPS and not self._warned_groups:
                 self._warned_groups = True
                 log.warning("vLLM steering: %d generate calls for %d rows (one per distinct strength row%s); "
-                            "vLLM batches only within a call. Per-sample continuous strengths (predictor "
-                            "training) run faster on rollout.engine=native", len(groups), len(batch),
+                            "vLLM batches only within a call. Per-sample strengths run in one call with "
+                            "rollout.vllm.enforce_eager=false (additive modes) or on rollout.engine=native",
+                            len(groups), len(batch),
                             " and prompt length" if self.steering_scope != "all" else "")
         params = [vllm.SamplingParams(**kw) for kw in kwargs]
         for strengths, plen, idx in groups:
