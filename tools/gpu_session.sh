@@ -6,7 +6,7 @@
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) |
-# vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vpart (stash the carried
+# vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
@@ -84,6 +84,14 @@ stage_vspmd() {   # 2 GPUs: TP=2 Megatron actor + SPMD vLLM TP=2 (external_launc
     PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 300 $R2 tools/gpu_vllm_spmd.py --model-config "$SMOL" --mode $mode \
       2>&1 | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP"
   done
+}
+
+stage_vdp() {     # all GPUs: Trainer GRPO at DP = n/2 x TP=2 with one vLLM TP=2 group per DP rank (4 GPUs)
+  local n; n=$(nvidia-smi -L | grep -c '^GPU')
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 400 python3 -m torch.distributed.run --standalone --nproc-per-node $n \
+    tools/gpu_vllm_spmd.py --model-config "$SMOL" --mode grpo --tp 2 2>&1 \
+    | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP"
 }
 
 stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered architecture (own process)

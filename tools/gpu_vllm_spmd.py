@@ -68,10 +68,23 @@ def sec_tokens(engine, tok) -> None:
     row("tokens/s", "vLLM TP=2 (eager, SPMD), 256 x 128", toks / dt)
 
 
-def grpo_dp(model_config: Path) -> None:
-    """GRPO steps through the real Trainer at DP=world (TP=1): every rank builds its own vLLM
-    rank via `VLLMEngine.from_config` (external_launcher picked automatically), rolls out its
-    own prompts and syncs the updated weights each step."""
+def random_llama_1b(model_config: Path, out: Path) -> Path:
+    """~1B Llama with random bf16 weights saved as an HF checkpoint (TP=2-divisible heads)."""
+    import transformers
+
+    if not (out / "model.safetensors").exists() and not list(out.glob("*.safetensors")):
+        llama_1b_config_dir(out, model_config)
+        cfg = transformers.AutoConfig.from_pretrained(out)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def grpo_dp(model_config: Path, tp: int) -> None:
+    """GRPO steps through the real Trainer at DP = world / tp: every rank builds its own vLLM
+    rank via `VLLMEngine.from_config` (external_launcher picked automatically; vLLM TP = model
+    TP, so each vLLM TP group is one trainer DP rank), rolls out its DP rank's prompts and
+    syncs the updated weights each step. tp=1: SmolLM2 shape; tp>1: the ~1B Llama."""
     import json
     import subprocess
 
@@ -80,10 +93,11 @@ def grpo_dp(model_config: Path) -> None:
     from megatron_rl.trainer.main import build_trainer
     from tools.gpu_validate import make_random_model
 
-    init_distributed(tp=1)
-    model_dir, data, run_dir = Path("/tmp/smollm2-random-dp"), Path("/tmp/vllm_dp_data"), Path("/tmp/vllm_dp_run")
+    init_distributed(tp=tp)
+    model_dir = Path("/tmp/smollm2-random-dp") if tp == 1 else Path("/tmp/llama-1b-weights")
+    data, run_dir = Path("/tmp/vllm_dp_data"), Path(f"/tmp/vllm_dp_run_tp{tp}")
     if dist.get_rank() == 0:
-        make_random_model(model_config, model_dir)
+        make_random_model(model_config, model_dir) if tp == 1 else random_llama_1b(model_config, model_dir)
         subprocess.run([sys.executable, "tools/make_quickstart_data.py", "--out", str(data), "--n-train", "128",
                         "--n-val", "64"], check=True)
     dist.barrier()
@@ -92,13 +106,13 @@ def grpo_dp(model_config: Path) -> None:
                  f"data.val_files=[{data / 'val.jsonl'}]", "data.train_batch_size=32", "data.val_batch_size=64",
                  "rollout.n=8", "rollout.max_new_tokens=64", "actor.micro_batch_size=64", "reward.num_workers=0",
                  "trainer.total_steps=3", "trainer.val_before_train=false", f"logging.run_dir={run_dir}",
-                 "logging.sinks=[jsonl]"]
+                 "logging.sinks=[jsonl]", f"model.tp={tp}", f"rollout.vllm.tensor_parallel_size={tp}"]
     trainer = build_trainer(load_experiment_config("configs/quickstart_cpu.yaml", overrides))
     row("grpo", "vLLM executor picked", trainer.engine.cfg.distributed_executor_backend or "default")
     t = time.perf_counter()
     trainer.fit()
     trainer.logger.close()
-    row("grpo", f"DP={dist.get_world_size()}: 3 steps + validation, s", time.perf_counter() - t)
+    row("grpo", f"DP={dist.get_world_size() // tp} x TP={tp}: 3 steps + validation, s", time.perf_counter() - t)
     if dist.get_rank() == 0:
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
         for step in (1, 2, 3):
@@ -113,15 +127,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-config", required=True, help="directory with a tokenizer (SmolLM2's)")
     ap.add_argument("--mode", choices=["layout", "grpo"], default="layout",
-                    help="layout: TP=2 actor + TP=2 vLLM checks; grpo: Trainer steps at DP=2 with vLLM")
+                    help="layout: TP=2 actor + TP=2 vLLM checks; grpo: Trainer steps with vLLM, DP = world / tp")
+    ap.add_argument("--tp", type=int, default=1, help="grpo: model and vLLM tensor parallel size")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # external_launcher: the worker is this process
     rank = int(os.environ.get("RANK", "0"))
     if rank:
         sys.stdout = open(os.devnull, "w")
     if args.mode == "grpo":
-        section("grpo", grpo_dp, Path(args.model_config))
-        return finish("vllm_spmd_grpo.md")
+        section("grpo", grpo_dp, Path(args.model_config), args.tp)
+        return finish(f"vllm_spmd_grpo_tp{args.tp}.md")
 
     import transformers
 
