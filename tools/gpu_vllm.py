@@ -382,9 +382,9 @@ def llama_1b_config_dir(out: Path, tokenizer_dir: Path) -> Path:
                                        max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5)
         cfg.architectures = ["LlamaForCausalLM"]
         cfg.save_pretrained(out)
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tokenizer_dir / f).exists():
-                shutil.copy2(tokenizer_dir / f, out / f)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / f).exists() and not (out / f).exists():
+            shutil.copy2(tokenizer_dir / f, out / f)
     return out
 
 

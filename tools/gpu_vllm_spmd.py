@@ -72,8 +72,8 @@ def random_llama_1b(model_config: Path, out: Path) -> Path:
     """~1B Llama with random bf16 weights saved as an HF checkpoint (TP=2-divisible heads)."""
     import transformers
 
-    if not (out / "model.safetensors").exists() and not list(out.glob("*.safetensors")):
-        llama_1b_config_dir(out, model_config)
+    llama_1b_config_dir(out, model_config)
+    if not list(out.glob("*.safetensors")):
         cfg = transformers.AutoConfig.from_pretrained(out)
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
