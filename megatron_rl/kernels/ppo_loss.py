@@ -15,7 +15,7 @@ from megatron_rl.algos import actor_loss, get_policy_loss
 from megatron_rl.kernels.logprob import token_logprob_entropy
 
 
-def _policy_loss_kwargs(loss_mode: str, **clip_args) -> dict:
+def policy_loss_kwargs(loss_mode: str, **clip_args) -> dict:
     """The clip arguments that the registered policy loss accepts (GSPO has no ``clip_c``)."""
     accepted = inspect.signature(get_policy_loss(loss_mode)).parameters
     return {k: v for k, v in clip_args.items() if k in accepted}
@@ -38,7 +38,7 @@ def token_weighted_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logp
     """
     logprob, entropy = token_logprob_entropy(logits, labels, tp_group=tp_group, temperature=temperature,
                                              inplace_backward=inplace_backward, backend=backend)
-    kwargs = _policy_loss_kwargs(loss_mode, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
+    kwargs = policy_loss_kwargs(loss_mode, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
     return actor_loss(old_logprob.to(logprob.dtype), logprob, advantages.to(logprob.dtype), mask,
                       policy_loss=loss_mode, policy_loss_kwargs=kwargs, agg_mode=agg_mode, norm_len=norm_len,
                       token_weights=token_weights, token_weights_apply_to=token_weights_apply_to,

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_rl.algos import actor_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.kernels import token_logprob_entropy, token_weighted_ppo_loss
-from megatron_rl.kernels.ppo_loss import _policy_loss_kwargs
+from megatron_rl.kernels.ppo_loss import policy_loss_kwargs
 from megatron_rl.models.forward import gpt_forward
 from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
@@ -189,7 +189,7 @@ class Policy:
         loss, metrics = actor_loss(
             mb["old_logprob"].to(lp.dtype), lp, mb["advantages"].to(lp.dtype), mb["response_mask"],
             policy_loss=algos.policy_loss, agg_mode=algos.loss_agg_mode, norm_len=algos.norm_len,
-            policy_loss_kwargs=_policy_loss_kwargs(algos.policy_loss, clip_low=algos.clip_low,
+            policy_loss_kwargs=policy_loss_kwargs(algos.policy_loss, clip_low=algos.clip_low,
                                                    clip_high=algos.clip_high, clip_c=algos.clip_c),
             token_weights=mb.get("token_weights"), token_weights_apply_to=algos.token_weights_apply_to,
             ref_logprob=None if ref is None else ref.to(lp.dtype), kl_coef=kl_coef, kl_kind=algos.kl_loss_kind,
