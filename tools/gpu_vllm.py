@@ -212,10 +212,25 @@ def tps_row(label: str, tps: dict, base: str, steered: str) -> None:
     row(label, f"overhead % ({base} -> {steered}, medians; goal <= 3)", 100 * (tps[base][0] / tps[steered][0] - 1))
 
 
+def steered_megatron_diff(ctx, iv, layer: int, out) -> tuple[float, float]:
+    """Mean / max |vLLM - Megatron| log-probs of `out`'s tokens, the actor steered by the same
+    intervention (per-sample strengths from `out["steer_strengths"]` when present)."""
+    from megatron_rl.steering.controller import SteeringController
+
+    ctl = SteeringController(iv, layer, scope="all")
+    ctl.attach(ctx.actor)
+    ctx.policy.steering = ctl
+    try:
+        lp, _ = ctx.policy.compute_logprobs(out)
+    finally:
+        ctx.policy.steering = None
+        ctl.detach()
+    return masked_diff(lp, out["rollout_logprob"], out["response_mask"])
+
+
 def steering_checks(label: str, engine, ctx, iv, layer: int) -> None:
     """Greedy tokens changed by steering; steered vLLM log-probs vs the steered Megatron actor."""
     from megatron_rl.rollout.protocol import SamplingParams
-    from megatron_rl.steering.controller import SteeringController
 
     small = prompts_batch(ctx.tok, 32)
     greedy = SamplingParams(greedy=True, max_new_tokens=32)
@@ -227,15 +242,7 @@ def steering_checks(label: str, engine, ctx, iv, layer: int) -> None:
     changed = (plain["response_ids"][:, :w] != steered["response_ids"][:, :w]).float().mean().item()
     row(label, "fraction of greedy tokens changed by steering", changed)
     out = engine.generate(small, SamplingParams(temperature=1.0, max_new_tokens=32, seed=3))
-    ctl = SteeringController(iv, layer, scope="all")
-    ctl.attach(ctx.actor)
-    ctx.policy.steering = ctl
-    try:
-        lp, _ = ctx.policy.compute_logprobs(out)
-    finally:
-        ctx.policy.steering = None
-        ctl.detach()
-    m, x = masked_diff(lp, out["rollout_logprob"], out["response_mask"])
+    m, x = steered_megatron_diff(ctx, iv, layer, out)
     row(label, "steered vLLM vs steered Megatron log-probs: mean / max", f"{m:.4f} / {x:.4f}")
 
 
@@ -243,7 +250,6 @@ def per_request_checks(label: str, engine, ctx, iv, layer: int) -> None:
     """64 prompts with 16 distinct strength rows: one vLLM call (per-request rows) vs one call
     per row; steered log-probs vs Megatron steered per sample."""
     from megatron_rl.rollout.protocol import SamplingParams
-    from megatron_rl.steering.controller import SteeringController
 
     row(label, "per-request steering rows active on every worker", engine.per_request)
     batch = prompts_batch(ctx.tok, 64)
@@ -259,15 +265,7 @@ def per_request_checks(label: str, engine, ctx, iv, layer: int) -> None:
     row(label, "64 prompts x 16 strength rows: s in one call / in one call per row",
         f"{dt_one:.2f} ({calls:.0f} call) / {dt_groups:.2f} ({engine.last_metrics.get('rollout/vllm_steering_calls'):.0f} calls)")
     out = engine.generate(batch, sp)
-    ctl = SteeringController(iv, layer, scope="all")
-    ctl.attach(ctx.actor)
-    ctx.policy.steering = ctl
-    try:
-        lp, _ = ctx.policy.compute_logprobs(out)
-    finally:
-        ctx.policy.steering = None
-        ctl.detach()
-    m, x = masked_diff(lp, out["rollout_logprob"], out["response_mask"])
+    m, x = steered_megatron_diff(ctx, iv, layer, out)
     row(label, "per-request rows: vLLM vs Megatron steered per sample, log-probs mean / max", f"{m:.4f} / {x:.4f}")
 
 
