@@ -60,11 +60,15 @@ class SteeredOutput:
 
 def fill_token_slots(layer, idx_mapping: torch.Tensor, query_start_loc: torch.Tensor, num_reqs: int,
                      num_tokens: int) -> None:
-    """Token t of batch request b gets slot `idx_mapping[b]` (no host sync: output_size given);
-    padding tokens past `num_tokens` keep their old slot (their outputs are discarded)."""
+    """Token t of batch request b gets slot `idx_mapping[b]` (no host sync: output_size given).
+    Every later position (CUDA-graph padding) gets the spare row, zeroed here: after a level-2
+    sleep the buffers hold garbage, and an out-of-range slot would fault the gather."""
     counts = query_start_loc[1:num_reqs + 1] - query_start_loc[:num_reqs]
     slots = torch.repeat_interleave(idx_mapping[:num_reqs].long(), counts, output_size=num_tokens)
+    spare = layer.mrl_delta.shape[0] - 1
     layer.mrl_token_slot[:num_tokens].copy_(slots)
+    layer.mrl_token_slot[num_tokens:].fill_(spare)
+    layer.mrl_delta[spare].zero_()
 
 
 def layer_index(prefix: str) -> int:

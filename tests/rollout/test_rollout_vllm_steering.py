@@ -238,6 +238,7 @@ def test_rollout_vllm_graph_per_request_rows_in_one_batch(scope):
             refs.append(eager(pos, x))
     assert torch.allclose(out, torch.cat(refs), atol=1e-5)
     assert (refs[0] - model.reference(xs[0], lambda s: s)).abs().max() > 0.1     # steering did act
+    assert layer.mrl_token_slot[9:].eq(4).all() and layer.mrl_delta[4].eq(0).all()   # padding: the zero spare row
 
 
 def test_rollout_vllm_graph_request_without_spec_takes_the_call_state():
