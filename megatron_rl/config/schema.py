@@ -86,6 +86,19 @@ class CriticConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     cliprange_value: float = 0.5
     ppo_epochs: int = 1
+    # The critic's own batch sizes (a value model is often larger or smaller than the actor):
+    # micro_batch_size 0 = actor.micro_batch_size; mini_batch_size -1 = actor.mini_batch_size,
+    # 0 = the whole batch per optimizer step.
+    micro_batch_size: int = 0
+    mini_batch_size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 0:
+            raise ValueError("critic.micro_batch_size must be >= 0 (0: actor.micro_batch_size), "
+                             f"got {self.micro_batch_size}")
+        if self.mini_batch_size < -1:
+            raise ValueError("critic.mini_batch_size must be >= -1 (-1: actor.mini_batch_size, 0: the whole "
+                             f"batch), got {self.mini_batch_size}")
 
 
 @dataclass

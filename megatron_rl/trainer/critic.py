@@ -55,13 +55,17 @@ class Critic(ValueModel):
                seed: int = 0) -> dict[str, float]:
         """`critic_cfg.ppo_epochs` passes over shuffled mini-batches of `batch` (which needs
         `values`, the critic's own values before the update, and `returns`); returns the
-        `critic/*` metrics averaged over the optimizer steps."""
+        `critic/*` metrics averaged over the optimizer steps. Mini-batches hold
+        `critic_cfg.mini_batch_size` rows; `mini_batch_size` (the actor's) is used where that
+        is -1, so a caller passes the actor's and the critic's own setting wins."""
         for key in ("values", "returns"):
             if key not in batch:
                 raise KeyError(f"critic update: batch has no '{key}' (run compute_values and the advantage "
                                f"phase first; batch keys: {sorted(batch.tensors)})")
         self.model.train()
         clip = clip_range(critic_cfg)
+        own = getattr(critic_cfg, "mini_batch_size", -1)
+        mini_batch_size = mini_batch_size if own < 0 else own
         steps = minibatch_passes(batch, mini_batch_size, max(1, critic_cfg.ppo_epochs), seed,
                                  lambda mini: self._optimizer_step(mini, algos_cfg, clip))
         return {k: sum(s[k] for s in steps) / len(steps) for k in steps[0]}
@@ -89,7 +93,7 @@ class Critic(ValueModel):
 
 def build_critic(cfg) -> Critic:
     """Trunk from `critic.path` (default model.path), same TP/PP and dtype as the actor,
-    micro-batches of `actor.micro_batch_size`, optimizer `critic.optim`."""
+    micro-batches of `critic.micro_batch_size` (0: the actor's), optimizer `critic.optim`."""
     from megatron_rl.models import load_checkpoint
     from megatron_rl.trainer.build import build_optimizer, wrap_ddp
 
@@ -103,4 +107,4 @@ def build_critic(cfg) -> Critic:
     use_dist = torch.cuda.is_available() if use_dist is None else use_dist
     ddp = wrap_ddp(model, use_dist)
     opt, sched = build_optimizer(ddp, c.optim, mc.dtype, cfg.trainer.total_steps * max(1, c.ppo_epochs))
-    return Critic(ddp, opt, sched, cfg.actor.micro_batch_size)
+    return Critic(ddp, opt, sched, c.micro_batch_size or cfg.actor.micro_batch_size)

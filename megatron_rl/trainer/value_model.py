@@ -11,6 +11,8 @@ class ValueModel:
     """`ddp` wraps the trunk (+ head on the last stage); `optimizer` and `scheduler` are Megatron's."""
 
     def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):
+        if micro_batch_size <= 0:
+            raise ValueError(f"{type(self).__name__}: micro_batch_size must be > 0, got {micro_batch_size}")
         self.ddp = ddp
         self.optimizer = optimizer
         self.scheduler = scheduler
