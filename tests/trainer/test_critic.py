@@ -25,7 +25,8 @@ def value_batch(seed=0, b=3, p=5, r=6, vocab=96):
                  [{"uid": str(i), "group": i} for i in range(b)])
 
 
-def make_critic(hf, lr=1e-3, micro_batch_size=2):
+def make_critic(hf, lr=1e-3, micro_batch_size=2, cls=None):
+    """A Critic (or another ValueModel `cls`, e.g. the GAD Discriminator) on `hf`, float32, Adam."""
     from megatron_rl.config.schema import OptimConfig
     from megatron_rl.models import load_checkpoint
     from megatron_rl.models.value_head import attach_value_head
@@ -36,7 +37,7 @@ def make_critic(hf, lr=1e-3, micro_batch_size=2):
     attach_value_head(model, seed=0)
     ddp = wrap_ddp(model, False)
     opt, sched = build_optimizer(ddp, OptimConfig(lr=lr, clip_grad=1.0), "float32", 10)
-    return Critic(ddp, opt, sched, micro_batch_size)
+    return (cls or Critic)(ddp, opt, sched, micro_batch_size)
 
 
 @pytest.fixture(scope="module")

@@ -71,3 +71,32 @@ def test_bad_batch_size_is_a_config_error_naming_the_key(key, value):
 def test_value_model_rejects_a_zero_micro_batch_size(hf):
     with pytest.raises(ValueError, match="micro_batch_size must be > 0"):
         make_critic(hf, micro_batch_size=0)
+
+
+# --- the GAD discriminator: its own `gad.d_micro_batch_size` already ----------------------
+def test_discriminator_scores_and_update_do_not_depend_on_micro_batch_size(hf):
+    """The BT step's closed-form coefficients are laid out micro-batch by micro-batch;
+    1-row and 4-row micro-batches must give the same scores and the same step."""
+    from megatron_rl.trainer.discriminator import Discriminator
+    from tests.gad.parallel_workers import pairs_batches
+
+    students, teachers, pair = pairs_batches()
+    one, four = (make_critic(hf, micro_batch_size=m, cls=Discriminator) for m in (1, 4))
+    s1, t1 = one.scores(students), one.scores(teachers)
+    s4, t4 = four.scores(students), four.scores(teachers)
+    assert (s1 - s4).abs().max() < 1e-5 and (t1 - t4).abs().max() < 1e-5
+    m1, m4 = one.update(students, teachers, pair, s1, t1), four.update(students, teachers, pair, s4, t4)
+    assert m1["critic/d_grad_norm"] == pytest.approx(m4["critic/d_grad_norm"], rel=1e-5)
+    for (name, p1), p4 in zip(one.model.named_parameters(), four.model.parameters()):   # grads of the step
+        assert (p1.main_grad - p4.main_grad).abs().max() <= 1e-5 * (1 + p1.main_grad.abs().max()), name
+    after1, after4 = one.scores(students), four.scores(students)
+    assert (after1 - s1).abs().max() > 1e-3
+    # Adam's first step is ~lr * sign(grad): float noise in near-zero grads shows as ~1e-5 here
+    assert (after1 - after4).abs().max() < 1e-4
+
+
+def test_gad_discriminator_micro_batch_size_must_be_positive():
+    from megatron_rl.config import ConfigError, load_experiment_config
+
+    with pytest.raises(ConfigError, match=r"gad\.d_micro_batch_size must be positive"):
+        load_experiment_config(None, ["gad.d_micro_batch_size=0"])
