@@ -5,7 +5,11 @@ For each response token t, from the attention of t over the prompt:
   VGR_t = (A_ins/|I|) / (A_ctx/|C| + 1e-6),   w_t = 1 / (VGR_t + 1e-6)
 then optional Gaussian smoothing along the response, division by the per-sequence
 mean over valid tokens, and clipping. Tokens that read mostly the instruction get
-small weights; tokens that read the context get large ones.
+small weights; tokens that read the context get large ones. A prompt without context
+tokens has nothing to ground on and gets weights 1.
+
+This module is the one implementation of that math: the `token_weights/` phase only
+supplies the attention rows and the context/instruction masks, and calls it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,15 @@ def _forward_fill(w: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return w.gather(1, idx)
 
 
+def clip_token_weights(w: torch.Tensor, response_mask: torch.Tensor,
+                       clip: tuple[float, float] | None) -> torch.Tensor:
+    """`w` clamped to `clip` (None: unchanged) and zeroed off `response_mask`; separate from
+    `vgr_token_weights` so a caller can keep the unclipped weights (clip-fraction metrics)."""
+    if clip is None:
+        return w
+    return w.clamp(min=clip[0], max=clip[1]) * (response_mask > 0).to(w.dtype)
+
+
 def gaussian_smooth(w: torch.Tensor, sigma: float) -> torch.Tensor:
     """Smooth `[batch, len]` along dim 1; kernel half-width max(1, int(3 sigma)), replicate padding."""
     half = max(1, int(3 * sigma))
@@ -67,7 +80,7 @@ def vgr_token_weights(attentions: Sequence[torch.Tensor], context_mask: torch.Te
         rows are renormalised over the prompt columns; `prompt_mask` locates it when
         given, else the first column that receives attention (column 0 if unpadded).
     Sequences are normalised to mean 1 over their valid tokens, then clipped to `clip`.
-    A prompt with no instruction tokens gives uniform weights 1.
+    A prompt with no instruction tokens, or no context tokens, gives uniform weights 1.
     """
     if not attentions:
         raise ValueError("attentions is empty; expected one [batch, heads, response_len, prompt_len] per layer")
@@ -112,6 +125,6 @@ def vgr_token_weights(attentions: Sequence[torch.Tensor], context_mask: torch.Te
     validf = valid.float()
     mean = (w * validf).sum(-1, keepdim=True) / validf.sum(-1, keepdim=True).clamp_min(1)
     w = w / torch.where(mean > 0, mean, torch.ones_like(mean))
-    if clip is not None:
-        w = w.clamp(min=clip[0], max=clip[1])
-    return (w * validf).to(response_mask.device)
+    # no context: VGR is ~1e6 x instruction attention, noise normalised to mean 1, so weights 1
+    w = torch.where(ctx.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))
+    return clip_token_weights(w * validf, valid, clip).to(response_mask.device)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from megatron_rl.algos.vgr import clip_token_weights
 from megatron_rl.data.batch import Batch
 from megatron_rl.token_weights.metrics import token_weight_metrics
 
@@ -109,7 +110,7 @@ class VGRWeights:
         raw = compute_vgr_weights(self.actor, batch, ctx, ins, self.layers, self.cfg)
         mask = batch["response_mask"].float()
         clip = tuple(self.cfg.clip) if self.cfg.clip is not None else None
-        weights = raw.clamp(min=clip[0], max=clip[1]) * (mask > 0) if clip else raw
+        weights = clip_token_weights(raw, mask, clip)
         _combine(batch, weights)
         out = token_weight_metrics(weights, mask, batch.get("advantages"), unclipped=raw, clip=clip)
         out["token_weights/context_frac"] = float(ctx.sum() / batch["prompt_mask"].float().sum().clamp(min=1))
@@ -119,7 +120,8 @@ class VGRWeights:
 def compute_vgr_weights(actor, batch: Batch, context_mask: torch.Tensor, instruction_mask: torch.Tensor,
                         layers: list[int], cfg) -> torch.Tensor:
     """Unclipped VGR weights `[B, R]` (float32, mean 1 per sequence, 0 off the mask; 1 on
-    the mask for prompts without context), one micro-batch of attention rows at a time."""
+    the mask for prompts without context), one micro-batch of attention rows at a time.
+    The math is `algos.vgr.vgr_token_weights`; this only feeds it attention rows."""
     from megatron_rl.algos.vgr import vgr_token_weights
     from megatron_rl.token_weights.attention_rows import attention_rows
     from megatron_rl.trainer.microbatch import make_microbatches
@@ -137,7 +139,4 @@ def compute_vgr_weights(actor, batch: Batch, context_mask: torch.Tensor, instruc
                               mb["response_mask"][:real], smooth_sigma=cfg.smooth_sigma, clip=None,
                               prompt_mask=mb["attention_mask"][:real, :p])
         out.append(w.float().cpu())
-    weights = torch.cat(out)
-    # no context span in the prompt: nothing to ground on, so weights 1 (not 1/instruction-attention)
-    has_context = (context_mask.sum(-1) > 0)[:, None]
-    return torch.where(has_context, weights, (batch["response_mask"] > 0).float())
+    return torch.cat(out)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_rl.algos import gaussian_smooth, vgr_token_weights
+from megatron_rl.algos.vgr import clip_token_weights
 
 # prompt columns: 0 = BOS, 1 = instruction, 2-3 = context; two response tokens.
 ROWS = torch.tensor([[0.5, 0.1, 0.2, 0.2],     # -> ins .2, ctx .8 after BOS removal: VGR 0.5, w 2
@@ -62,6 +63,18 @@ def test_invalid_response_tokens_get_zero_and_do_not_enter_the_mean():
 def test_no_instruction_tokens_gives_uniform_weights():
     w = vgr_token_weights([_attn(ROWS)], CTX, torch.zeros(1, 4), RESP)
     assert w.tolist()[0] == pytest.approx([1.0, 1.0])
+
+
+def test_no_context_tokens_gives_weights_one_on_valid_tokens_only():
+    w = vgr_token_weights([_attn(ROWS)], torch.zeros(1, 4), INS, torch.tensor([[1.0, 0.0]]), clip=(0.2, 0.5))
+    assert w.tolist()[0] == [0.5, 0.0]      # 1, clipped like any weight; 0 off the mask
+
+
+def test_clip_token_weights_clamps_and_zeroes_off_the_mask():
+    w = torch.tensor([[0.1, 1.0, 5.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert clip_token_weights(w, mask, (0.2, 3.0)).tolist()[0] == pytest.approx([0.2, 1.0, 3.0, 0.0])
+    assert clip_token_weights(w, mask, None) is w
 
 
 def test_smoothing_kernel_half_width_and_replicate_padding():

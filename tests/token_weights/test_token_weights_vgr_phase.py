@@ -34,11 +34,8 @@ def _reference(hf, batch, ctx, ins, last_k, clip):
         att = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0),
                     output_attentions=True).attentions
     rows = [a[:, :, p:, :p] for a in att]                               # the full matrix, sliced afterwards
-    w = vgr_token_weights(rows, ctx, ins, batch["response_mask"], last_k=last_k, clip=clip,
-                          prompt_mask=batch["prompt_mask"])
-    no_ctx = ctx.sum(-1) == 0
-    w[no_ctx] = batch["response_mask"][no_ctx]
-    return w
+    return vgr_token_weights(rows, ctx, ins, batch["response_mask"], last_k=last_k, clip=clip,
+                             prompt_mask=batch["prompt_mask"])     # weights 1 without context: its rule too
 
 
 def test_phase_weights_equal_vgr_of_the_full_attention_matrix(tiny_hf):
