@@ -14,7 +14,9 @@ from megatron_rl.algos.token_weights import APPLY_TO
 
 @dataclass
 class VGRConfig:
-    """VGR token weights from the actor's attention (see `algos.vgr`)."""
+    """Legacy `algos.vgr` section, kept so existing YAML loads. Only `enabled` is read, as a
+    guard: it is an error unless `token_weights.source: vgr`. VGR runs and is tuned in the
+    `token_weights:` section (last_k_layers, smooth_sigma, clip); the other keys here are unused."""
     enabled: bool = False
     last_k: int | None = 4            # average the last k layers (None: all)
     smooth_sigma: float = 0.0         # Gaussian smoothing along the response (0: off)

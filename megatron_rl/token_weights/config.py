@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_rl.algos.token_weights import APPLY_TO
+
 SOURCES = ("none", "reward", "vgr")
-APPLY_TO = ("pg", "mask")
 MISSING = ("warn_once", "error")
 
 
