@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_rl.steering.vllm_hooks import ADDITIVE, VLLMSteeringHook, decoder_layers
+from megatron_rl.steering.vllm_hooks import ADDITIVE, VLLMSteeringHook
 
 STEERED_ARCH = "MrlSteeredLlamaForCausalLM"
 MODEL_CLASS = "megatron_rl.steering.vllm_graph_model:SteeredLlamaForCausalLM"
@@ -101,11 +101,8 @@ class VLLMGraphSteering(VLLMSteeringHook):
     def attach(self, model) -> "VLLMGraphSteering":
         from megatron_rl.steering.vllm_hooks import ATTR
 
-        layers = decoder_layers(model)
-        if not 0 <= self.layer < len(layers):
-            raise ValueError(f"steering layer {self.layer} out of range for a vLLM model with {len(layers)} layers")
-        module = layers[self.layer]
-        if type(module).__name__ == "PPMissingLayer":
+        module = self.target_layer(model)
+        if module is None:
             return self
         if not hasattr(module, "mrl_delta"):
             raise RuntimeError(f"vLLM layer {self.layer} has no steering buffers: start vLLM with "

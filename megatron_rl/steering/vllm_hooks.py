@@ -51,13 +51,18 @@ class VLLMSteeringHook:
         self._delta: torch.Tensor | None = None       # persistent [H] buffer (additive modes)
         self._handle = None
 
-    def attach(self, model) -> "VLLMSteeringHook":
+    def target_layer(self, model):
+        """The decoder layer to steer on this worker, or None when another pipeline stage owns it."""
         layers = decoder_layers(model)
         if not 0 <= self.layer < len(layers):
             raise ValueError(f"steering layer {self.layer} out of range for a vLLM model with {len(layers)} layers")
         module = layers[self.layer]
-        if type(module).__name__ == "PPMissingLayer":
-            return self          # another vLLM pipeline stage owns it
+        return None if type(module).__name__ == "PPMissingLayer" else module
+
+    def attach(self, model) -> "VLLMSteeringHook":
+        module = self.target_layer(model)
+        if module is None:
+            return self
         self.detach()
         self._handle = module.register_forward_hook(self._hook, with_kwargs=True)
         setattr(model, ATTR, self)
