@@ -21,6 +21,7 @@ from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
                                             move_microbatch, response_logits, scatter_rows)
+from megatron_rl.trainer.roles import Offloadable
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
 
@@ -42,7 +43,7 @@ def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float3
     return t.cpu()
 
 
-class Policy:
+class Policy(Offloadable):
     """`model` is the GPTModel chunk; `optimizer`/`scheduler` None for frozen roles.
     `max_tokens_per_microbatch > 0` packs log-prob and update micro-batches by that token
     budget instead of `micro_batch_size` padded rows (module docstring)."""
@@ -156,6 +157,27 @@ class Policy:
         self.model.train()
         return minibatch_passes(batch, mini_batch_size, ppo_epochs, seed,
                                 lambda mini: self._optimizer_step(mini, algos, use_ref))
+
+    # --- role lifecycle (trainer/roles.py): checkpoints through trainer/checkpoint.py ----
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict()}
+        if self.optimizer is not None:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_checkpoint(self, ckpt_dir, name: str) -> None:
+        from megatron_rl.trainer.checkpoint import save_policy
+        save_policy(self, ckpt_dir)
+
+    def load_checkpoint(self, ckpt_dir, name: str) -> None:
+        from megatron_rl.trainer.checkpoint import load_policy
+        load_policy(self, ckpt_dir)
 
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
         mbs = self._train_microbatches(mini)

@@ -1,0 +1,86 @@
+"""The lifecycle every role shares (actor, reference, critic, GAD discriminator, strength
+predictor), and the container the recipes loop over.
+
+A recipe calls a role's own forward (log-probs / values / scores) and `update`; around
+them it may `offload()` a role whose memory another phase needs (the reference between
+its log-prob passes, the trainable state while a colocated engine generates) and
+`onload()` it again. The checkpoint manager calls `save_checkpoint` / `load_checkpoint`
+on every role it is given, so a new role is saved by listing it in `Roles`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Role(Protocol):
+    def offload(self) -> None: ...
+    def onload(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def save_checkpoint(self, ckpt_dir: Path, name: str) -> None: ...
+    def load_checkpoint(self, ckpt_dir: Path, name: str) -> None: ...
+
+
+class PerRankCheckpoint:
+    """`save_checkpoint` / `load_checkpoint` through the role's `state_dict`: one file per
+    rank (`{name}_rank{r}.pt`), for roles whose state is not a Megatron sharded model."""
+
+    def save_checkpoint(self, ckpt_dir: Path, name: str) -> None:
+        from megatron_rl.trainer.checkpoint import rank_file
+        torch.save(self.state_dict(), rank_file(ckpt_dir, name))
+
+    def load_checkpoint(self, ckpt_dir: Path, name: str) -> None:
+        from megatron_rl.trainer.checkpoint import rank, rank_file
+
+        f = rank_file(ckpt_dir, name)
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: checkpoint has no {name} state for rank {rank()} "
+                                    f"(saved by a run without this role, or at another world size?)")
+        self.load_state_dict(torch.load(f, weights_only=False))
+
+
+class Offloadable:
+    """`offload()` / `onload()` for a role that holds `self.offloader` (a
+    `trainer.offload` offloader, or None: nothing to move), and `onloaded()` for a
+    scope that needs the role on its device."""
+
+    offloader = None
+
+    def offload(self) -> None:
+        if self.offloader is not None:
+            self.offloader.offload()
+
+    def onload(self) -> None:
+        if self.offloader is not None:
+            self.offloader.onload()
+
+    @contextlib.contextmanager
+    def onloaded(self) -> Iterator[None]:
+        """The role on its device for the scope; back where it was afterwards."""
+        was = self.offloader is not None and self.offloader.is_offloaded
+        if was:
+            self.onload()
+        try:
+            yield
+        finally:
+            if was:
+                self.offload()
+
+
+@dataclass
+class Roles:
+    """The roles of one run; None where the recipe has no such role."""
+    actor: object = None            # trainer.policy.Policy (trainable; frozen under predictor training)
+    reference: object = None        # Policy (frozen), possibly offloaded between uses
+    critic: object = None           # trainer.critic.Critic
+    discriminator: object = None    # trainer.discriminator.Discriminator
+    predictor: object = None        # steering.predictor_trainer.StrengthPredictorTrainer
+
+    def present(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
