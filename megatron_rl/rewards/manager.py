@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from megatron_rl.logging.values import MeanOver, StdOver, Summed
 from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rewards.loader import load_function
 from megatron_rl.rewards.pool import FAIL, OK, TIMEOUT, WorkerPool
@@ -118,7 +119,7 @@ class RewardManager:
             extras.append(extra)
             weights.append(tw)
         metrics = _metrics(scores, names, samples)
-        metrics.update({"reward/failures": float(failures), "reward/timeouts": float(timeouts)})
+        metrics.update({"reward/failures": Summed(failures), "reward/timeouts": Summed(timeouts)})
         return RewardResult(scores, extras, weights, names, metrics)
 
     def score_batch(self, batch, responses: Sequence[str]) -> RewardResult:
@@ -181,16 +182,22 @@ def _first_nonfinite(rows, samples) -> str:
 
 
 def _metrics(scores: list[float], names: list[str], samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Count-aware reward statistics: under data parallelism `reduce_metrics` pools them over the
+    samples of every rank (a source only some ranks drew is the mean over its own samples).
+
+    `reward/<source>/mean` is emitted for every source on this rank whenever some sample carries a
+    `data_source` (untagged ones as `unknown`): a rank cannot know whether other ranks drew other
+    sources, so one source alone is not skipped.
+    """
     n = len(scores)
     if n == 0:
         return {}
-    mean = sum(scores) / n
-    out = {"reward/mean": mean, "reward/std": math.sqrt(sum((s - mean) ** 2 for s in scores) / n),
+    out = {"reward/mean": MeanOver.of(scores), "reward/std": StdOver.of(scores),
            "reward/max": max(scores), "reward/min": min(scores)}
     by_source: dict[str, list[float]] = {}
     for s, sample in zip(scores, samples):
-        by_source.setdefault(str(sample.get("data_source", "")), []).append(s)
-    if len(by_source) > 1:
+        by_source.setdefault(str(sample.get("data_source") or ""), []).append(s)
+    if set(by_source) != {""}:
         for source, vals in by_source.items():
-            out[f"reward/{source or 'unknown'}/mean"] = sum(vals) / len(vals)
+            out[f"reward/{source or 'unknown'}/mean"] = MeanOver.of(vals)
     return out

@@ -9,7 +9,7 @@ import torch
 
 from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
-from megatron_rl.parallel.data_parallel import dp_mean
+from megatron_rl.parallel.data_parallel import dp_mean, dp_mean_count
 from megatron_rl.rollout.protocol import SamplingParams
 
 
@@ -100,8 +100,10 @@ def advantages(tr, batch: Batch) -> dict[str, float]:
         kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], a.kl_in_reward_kind) * mask
         beta = tr.kl_ctrl.value
         token_rewards = token_rewards - beta * kl
-        seq_kl = (kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean().item()
-        tr.kl_ctrl.update(seq_kl, len(batch))
+        # the global batch's mean sequence KL and size, identical on every DP rank: each rank's
+        # controller takes the same step, as one DP=1 controller would
+        seq_kl, n_seqs = dp_mean_count((kl.sum(-1) / mask.sum(-1).clamp(min=1)).tolist())
+        tr.kl_ctrl.update(seq_kl, n_seqs)
         metrics.update({"reward/kl": seq_kl, "reward/kl_coef": beta})
     estimator = get_advantage_estimator(a.adv_estimator)
     adv, ret = estimator(token_rewards=token_rewards, response_mask=mask, group_index=batch.field("group"),
