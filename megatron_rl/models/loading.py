@@ -1,14 +1,19 @@
-"""Weights in and out of Megatron `GPTModel` chunks, for any TP/PP layout.
+"""Weights in and out of Megatron `GPTModel` chunks, for any TP/PP/VPP layout.
 
-- `load_hf_weights(model, hf_dir)`: each rank reads only the HF tensors its chunk
-  needs and keeps only its TP shard.
+Every function here takes one model or this rank's list of chunks (`model.vpp`: one
+GPTModel per virtual pipeline stage, `load_model_chunks`), bare or DDP-wrapped.
+
+- `load_hf_weights(model, hf_dir)`: each rank reads only the HF tensors its chunks
+  need and keeps only its TP shard.
 - `iter_hf_weights(model)`: yields full (TP=1, all stages) HF-named tensors on every
   rank, one parameter at a time (TP all-gather + PP broadcast): the stream used by
-  HF export and rollout weight sync.
+  HF export and rollout weight sync, in global layer order whatever the chunking.
 - Megatron distributed checkpoints (`save_mcore_checkpoint` / `load_mcore_checkpoint`)
-  are written and read by `megatron.core.dist_checkpointing`, so they load at any TP/PP.
-- `load_checkpoint(path)` builds the model for the current parallel layout from an
-  HF directory or one of our Megatron checkpoints.
+  are written and read by `megatron.core.dist_checkpointing`; its sharded keys use global
+  layer numbers, so they load at any TP/PP/VPP.
+- `load_model_chunks(path)` (every chunk) / `load_checkpoint(path)` (one chunk, no VPP)
+  build the model for the current parallel layout from an HF directory or one of our
+  Megatron checkpoints.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_rl.models.hf_config import ModelArch, arch_from_hf_config
 from megatron_rl.models.hf_io import HFTensorReader
+from megatron_rl.models.weight_mapping import global_shape as mapping_global_shape
 from megatron_rl.models.weight_mapping import (canonical_name, find_rule, fuse_hf, global_param_names,
                                                hf_names, local_to_global_name, split_to_hf, tp_shard,
                                                tp_unshard)
@@ -37,17 +43,24 @@ def unwrap(model):
     return model
 
 
+def as_chunks(model) -> list:
+    """This rank's bare GPTModel chunks from one model or a list of (wrapped) chunks."""
+    return [unwrap(c) for c in model] if isinstance(model, (list, tuple)) else [unwrap(model)]
+
+
 def layer_offset(model) -> int:
+    """Global index of a chunk's first layer (Megatron's layer_number is global, 1-based)."""
     layers = unwrap(model).decoder.layers
     return (layers[0].layer_number - 1) if len(layers) else 0
 
 
 def iter_local_params(model) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """(local name, canonical global name, parameter) for every mapped parameter."""
-    m = unwrap(model)
-    off = layer_offset(m)
-    for name, p in m.named_parameters():
-        yield name, local_to_global_name(canonical_name(name), off), p
+    """(local name, canonical global name, parameter) for every mapped parameter of every
+    chunk; local names repeat across chunks, global names do not."""
+    for m in as_chunks(model):
+        off = layer_offset(m)
+        for name, p in m.named_parameters():
+            yield name, local_to_global_name(canonical_name(name), off), p
 
 
 def _hf_source_name(gname: str, arch: ModelArch) -> str:
@@ -60,16 +73,16 @@ def _hf_source_name(gname: str, arch: ModelArch) -> str:
 
 @torch.no_grad()
 def load_hf_weights(model, hf_dir, arch: ModelArch | None = None) -> int:
-    """Copy HF weights into this rank's chunk; returns the number of parameters set."""
+    """Copy HF weights into this rank's chunks; returns the number of parameters set."""
     from megatron.core import parallel_state as mpu
 
-    m = unwrap(model)
-    arch = arch or m.arch
+    m = as_chunks(model)
+    arch = arch or m[0].arch
     reader = hf_dir if isinstance(hf_dir, HFTensorReader) else HFTensorReader(hf_dir)
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
     count = 0
     for lname, gname, p in iter_local_params(m):
-        rule, layer = find_rule(_hf_source_name(gname, arch))
+        rule, layer = find_rule(_hf_source_name(gname, arch), arch)
         full = fuse_hf(rule, [reader.get(n) for n in hf_names(rule, layer)], arch)
         shard = tp_shard(rule, full, rank, tp, arch)
         if shard.shape != p.shape:
@@ -80,50 +93,25 @@ def load_hf_weights(model, hf_dir, arch: ModelArch | None = None) -> int:
     return count
 
 
-def global_shape(gname: str, arch: ModelArch) -> tuple[int, ...]:
-    h, hd = arch.hidden_size, arch.head_dim
-    tail = gname.split(".", 3)[-1] if gname.startswith("decoder.layers.") else gname
-    shapes = {
-        "embedding.word_embeddings.weight": (arch.vocab_size, h),
-        "output_layer.weight": (arch.vocab_size, h),
-        "decoder.final_layernorm.weight": (h,),
-        "input_layernorm.weight": (h,),
-        "pre_mlp_layernorm.weight": (h,),
-        "self_attention.linear_qkv.weight": ((arch.num_heads + 2 * arch.num_kv_heads) * hd, h),
-        "self_attention.linear_qkv.bias": ((arch.num_heads + 2 * arch.num_kv_heads) * hd,),
-        "self_attention.linear_proj.weight": (h, arch.num_heads * hd),
-        "mlp.linear_fc1.weight": (2 * arch.ffn_hidden_size, h),
-        "mlp.linear_fc2.weight": (h, arch.ffn_hidden_size),
-    }
-    return shapes[tail]
-
-
-def _owner_stage(gname: str, arch: ModelArch, pp: int) -> int:
-    if gname.startswith("embedding."):
-        return 0
-    if gname.startswith("decoder.layers."):
-        return int(gname.split(".")[2]) // (arch.num_layers // pp)
-    return pp - 1
-
-
 @torch.no_grad()
 def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(canonical global Megatron name, full TP=1 tensor) on every rank, one at a time."""
+    """(canonical global Megatron name, full TP=1 tensor) on every rank, one at a time, in
+    global layer order: each comes from the pipeline rank whose chunk owns it."""
     from megatron.core import parallel_state as mpu
 
-    m = unwrap(model)
-    arch = arch or m.arch
+    chunks = as_chunks(model)
+    arch = arch or chunks[0].arch
     tp = mpu.get_tensor_model_parallel_world_size()
     pp = mpu.get_pipeline_model_parallel_world_size()
     my_stage = mpu.get_pipeline_model_parallel_rank()
-    local = {g: p for _, g, p in iter_local_params(m)}
-    device = next(m.parameters()).device
-    # Receivers must allocate exactly the owner's dtype: norms may stay float32 in a bf16
-    # model, and NCCL does not check sizes (a byte-count mismatch hangs; gloo hid this).
-    dtypes = _pp_param_dtypes(local) if pp > 1 else {}
+    local = {g: p for _, g, p in iter_local_params(chunks)}
+    device = next(chunks[0].parameters()).device
+    # Receivers must allocate exactly the owner's shape and dtype: norms may stay float32 in
+    # a bf16 model, and NCCL does not check sizes (a byte-count mismatch hangs; gloo hid this).
+    owners = _pp_owners(local) if pp > 1 else {}
     for gname in global_param_names(arch):
-        rule, _ = find_rule(gname)
-        owner = _owner_stage(gname, arch, pp)
+        rule, _ = find_rule(gname, arch)
+        owner = owners[gname][0] if pp > 1 else my_stage
         full = None
         if my_stage == owner:
             shard = local[gname].detach()
@@ -135,7 +123,7 @@ def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tu
                 full = tp_unshard(rule, [shard], arch)
         if pp > 1:
             if full is None:
-                full = torch.empty(global_shape(gname, arch), dtype=dtypes[gname], device=device)
+                full = torch.empty(mapping_global_shape(gname, arch), dtype=owners[gname][1], device=device)
             group = mpu.get_pipeline_model_parallel_group()
             src = dist.get_process_group_ranks(group)[owner]
             full = full.contiguous()
@@ -143,37 +131,48 @@ def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tu
         yield gname, full
 
 
-def _pp_param_dtypes(local: dict) -> dict:
-    """{global name: dtype} over every pipeline stage (one small object all-gather)."""
+def _pp_owners(local: dict) -> dict:
+    """{global name: (owning pipeline rank, dtype)} over every pipeline rank (one small
+    object all-gather): with VPP a rank's chunks hold non-contiguous layer ranges."""
     from megatron.core import parallel_state as mpu
 
     group = mpu.get_pipeline_model_parallel_group()
     mine = {g: str(p.dtype).removeprefix("torch.") for g, p in local.items()}
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, mine, group=group)
-    return {g: getattr(torch, d) for part in parts for g, d in part.items()}
+    return {g: (stage, getattr(torch, d)) for stage, part in enumerate(parts) for g, d in part.items()}
 
 
 def iter_hf_weights(model, arch: ModelArch | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Full HF-named tensors (e.g. for export or rollout weight sync), one at a time."""
-    m = unwrap(model)
-    arch = arch or m.arch
-    for gname, full in iter_full_mcore_weights(m, arch):
-        rule, layer = find_rule(gname)
+    chunks = as_chunks(model)
+    arch = arch or chunks[0].arch
+    for gname, full in iter_full_mcore_weights(chunks, arch):
+        rule, layer = find_rule(gname, arch)
         for hname, t in zip(hf_names(rule, layer), split_to_hf(rule, full, arch)):
             yield hname, t
 
 
 # --- Megatron distributed checkpoints ----------------------------------------------
 
+def _sharded_state_dict(chunks: list) -> dict:
+    """One chunk: its sharded state dict (the layout of checkpoints before VPP); several:
+    `{"model0": ..., "model1": ...}` as Megatron-LM nests them. Only the sharded keys
+    (global layer numbers) reach the files, so either nesting loads the other."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
 def save_mcore_checkpoint(model, out_dir, arch: ModelArch | None = None, extra_meta: dict | None = None) -> None:
+    """Every chunk of every rank into one dist-checkpoint (call on all ranks)."""
     from megatron.core import dist_checkpointing
 
-    m = unwrap(model)
-    arch = arch or m.arch
+    chunks = as_chunks(model)
+    arch = arch or chunks[0].arch
     out = Path(out_dir)
     (out / "model").mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(m.sharded_state_dict(), str(out / "model"))
+    dist_checkpointing.save(_sharded_state_dict(chunks), str(out / "model"))
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta = {"format": MCORE_FORMAT, "arch": arch.to_dict(), **(extra_meta or {})}
         with open(out / MCORE_META, "w") as f:
@@ -183,14 +182,19 @@ def save_mcore_checkpoint(model, out_dir, arch: ModelArch | None = None, extra_m
 
 
 def load_mcore_checkpoint(model, ckpt_dir) -> None:
+    """Fill every chunk from a dist-checkpoint saved at any TP/PP/VPP (call on all ranks)."""
     from megatron.core import dist_checkpointing
 
-    m = unwrap(model)
+    chunks = as_chunks(model)
     d = Path(ckpt_dir) / "model"
     if not d.exists():
         raise FileNotFoundError(f"{ckpt_dir}: no 'model' folder (not a megatron-rl Megatron checkpoint)")
-    state = dist_checkpointing.load(m.sharded_state_dict(), str(d))
-    m.load_state_dict(state, strict=False)
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(d))
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state, strict=False)
+        return
+    for i, c in enumerate(chunks):
+        c.load_state_dict(state[f"model{i}"], strict=False)
 
 
 def read_checkpoint_arch(path) -> tuple[str, ModelArch]:
@@ -207,8 +211,26 @@ def read_checkpoint_arch(path) -> tuple[str, ModelArch]:
     raise FileNotFoundError(f"{p}: neither an HF checkpoint (config.json) nor a megatron-rl checkpoint ({MCORE_META})")
 
 
+def load_model_chunks(path: str | os.PathLike, *, dtype="float32", layer_spec: str = "auto",
+                      **build_kwargs) -> list:
+    """This rank's GPTModel chunks (one per `model.vpp` stage, else one) with weights from
+    `path` (HF directory or megatron-rl checkpoint). `build_kwargs`: `recompute`,
+    `sequence_parallel`, other TransformerConfig overrides. Call
+    `megatron_rl.parallel.init_distributed(...)` first."""
+    from megatron_rl.models.provider import build_model_chunks
+
+    kind, arch = read_checkpoint_arch(path)
+    chunks = build_model_chunks(arch, dtype=dtype, layer_spec=layer_spec, **build_kwargs)
+    if kind == "hf":
+        load_hf_weights(chunks, path, arch)
+    else:
+        load_mcore_checkpoint(chunks, path)
+    return chunks
+
+
 def load_checkpoint(path: str | os.PathLike, dtype="float32", layer_spec: str = "auto", **build_kwargs):
-    """Build the GPTModel chunk for this rank and load weights from `path`.
+    """Build the single GPTModel chunk for this rank and load weights from `path`; under
+    `model.vpp` this is refused by name (use `load_model_chunks`).
 
     Call `megatron_rl.parallel.init_distributed(...)` first.
     """

@@ -26,6 +26,8 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
         raise ValueError(f"num_key_value_heads={arch.num_kv_heads} is not divisible by tensor parallel size {tp}")
     if arch.num_layers % pp:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pipeline parallel size {pp}")
+    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
+    check_vpp_layout(arch.num_layers, pp, vpp)
     kwargs = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -54,6 +56,7 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
         fp16=(dt == torch.float16),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=sequence_parallel and tp > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         init_method_std=0.02,
@@ -68,17 +71,58 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
     return TransformerConfig(**kwargs)
 
 
+def check_vpp_layout(num_layers: int, pp: int, vpp: int | None) -> None:
+    """Interleaving needs a pipeline to interleave and an even split into pp*vpp chunks."""
+    if vpp is None:
+        return
+    if vpp < 1:
+        raise ValueError(f"model.vpp={vpp}: must be >= 1 (or null for no interleaving)")
+    if pp == 1:
+        raise ValueError(f"model.vpp={vpp} needs model.pp > 1: virtual pipeline stages interleave the "
+                         "pipeline ranks' layer chunks (set model.vpp=null at model.pp=1)")
+    if num_layers % (pp * vpp):
+        raise ValueError(f"num_hidden_layers={num_layers} is not divisible by model.pp*model.vpp = {pp}*{vpp}")
+
+
+def build_model_chunks(arch: ModelArch, dtype="float32", layer_spec: str = "local", **config_overrides) -> list:
+    """This rank's GPTModel chunks: one per virtual pipeline stage (`model.vpp`), or one.
+
+    The chunks share one `TransformerConfig` (Megatron's schedules read the first chunk's
+    config, e.g. `finalize_model_grads_func`, for all of them). Chunk v of pipeline rank r
+    holds the global layers of virtual stage v*pp + r (Megatron's
+    `get_transformer_layer_offset`); the embedding lives in chunk 0 of rank 0, the final
+    norm and output layer in the last chunk of the last rank.
+    """
+    from megatron.core import parallel_state as mpu
+
+    cfg = transformer_config(arch, dtype, **config_overrides)
+    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if vpp is None else list(range(vpp))
+    return [_build_gpt(arch, cfg, layer_spec, v) for v in stages]
+
+
 def build_model(arch: ModelArch, dtype="float32", layer_spec: str = "local", *,
                 vp_stage: int | None = None, **config_overrides):
     """The GPTModel chunk for this rank (pre/post-process set from the PP stage).
 
     Logits come out vocab-parallel (`parallel_output=True`): `[seq, batch, vocab/tp]`
-    or, through `megatron_rl.models.forward`, `[batch, seq, vocab/tp]`.
+    or, through `megatron_rl.models.forward`, `[batch, seq, vocab/tp]`. Under `model.vpp`
+    use `build_model_chunks` (every chunk, one shared config).
     """
+    from megatron.core import parallel_state as mpu
+
+    vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None and vp_stage is None:
+        raise ValueError(f"model.vpp={vpp}: this rank holds {vpp} model chunks; build them with "
+                         "models.provider.build_model_chunks / models.loading.load_model_chunks "
+                         "(this role supports one chunk only: set model.vpp=null)")
+    return _build_gpt(arch, transformer_config(arch, dtype, **config_overrides), layer_spec, vp_stage)
+
+
+def _build_gpt(arch: ModelArch, cfg, layer_spec: str, vp_stage: int | None):
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
-    cfg = transformer_config(arch, dtype, **config_overrides)
     spec_name = resolve_layer_spec_name(layer_spec)
     spec = get_layer_spec(spec_name)
     tp = mpu.get_tensor_model_parallel_world_size()
@@ -87,8 +131,8 @@ def build_model(arch: ModelArch, dtype="float32", layer_spec: str = "local", *,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, tp),
         max_sequence_length=arch.max_position_embeddings,
-        pre_process=mpu.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=mpu.is_pipeline_last_stage(ignore_virtual=True),
+        pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
