@@ -1,4 +1,4 @@
-"""`megatron-rl` command line: train, convert, plot, serve-retriever, check-logits."""
+"""`megatron-rl` command line: train, plan, convert, plot, serve-retriever, check-logits."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,32 @@ def _train(sub):
     def run(args):
         from megatron_rl.trainer.main import train_main
         return train_main(args.config, args.overrides)
+    return run
+
+
+@command("plan", "print the resolved run plan (batches, optimizer steps, LR horizon, roles, per-GPU memory); "
+                 "no GPU needed: megatron-rl plan --config FILE [--world-size N] [section.key=value ...]")
+def _plan(sub):
+    sub.add_argument("--config", required=True)
+    sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.pp=2")
+    sub.add_argument("--world-size", type=int, default=1, help="ranks of the training job (GPUs)")
+    sub.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="what the ranks run on")
+    sub.add_argument("--shape", default=None,
+                     help="model shape when model.path is not on this machine: a preset (llama3-70b, qwen2-72b, "
+                          "llama3-8b, llama-1b, smollm2-135m) or an HF config.json")
+    sub.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU for the memory estimate")
+    sub.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON")
+
+    def run(args):
+        from megatron_rl.config import load_experiment_config
+        from megatron_rl.plan import resolve_plan
+        cfg = load_experiment_config(args.config, args.overrides)
+        plan = resolve_plan(cfg, world_size=args.world_size, device=args.device, shape=args.shape,
+                            gpu_mem_gib=args.gpu_mem)
+        print(plan.summary())
+        if args.json:
+            plan.write_json(args.json)
+        return 0
     return run
 
 

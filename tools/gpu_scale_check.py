@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_rl.trainer import memory_plan as mp  # noqa: E402
+from megatron_rl.plan import memory as mp  # noqa: E402
 
 
 class ReceiveIntoBuffers:

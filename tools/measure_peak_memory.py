@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_rl.trainer import memory_plan as mp  # noqa: E402
+from megatron_rl.plan import memory as mp  # noqa: E402
 
 TINY = mp.Shape(4, 64, 4, 2, 16, 128, 96, tie_word_embeddings=False)
 

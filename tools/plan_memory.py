@@ -5,8 +5,10 @@
         model.pp=2 actor.micro_batch_size=2          # dotted overrides as for `megatron-rl train`
 
 `--hf-config` takes a preset (llama3-70b, qwen2-72b, llama3-8b, llama-1b, smollm2-135m) or
-an HF config.json / model directory; without it, `model.path`'s config.json is read.
-The arithmetic and its sources are in `megatron_rl/trainer/memory_plan.py`.
+an HF config.json / model directory; without it, `model.path` is read (or its name matched
+against the presets). The batch and layout facts come from the run plan
+(`megatron_rl/plan/run_plan.py`, also printed by `megatron-rl plan`); the arithmetic and
+its sources are in `megatron_rl/plan/memory.py`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_rl.trainer import memory_plan as mp  # noqa: E402
+from megatron_rl.plan import memory as mp  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (H100 80, H200 141)")
     ap.add_argument("--hf-config", default=None, help="preset name or HF config.json / directory")
     ap.add_argument("--overhead-gb", type=float, default=2.5, help="CUDA context + fragmentation, GiB")
-    ap.add_argument("--loss-path", choices=mp.LOSS_PATHS, default=None,
-                    help="override the logits path (default from actor.fused_loss)")
     ap.add_argument("--no-suggest", action="store_true", help="only the plan of the config as given")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     return ap
@@ -38,12 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args) -> tuple[mp.MemoryPlan, mp.PlanInputs]:
     from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import resolve_plan
     cfg = load_experiment_config(args.config, args.overrides)
-    shape = mp.resolve_shape(args.hf_config, cfg.model.path)
-    extra = {"overhead_gib": args.overhead_gb}
-    if args.loss_path:
-        extra["loss_path"] = args.loss_path
-    inputs = mp.inputs_from_config(cfg, shape, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, **extra)
+    plan = resolve_plan(cfg, world_size=args.gpus, device="cuda", shape=args.hf_config, gpu_mem_gib=args.gpu_mem,
+                        overhead_gib=args.overhead_gb)
+    if plan.model.shape is None:
+        raise ValueError(f"model shape {plan.model.shape_source}; pass --hf-config PRESET|config.json")
+    inputs = mp.inputs_from_plan(plan, gpu_mem_gib=args.gpu_mem, overhead_gib=args.overhead_gb)
     return mp.estimate(inputs), inputs
 
 

@@ -22,7 +22,7 @@ from megatron_rl.algos.policy_loss import gspo_policy_loss, ppo_policy_loss
 from megatron_rl.algos.value_loss import entropy_from_logits, value_loss
 from megatron_rl.algos.actor_loss import actor_loss
 from megatron_rl.algos.vgr import gaussian_smooth, vgr_token_weights
-from megatron_rl.algos.config import AlgosConfig, VGRConfig
+from megatron_rl.algos.config import AlgosConfig
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AGG_MODES", "ESTIMATOR_ARGS", "KL_CONTROLLERS", "KL_PENALTIES", "POLICY_LOSSES",
@@ -33,5 +33,5 @@ __all__ = [
     "AdaptiveKLController", "FixedKLController", "kl_controller", "kl_penalised_rewards", "kl_penalty",
     "agg_loss", "APPLY_TO", "align_token_weights", "apply_token_weights",
     "gspo_policy_loss", "ppo_policy_loss", "entropy_from_logits", "value_loss", "actor_loss",
-    "gaussian_smooth", "vgr_token_weights", "AlgosConfig", "VGRConfig",
+    "gaussian_smooth", "vgr_token_weights", "AlgosConfig",
 ]

@@ -5,23 +5,11 @@ config load with the list of valid names, not mid-run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from megatron_rl.algos.registry import (ADVANTAGE_ESTIMATORS, AGG_MODES, KL_CONTROLLERS, POLICY_LOSSES,
                                         Registry)
 from megatron_rl.algos.token_weights import APPLY_TO
-
-
-@dataclass
-class VGRConfig:
-    """Legacy `algos.vgr` section, kept so existing YAML loads. Only `enabled` is read, as a
-    guard: it is an error unless `token_weights.source: vgr`. VGR runs and is tuned in the
-    `token_weights:` section (last_k_layers, smooth_sigma, clip); the other keys here are unused."""
-    enabled: bool = False
-    last_k: int | None = 4            # average the last k layers (None: all)
-    smooth_sigma: float = 0.0         # Gaussian smoothing along the response (0: off)
-    clip_min: float = 0.2
-    clip_max: float = 3.0
 
 
 @dataclass
@@ -31,7 +19,7 @@ class AlgosConfig:
     gamma: float = 1.0
     lam: float = 1.0
     norm_by_std: bool = True          # False: Dr.GRPO (no std normalisation)
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6             # GRPO: (R - mean) / (std + adv_eps)
 
     # Policy loss: a name in POLICY_LOSSES. GSPO wants tiny clip ranges (paper: 3e-4 / 4e-4).
     policy_loss: str = "ppo"
@@ -55,13 +43,11 @@ class AlgosConfig:
     # Entropy bonus (the critic's value clip is `critic.cliprange_value`).
     entropy_coef: float = 0.0
 
-    # Token weights: where they apply ("pg" or "mask", see algos.token_weights).
+    # Token weights: where they apply ("pg" or "mask", see algos.token_weights). VGR weights are
+    # configured in the `token_weights:` section (the old `algos.vgr` section was removed).
     token_weights_apply_to: str = "pg"
-    vgr: VGRConfig = field(default_factory=VGRConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.vgr, dict):
-            self.vgr = VGRConfig(**self.vgr)
         _check_name("algos.adv_estimator", self.adv_estimator, ADVANTAGE_ESTIMATORS)
         _check_name("algos.policy_loss", self.policy_loss, POLICY_LOSSES)
         _check_name("algos.loss_agg_mode", self.loss_agg_mode, AGG_MODES)
@@ -75,6 +61,8 @@ class AlgosConfig:
         if self.token_weights_apply_to not in APPLY_TO:
             raise ValueError(f"algos.token_weights_apply_to must be one of {APPLY_TO}, "
                              f"got '{self.token_weights_apply_to}'")
+        if not self.adv_eps > 0:
+            raise ValueError(f"algos.adv_eps must be > 0, got {self.adv_eps}")
         if self.clip_c is not None and self.clip_c <= 1.0:
             raise ValueError(f"algos.clip_c must be > 1 (or null), got {self.clip_c}")
         if self.kl_ctrl == "adaptive" and (not self.target_kl or not self.kl_horizon):

@@ -20,6 +20,28 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys that existed once: setting one is an error that says what replaced it.
+REMOVED_KEYS = {
+    "algos.vgr": "VGR is configured in the token_weights: section "
+                 "(token_weights.source: vgr)",
+    "algos.vgr.enabled": "use token_weights.source: vgr",
+    "algos.vgr.last_k": "use token_weights.last_k_layers (0 = all layers)",
+    "algos.vgr.smooth_sigma": "use token_weights.smooth_sigma",
+    "algos.vgr.clip_min": "use token_weights.clip: [min, max]",
+    "algos.vgr.clip_max": "use token_weights.clip: [min, max]",
+}
+
+
+def _removed(full: str, value: Any) -> str | None:
+    """The replacement message for a removed key (for a removed section: for each key set in it)."""
+    if full not in REMOVED_KEYS:
+        return None
+    if isinstance(value, dict) and value:
+        parts = [f"'{full}.{k}' was removed: {REMOVED_KEYS.get(f'{full}.{k}', REMOVED_KEYS[full])}" for k in value]
+        return "; ".join(parts)
+    return f"'{full}' was removed: {REMOVED_KEYS[full]}"
+
+
 def _closest(key: str, options) -> str:
     m = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f"; did you mean '{m[0]}'?" if m else f"; valid keys: {', '.join(sorted(options))}"
@@ -102,6 +124,9 @@ def from_dict(cls, data: dict, where: str = ""):
     for key, value in (data or {}).items():
         full = f"{where}.{key}" if where else key
         if key not in fields:
+            removed = _removed(full, value)
+            if removed:
+                raise ConfigError(f"config key {removed}")
             raise ConfigError(f"unknown config key '{full}'{_closest(key, fields)}")
         kwargs[key] = _coerce(value, hints[key], full)
     try:

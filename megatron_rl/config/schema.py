@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from megatron_rl.algos.config import AlgosConfig
 from megatron_rl.data.config import DataConfig
+from megatron_rl.models.moe_config import MoEConfig
 
 
 def _optional(module: str, name: str):
@@ -41,11 +42,15 @@ class ModelConfig:
     tokenizer_path: str | None = None  # defaults to `path`
     dtype: str = "float32"            # float32 | bfloat16
     layer_spec: str = "auto"          # auto | local | sdpa | te
-    tp: int = 1
+    tp: int = 1                       # tensor parallel; world size % (tp * pp * cp) == 0, dp = the rest
     pp: int = 1
-    vpp: int | None = None
+    vpp: int | None = None            # interleaved virtual stages per PP rank: needs pp > 1, layers % (pp*vpp)
+    cp: int = 1                       # context parallel (not supported yet: refused by the run plan)
+    ep: int = 1                       # expert parallel (not supported yet: refused by the run plan)
+    etp: int = 1                      # expert tensor parallel (not supported yet: refused by the run plan)
     sequence_parallel: bool = False
     recompute: str = "none"           # none | selective | full
+    moe: MoEConfig = field(default_factory=MoEConfig)   # MoE checkpoints only (megatron_rl/models/moe_config.py)
 
 
 @dataclass
@@ -66,8 +71,12 @@ class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     fused_loss: str = "auto"          # auto (fused kernels on GPU) | on | off
     ppo_epochs: int = 1
-    mini_batch_size: int = 0          # samples per optimizer step; 0 = the whole batch
-    micro_batch_size: int = 4         # samples per forward/backward
+    # Batch sizes (docs/run_plan.md): mini_batch_size = samples (prompt x response) per optimizer
+    # step, GLOBAL over DP ranks (0 = the whole step's data.train_batch_size x rollout.n); it must
+    # divide by DP and divide the samples per step. micro_batch_size = rows per forward/backward on
+    # one rank. Optimizer steps per rollout = ppo_epochs x samples per step / mini_batch_size.
+    mini_batch_size: int = 0
+    micro_batch_size: int = 4
     # > 0: log-probs and updates pack whole rows' real tokens into micro-batches of at most this
     # many tokens (>= max prompt + response length; padded to it under PP). 0: micro_batch_size rows.
     max_tokens_per_microbatch: int = 0
@@ -87,8 +96,8 @@ class CriticConfig:
     cliprange_value: float = 0.5
     ppo_epochs: int = 1
     # The critic's own batch sizes (a value model is often larger or smaller than the actor):
-    # micro_batch_size 0 = actor.micro_batch_size; mini_batch_size -1 = actor.mini_batch_size,
-    # 0 = the whole batch per optimizer step.
+    # micro_batch_size 0 = actor.micro_batch_size; mini_batch_size (GLOBAL samples per optimizer
+    # step, as the actor's) -1 = actor.mini_batch_size, 0 = the whole step.
     micro_batch_size: int = 0
     mini_batch_size: int = -1
 
@@ -110,18 +119,27 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
-    val_greedy: bool = True
+    val_greedy: bool = True           # validation decodes greedily; false: samples at val_temperature (> 0)
     val_temperature: float = 0.0
     logprob_mode: str = "recompute"   # recompute | rollout (use the engine's log-probs)
     gpu_memory_utilization: float = 0.5   # vLLM
-    colocate: bool = True
+    colocate: bool = True             # false (disaggregated engine GPUs) is refused: not implemented yet
     weight_sync_bucket_mb: int = 256
     vllm: VLLMConfig = field(default_factory=VLLMConfig)   # engine: vllm only (megatron_rl/rollout/vllm_config.py)
+
+    def __post_init__(self) -> None:
+        if self.val_greedy and self.val_temperature:
+            raise ValueError(f"rollout.val_temperature={self.val_temperature} is unused while rollout.val_greedy is "
+                             "true; set val_greedy: false to sample validation responses at that temperature")
+        if not self.val_greedy and self.val_temperature <= 0:
+            raise ValueError("rollout.val_greedy=false samples validation responses at rollout.val_temperature, "
+                             f"which must be > 0 (got {self.val_temperature}); temperature 0 is greedy: set "
+                             "val_greedy: true")
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 10
+    total_steps: int = 10             # rollout steps (the LR horizon counts optimizer steps: see the run plan)
     seed: int = 1234
     val_before_train: bool = True
     val_every: int = 0                # 0: only before and after
@@ -131,6 +149,8 @@ class TrainerConfig:
     deterministic: bool = False
     critic_warmup: int = 0
     num_threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
+    final_validation: bool = True     # validate after the last step (false: benchmarks)
+    save_final: bool = True           # checkpoint after the last step (false: benchmarks)
 
 
 @dataclass

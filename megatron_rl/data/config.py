@@ -32,7 +32,7 @@ class DataConfig:
     # sample["teacher_response"] (adversarial distillation, SFT mixing).
     teacher_response_key: str | None = None
 
-    # Batching: prompts per step (before `n` samples per prompt); validation batches
+    # Batching: prompts per step, GLOBAL over DP ranks (before `n` samples per prompt); validation batches
     # in file order, `val_batch_size: null` = the whole validation set at once.
     train_batch_size: int = 32
     val_batch_size: int | None = None

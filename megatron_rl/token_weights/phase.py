@@ -41,9 +41,6 @@ def build_token_weights(cfg, actor, tokenizer):
             log.warning("token_weights.apply_to=%s overrides algos.token_weights_apply_to=%s",
                         tw.apply_to, algos.token_weights_apply_to)
         algos.token_weights_apply_to = tw.apply_to
-        if getattr(getattr(algos, "vgr", None), "enabled", False) and tw.source != "vgr":
-            raise ValueError("algos.vgr.enabled is set but token_weights.source is "
-                             f"{tw.source!r}; VGR is switched on with token_weights.source: vgr")
     return SOURCES[tw.source](tw, actor, tokenizer)
 
 

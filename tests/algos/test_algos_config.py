@@ -1,7 +1,7 @@
 """AlgosConfig validates names against the registries."""
 import pytest
 
-from megatron_rl.algos import AlgosConfig, VGRConfig
+from megatron_rl.algos import AlgosConfig
 
 
 def test_defaults_are_valid_grpo():
@@ -28,5 +28,10 @@ def test_invalid_values_name_the_key(key, value, match):
         AlgosConfig(**{key: value})
 
 
-def test_vgr_section_accepts_a_dict():
-    assert AlgosConfig(vgr={"enabled": True, "last_k": 2}).vgr == VGRConfig(enabled=True, last_k=2)
+def test_adv_eps_must_be_positive():
+    with pytest.raises(ValueError, match="algos.adv_eps"):
+        AlgosConfig(adv_eps=0.0)
+
+
+def test_vgr_section_is_gone():
+    assert not hasattr(AlgosConfig(), "vgr")

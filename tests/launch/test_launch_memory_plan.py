@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_rl.trainer import memory_plan as mp
+from megatron_rl.plan import memory as mp
 
 GiB = mp.GiB
 # Korthikanti's setting: MHA, 4h GeLU MLP, dropout. h=64, a=4, d=16, ffn=256.
@@ -105,7 +105,8 @@ def test_logits_bytes_per_loss_path():
     elems = S * B * 1000
     assert mp.logits_bytes(inputs(loss_path="unfused")) == elems * (2 + 4 + 4)
     assert mp.logits_bytes(inputs(loss_path="fused", micro_batch=1)) == S * 1000 * 2
-    assert mp.logits_bytes(inputs(loss_path="linear")) == elems * (2 + 4)   # under one chunk
+    with pytest.raises(ValueError, match="loss_path must be one of"):
+        mp.estimate(inputs(loss_path="linear"))              # the trainer has no LM-head-fused path
 
 
 def test_kv_cache_bytes():

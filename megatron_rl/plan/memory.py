@@ -1,7 +1,7 @@
 """Per-GPU memory plan of an RL run: will this config fit, and which TP/PP/recompute would.
 
-Pure arithmetic on the model shape and the config (no torch, no trainer imports), so it
-runs on a laptop for a 70B plan. Every term is bytes on the worst GPU:
+Pure arithmetic on the model shape and the resolved `RunPlan` (no torch, no trainer
+imports), so it runs on a laptop for a 70B plan. Every term is bytes on the worst GPU:
 
 - actor weights:   params of the pipeline stage / TP, in the model dtype;
 - gradients:       Megatron DDP's main-grad buffer, fp32 with grad_reduce_in_fp32
@@ -21,8 +21,8 @@ runs on a laptop for a 70B plan. Every term is bytes on the worst GPU:
 - logits:          `[tokens, vocab/TP]` of one micro-batch on the last stage: 2 B/elem
                    with the fused log-prob kernel (bf16 logits, gradient written in place;
                    x2 for micro-batches > 1, whose [s,b,v] -> [b,s,v] transpose copies),
-                   +4 +4 (fp32 log-softmax and its gradient) unfused, one chunk with the
-                   LM-head-fused kernel;
+                   +4 +4 (fp32 log-softmax and its gradient) unfused (the loss path
+                   follows the plan's loss backend: torch -> unfused, else fused);
 - grad transient:  the largest weight's bf16 `.grad`, alive until DDP's hook folds it into
                    the fp32 main grad (no gradient-accumulation fusion);
 - reference, critic: weights (resident unless offloaded); the critic also grads + optimizer;
@@ -43,8 +43,7 @@ from pathlib import Path
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 RECOMPUTE = ("none", "selective", "full")
-LOSS_PATHS = ("unfused", "fused", "linear")
-LINEAR_CHUNK_ELEMS = 1 << 28          # megatron_rl.kernels.linear.DEFAULT_CHUNK_ELEMS
+LOSS_PATHS = ("unfused", "fused")     # actor.fused_loss off -> unfused (torch); auto/on -> fused
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class PlanInputs:
     micro_batch: int = 1               # samples per micro-batch
     seq_len: int = 1024                # tokens per sample (prompt + response)
     num_microbatches: int = 1          # per DP rank per optimizer step
-    loss_path: str = "fused"           # unfused | fused | linear
+    loss_path: str = "fused"           # unfused | fused
     flash_attention: bool = True       # TE / SDPA: no [s, s] scores stored
     fused_swiglu: bool = True          # local spec: silu(gate) stored as well
     dropout: bool = False              # our providers set dropout 0 (no masks)
@@ -144,37 +143,30 @@ class PlanInputs:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
 
 
-def inputs_from_config(cfg, shape: Shape, gpus: int = 8, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs:
-    """Read the plan's inputs from a loaded experiment `Config` (GPU defaults for `auto`s)."""
-    m, a, r = cfg.model, cfg.actor, cfg.rollout
-    agent = getattr(cfg, "agent", None)
-    resp = agent.max_response_length if agent is not None and getattr(agent, "enable", False) else r.max_new_tokens
-    sample_len = cfg.data.max_prompt_length + resp
-    if a.max_tokens_per_microbatch > 0:
-        micro, seq = 1, a.max_tokens_per_microbatch
+def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs:
+    """The planner's inputs from a resolved `RunPlan` (megatron_rl/plan/run_plan.py): layout,
+    micro-batches per optimizer step, reference placement, loss path and engine come from the
+    plan; only the model shape must be known (`plan.model.shape`)."""
+    lay, b, m = plan.layout, plan.batch, plan.model
+    if m.shape is None:
+        raise ValueError(f"memory plan: the model shape is {m.shape_source}")
+    if b.max_tokens_per_microbatch > 0:
+        micro, seq = 1, b.max_tokens_per_microbatch
     else:
-        micro, seq = a.micro_batch_size, sample_len
-    tp, pp = m.tp, m.pp
-    dp = max(1, gpus // (tp * pp))
-    samples = cfg.data.train_batch_size * r.n
-    mini = a.mini_batch_size or samples
-    tokens_per_rank = math.ceil(mini / dp) * sample_len
-    num_micro = max(1, math.ceil(tokens_per_rank / (micro * seq)))
-    algos = cfg.algos
-    ref_enable = cfg.ref.enable if cfg.ref.enable is not None else (algos.use_kl_loss or algos.use_kl_in_reward)
-    spec = m.layer_spec
-    loss_path = {"off": "unfused"}.get(a.fused_loss, "fused")
-    dist_opt = a.optim.distributed_optimizer
+        micro, seq = b.micro_batch_size, b.max_sample_tokens
+    ref = plan.role("reference") if plan.has_role("reference") else None
     kw = dict(
-        shape=shape, gpus=gpus, gpu_mem_gib=gpu_mem_gib, tp=tp, pp=pp, vpp=m.vpp,
-        sequence_parallel=bool(m.sequence_parallel and tp > 1), sp_supported=spec in ("auto", "te"), recompute=m.recompute, dtype=m.dtype,
-        grad_fp32=True, distributed_optimizer=True if dist_opt is None else dist_opt,
-        micro_batch=micro, seq_len=seq, num_microbatches=num_micro, loss_path=loss_path,
-        flash_attention=spec != "local", fused_swiglu=spec != "local",
-        ref_enable=bool(ref_enable), ref_resident=bool(ref_enable and not cfg.ref.offload),
-        critic_enable=bool(cfg.critic.enable or getattr(getattr(cfg, "gad", None), "enable", False)),
-        engine=r.engine, colocate=r.colocate, gpu_memory_utilization=r.gpu_memory_utilization,
-        rollout_seqs=math.ceil(samples / dp),
+        shape=m.shape, gpus=lay.world_size, gpu_mem_gib=gpu_mem_gib, tp=lay.tp, pp=lay.pp, vpp=lay.vpp,
+        sequence_parallel=lay.sequence_parallel, sp_supported=m.layer_spec in ("auto", "te"),
+        recompute=m.recompute, dtype=m.dtype, grad_fp32=True, distributed_optimizer=m.distributed_optimizer,
+        micro_batch=micro, seq_len=seq, num_microbatches=max(1, b.microbatches_per_mini_batch),
+        loss_path="unfused" if plan.loss_backend == "torch" else "fused",
+        flash_attention=m.layer_spec != "local", fused_swiglu=m.layer_spec != "local",
+        ref_enable=ref is not None, ref_resident=ref is not None and ref.placement == "gpu",
+        critic_enable=plan.has_role("critic") or plan.has_role("discriminator"),
+        engine=plan.rollout.engine, colocate=plan.rollout.placement == "colocated",
+        gpu_memory_utilization=plan.rollout.gpu_memory_utilization or 0.0,
+        rollout_seqs=plan.rollout.samples_per_dp_rank,
     )
     kw.update(overrides)
     return PlanInputs(**kw)
@@ -278,8 +270,6 @@ def logits_bytes(p: PlanInputs, training: bool = True) -> float:
     """Logits of one micro-batch on the last stage plus the loss path's own buffers."""
     ab = DTYPE_BYTES[p.dtype]
     elems = p.seq_len * p.micro_batch * padded_vocab(p.shape.vocab_size, p.tp) / p.tp
-    if p.loss_path == "linear":
-        return min(elems, LINEAR_CHUNK_ELEMS) * (ab + 4)
     if p.loss_path == "fused":   # b > 1: GPTModel's [s,b,v] -> [b,s,v] transpose copies the logits once
         return elems * ab * (2 if p.micro_batch > 1 else 1)
     return elems * (ab + 4 + (4 if training else 0))

@@ -1,0 +1,127 @@
+"""The world layout of a run (TP x PP x CP x DP, EP) and the model shape it is checked against.
+
+Checked once at plan time, with errors naming the config key: `world_size % (tp*pp*cp)`,
+`model.vpp` (needs pp > 1 and layers % (pp*vpp)), layers % pp, heads and KV heads % tp.
+The shape comes from `model.path` (an HF config.json or a megatron-rl checkpoint's meta),
+else from a public preset matched by the path's name (the 70B configs point at placeholder
+paths), else it is unknown and the shape checks are skipped (the summary says so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_rl.config.loader import ConfigError
+from megatron_rl.plan.memory import PRESETS, Shape, resolve_shape, shape_from_arch
+
+DEVICES = ("cpu", "cuda")
+
+# Public checkpoint names (a directory's basename, lower case, "-instruct" dropped) -> preset.
+PRESET_NAMES = {
+    "meta-llama-3-70b": "llama3-70b", "llama-3-70b": "llama3-70b", "meta-llama-3.1-70b": "llama3-70b",
+    "llama-3.1-70b": "llama3-70b", "llama-3.3-70b": "llama3-70b",
+    "qwen2-72b": "qwen2-72b", "qwen2.5-72b": "qwen2-72b",
+    "meta-llama-3-8b": "llama3-8b", "llama-3-8b": "llama3-8b", "meta-llama-3.1-8b": "llama3-8b",
+    "llama-3.1-8b": "llama3-8b", "llama-3.2-1b": "llama-1b", "smollm2-135m": "smollm2-135m",
+}
+
+
+class PlanError(ConfigError):
+    """A config the run plan cannot honour; the message names the key(s) and the numbers."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    tp: int
+    pp: int
+    vpp: int | None
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    device: str                 # cpu | cuda
+    sequence_parallel: bool     # effective: requested and tp > 1
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the memory planner and the summary need to know about the model."""
+    shape: Shape | None         # None: unknown (model.path not on this machine, no preset matched)
+    shape_source: str           # where the shape came from, or why it is unknown
+    dtype: str
+    layer_spec: str
+    recompute: str
+    distributed_optimizer: bool
+
+
+def model_shape(model_path: str, spec: str | None = None) -> tuple[Shape | None, str]:
+    """(shape, source): `spec` (preset or config.json) wins, then `model.path`'s own files,
+    then a preset matched by `model.path`'s name; (None, reason) when none applies."""
+    if spec:
+        return resolve_shape(spec), f"--shape {spec}"
+    if not model_path:
+        return None, "unknown: model.path is empty (shape checks skipped)"
+    p = Path(model_path)
+    if p.exists():
+        from megatron_rl.models.loading import read_checkpoint_arch
+        kind, arch = read_checkpoint_arch(p)
+        return shape_from_arch(arch), f"{kind} checkpoint {p}"
+    name = p.name.lower().removesuffix("-instruct")
+    if name in PRESET_NAMES:
+        preset = PRESET_NAMES[name]
+        return PRESETS[preset], f"preset {preset} (model.path not on this machine; matched its name {p.name!r})"
+    return None, f"unknown: model.path {model_path!r} does not exist here (shape checks skipped)"
+
+
+def check_expert_parallel(ep: int, etp: int, shape: Shape | None) -> None:
+    """Refuse expert parallelism until MoE lands (replace this function when it does)."""
+    for key, value in (("model.ep", ep), ("model.etp", etp)):
+        if value > 1:
+            raise PlanError(f"{key}={value}: not supported yet: expert parallelism needs a mixture-of-experts "
+                            "model (set it to 1)")
+
+
+def check_context_parallel(cp: int) -> None:
+    if cp > 1:
+        raise PlanError(f"model.cp={cp}: not supported yet: context parallelism (ring attention over the "
+                        "sequence) is not wired into the model providers (set it to 1)")
+
+
+def resolve_layout(m, world_size: int, device: str, shape: Shape | None) -> Layout:
+    """`m` is the `model:` section. Raises `PlanError` naming the key that does not fit."""
+    if device not in DEVICES:
+        raise PlanError(f"device must be one of {'|'.join(DEVICES)}, got {device!r}")
+    if world_size < 1:
+        raise PlanError(f"world size must be >= 1, got {world_size}")
+    for key in ("tp", "pp", "cp", "ep", "etp"):
+        if getattr(m, key) < 1:
+            raise PlanError(f"model.{key} must be >= 1, got {getattr(m, key)}")
+    check_context_parallel(m.cp)
+    check_expert_parallel(m.ep, m.etp, shape)
+    mp = m.tp * m.pp * m.cp
+    if world_size % mp:
+        raise PlanError(f"world size {world_size} is not divisible by model.tp * model.pp * model.cp = "
+                        f"{m.tp} * {m.pp} * {m.cp} = {mp}")
+    if m.vpp is not None:
+        if m.vpp < 1:
+            raise PlanError(f"model.vpp must be >= 1 (or null), got {m.vpp}")
+        if m.pp < 2:
+            raise PlanError(f"model.vpp={m.vpp} needs model.pp > 1 (interleaving splits pipeline stages), "
+                            f"got model.pp={m.pp}")
+    if shape is not None:
+        check_shape(m, shape)
+    return Layout(world_size=world_size, tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp,
+                  dp=world_size // mp, device=device, sequence_parallel=bool(m.sequence_parallel and m.tp > 1))
+
+
+def check_shape(m, s: Shape) -> None:
+    if m.vpp is not None and s.num_layers % (m.pp * m.vpp):
+        raise PlanError(f"model.vpp={m.vpp}: num_layers={s.num_layers} is not divisible by model.pp * model.vpp "
+                        f"= {m.pp} * {m.vpp} = {m.pp * m.vpp}")
+    if s.num_layers % m.pp:
+        raise PlanError(f"model.pp={m.pp}: num_layers={s.num_layers} is not divisible by it")
+    if s.num_kv_heads % m.tp:
+        raise PlanError(f"model.tp={m.tp}: num_kv_heads={s.num_kv_heads} is not divisible by it")
+    if s.num_heads % m.tp:
+        raise PlanError(f"model.tp={m.tp}: num_heads={s.num_heads} is not divisible by it")

@@ -1,0 +1,92 @@
+"""Which roles a run builds, and each role's batch sizes, optimizer steps and placement.
+
+- actor: always; frozen (not trainable) under the steering-predictor recipe.
+- reference: `ref.enable`, or (when that is null) a KL term (`algos.use_kl_loss`,
+  `algos.use_kl_in_reward`); `ref.offload` keeps it in host memory between uses (GPU only).
+- critic: `critic.enable`; its own micro/mini-batch sizes and epochs.
+- discriminator: `gad.enable`; `gad.d_updates` whole-batch optimizer steps per rollout,
+  none after `gad.freeze_discriminator_after`.
+- predictor: `steering.enable and steering.predictor.enable`; one step per rollout.
+"""
+from __future__ import annotations
+
+from megatron_rl.plan.batch import BatchPlan, RolePlan, split_mini_batch
+from megatron_rl.plan.layout import Layout, PlanError
+
+
+def reference_needed(cfg) -> bool:
+    if cfg.ref.enable is not None:
+        return bool(cfg.ref.enable)
+    return bool(cfg.algos.use_kl_loss or cfg.algos.use_kl_in_reward)
+
+
+def predictor_recipe(cfg) -> bool:
+    st = getattr(cfg, "steering", None)
+    return bool(getattr(st, "enable", False) and st.predictor.enable)
+
+
+def recipe(cfg) -> str:
+    """The training loop `megatron-rl train` runs (trainer/main.py picks the same way)."""
+    if getattr(getattr(cfg, "gad", None), "enable", False):
+        return "gad"
+    if predictor_recipe(cfg):
+        return "steering_predictor"
+    return "ppo" if cfg.critic.enable else "grpo"
+
+
+def _placement(layout: Layout, offload: bool) -> str:
+    if layout.device == "cpu":
+        return "cpu"
+    return "host_offload" if offload else "gpu"
+
+
+def resolve_roles(cfg, layout: Layout, batch: BatchPlan) -> tuple[RolePlan, ...]:
+    frozen_llm = predictor_recipe(cfg)
+    dp, samples = layout.dp, batch.samples_per_step
+    roles = [RolePlan("actor", "actor", trainable=not frozen_llm, offload=False, placement=_placement(layout, False),
+                      micro_batch_size=batch.micro_batch_size,
+                      mini_batch_samples=batch.mini_batch_samples if not frozen_llm else 0,
+                      mini_batch_samples_per_rank=batch.mini_batch_samples_per_rank if not frozen_llm else 0,
+                      optimizer_steps_per_rollout=batch.optimizer_steps_per_rollout,
+                      lr_horizon_steps=batch.lr_horizon_steps)]
+    if reference_needed(cfg):
+        if frozen_llm:
+            raise PlanError("ref.enable / algos.use_kl_loss / algos.use_kl_in_reward: the steering-predictor "
+                            "recipe (steering.predictor.enable) keeps the LLM frozen and has no KL term or "
+                            "reference; turn them off")
+        off = bool(cfg.ref.offload and layout.device == "cuda")
+        roles.append(RolePlan("reference", "reference", trainable=False, offload=off,
+                              placement=_placement(layout, off), micro_batch_size=batch.micro_batch_size,
+                              mini_batch_samples=0, mini_batch_samples_per_rank=0, optimizer_steps_per_rollout=0,
+                              lr_horizon_steps=0))
+    c = cfg.critic
+    if c.enable:
+        if c.ppo_epochs < 1:
+            raise PlanError(f"critic.ppo_epochs must be >= 1, got {c.ppo_epochs}")
+        key, mini = ("critic.mini_batch_size", c.mini_batch_size)
+        if mini == -1:
+            key, mini = "actor.mini_batch_size (critic.mini_batch_size: -1)", cfg.actor.mini_batch_size
+        mini, per_epoch = split_mini_batch(key, mini, samples, dp)
+        steps = c.ppo_epochs * per_epoch
+        roles.append(RolePlan("critic", "critic", trainable=True, offload=False, placement=_placement(layout, False),
+                              micro_batch_size=c.micro_batch_size or batch.micro_batch_size,
+                              mini_batch_samples=mini, mini_batch_samples_per_rank=mini // dp,
+                              optimizer_steps_per_rollout=steps, lr_horizon_steps=cfg.trainer.total_steps * steps))
+    g = getattr(cfg, "gad", None)
+    if getattr(g, "enable", False):
+        total = cfg.trainer.total_steps
+        trained = total if g.freeze_discriminator_after is None else min(total, g.freeze_discriminator_after)
+        roles.append(RolePlan("discriminator", "discriminator", trainable=True, offload=False,
+                              placement=_placement(layout, False), micro_batch_size=g.d_micro_batch_size,
+                              mini_batch_samples=samples, mini_batch_samples_per_rank=samples // dp,
+                              optimizer_steps_per_rollout=g.d_updates, lr_horizon_steps=trained * g.d_updates))
+    if frozen_llm:
+        p = cfg.steering.predictor
+        if cfg.rollout.n != p.n_samples:
+            raise PlanError(f"rollout.n={cfg.rollout.n} must equal steering.predictor.n_samples={p.n_samples} "
+                            "(one GRPO group of sampled strengths per prompt)")
+        roles.append(RolePlan("predictor", "predictor", trainable=True, offload=False,
+                              placement=_placement(layout, False), micro_batch_size=batch.samples_per_dp_rank,
+                              mini_batch_samples=samples, mini_batch_samples_per_rank=samples // dp,
+                              optimizer_steps_per_rollout=1, lr_horizon_steps=cfg.trainer.total_steps))
+    return tuple(roles)

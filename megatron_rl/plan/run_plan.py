@@ -1,0 +1,161 @@
+"""The resolved run plan: config + world layout -> one immutable `RunPlan`, checked once.
+
+    plan = resolve_plan(cfg, world_size=64, device="cuda")
+    plan.batch.optimizer_steps_per_rollout, plan.batch.lr_horizon_steps, plan.role("reference").placement
+    print(plan.summary())
+
+The trainer, the memory planner and `megatron-rl plan` read the plan instead of
+re-deriving batch arithmetic; an option the plan cannot honour is refused here, by
+name (`PlanError`, a `ConfigError`). Pure python: no process groups, no GPU.
+Meanings of the batch keys: `megatron_rl/plan/batch.py` and docs/run_plan.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
+from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
+from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
+
+FUSED_LOSS = {"auto": None, "on": "triton", "off": "torch"}   # actor.fused_loss -> kernels backend name
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    engine: str                 # native | vllm
+    placement: str              # colocated (the engine shares the training GPUs)
+    samples_per_dp_rank: int
+    max_new_tokens: int
+    gpu_memory_utilization: float | None   # vLLM only
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The memory planner's per-GPU estimate (plan/memory.py), GiB; read-only."""
+    gpu_mem_gib: float
+    peak_gib: float
+    peak_phase: str
+    fits: bool
+    stage: str
+    components_gib: dict[str, float]
+    phases_gib: dict[str, float]
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    recipe: str                 # grpo | ppo | gad | steering_predictor
+    layout: Layout
+    model: ModelPlan
+    batch: BatchPlan
+    roles: tuple[RolePlan, ...]
+    loss_backend: str | None    # None: the kernels pick (Triton on CUDA) | torch | triton
+    token_weights_apply_to: str
+    rollout: RolloutPlan
+    memory: MemoryEstimate | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def role(self, name: str) -> RolePlan:
+        for r in self.roles:
+            if r.name == name:
+                return r
+        raise KeyError(f"run plan has no role {name!r}; roles: {[r.name for r in self.roles]}")
+
+    def has_role(self, name: str) -> bool:
+        return any(r.name == name for r in self.roles)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write_json(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def summary(self) -> str:
+        from megatron_rl.plan.summary import format_summary
+        return format_summary(self)
+
+
+def loss_backend(setting: str, device: str) -> str | None:
+    if setting not in FUSED_LOSS:
+        raise PlanError(f"actor.fused_loss must be auto|on|off, got {setting!r}")
+    if setting == "on" and device != "cuda":
+        raise PlanError("actor.fused_loss=on needs a CUDA GPU (Triton); use auto or off on CPU")
+    return FUSED_LOSS[setting]
+
+
+def resolve_rollout(cfg, layout: Layout, batch: BatchPlan) -> RolloutPlan:
+    r = cfg.rollout
+    if r.engine not in ("native", "vllm"):
+        raise PlanError(f"rollout.engine must be native|vllm, got {r.engine!r}")
+    if r.engine == "vllm" and layout.device != "cuda":
+        raise PlanError("rollout.engine=vllm needs device cuda; use rollout.engine=native on CPU")
+    if not r.colocate:
+        raise PlanError("rollout.colocate=false: disaggregated placement (the engine on its own GPUs) is not "
+                        "implemented yet; the engine shares the training GPUs (rollout.vllm.sleep_level: 0 keeps "
+                        "vLLM awake during training)")
+    return RolloutPlan(engine=r.engine, placement="colocated", samples_per_dp_rank=batch.samples_per_dp_rank,
+                       max_new_tokens=r.max_new_tokens,
+                       gpu_memory_utilization=r.gpu_memory_utilization if r.engine == "vllm" else None)
+
+
+def _apply_to(cfg) -> str:
+    tw = getattr(cfg, "token_weights", None)
+    if tw is not None and getattr(tw, "source", "none") != "none":
+        return tw.apply_to
+    return cfg.algos.token_weights_apply_to
+
+
+def _notes(cfg, layout: Layout, model: ModelPlan, batch: BatchPlan) -> list[str]:
+    notes = []
+    if model.shape is None:
+        notes.append(f"model shape {model.shape_source}; pass --shape PRESET|config.json to check layers/heads "
+                     "and estimate memory")
+    if cfg.ref.offload and layout.device == "cpu":
+        notes.append("ref.offload has no effect on cpu (the reference already lives in host memory)")
+    if cfg.model.sequence_parallel and cfg.model.tp == 1:
+        notes.append("model.sequence_parallel is off at model.tp=1")
+    if batch.lr_horizon_steps and batch.lr_warmup_steps >= batch.lr_horizon_steps:
+        notes.append(f"actor.optim.lr_warmup_steps={batch.lr_warmup_steps} >= the LR horizon "
+                     f"({batch.lr_horizon_steps} optimizer steps): the LR never reaches actor.optim.lr")
+    return notes
+
+
+def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
+                 gpu_mem_gib: float = 80.0, overhead_gib: float = 2.5) -> RunPlan:
+    """The plan of `cfg` on `world_size` ranks of `device` ("cpu" | "cuda").
+
+    `shape`: a memory-planner preset or an HF config.json, for a `model.path` that is not on
+    this machine (default: read `model.path`, else match its name against the presets).
+    The memory estimate (cuda only, known shape) assumes `gpu_mem_gib` GPUs."""
+    if cfg.algos.adv_estimator == "gae" and not cfg.critic.enable:
+        raise PlanError("algos.adv_estimator=gae needs values from a critic: set critic.enable=true "
+                        "(or choose another algos.adv_estimator, e.g. grpo)")
+    m = cfg.model
+    shp, source = model_shape(m.path, shape)
+    layout = resolve_layout(m, world_size, device, shp)
+    dist_opt = cfg.actor.optim.distributed_optimizer
+    if dist_opt is None:                  # as trainer/build.py: on for GPU, off on CPU
+        dist_opt = device == "cuda"
+    model = ModelPlan(shape=shp, shape_source=source, dtype=m.dtype, layer_spec=m.layer_spec,
+                      recompute=m.recompute, distributed_optimizer=bool(dist_opt))
+    batch = resolve_batch(cfg, layout, actor_trainable=not predictor_recipe(cfg))
+    roles = resolve_roles(cfg, layout, batch)
+    plan = RunPlan(recipe=recipe(cfg), layout=layout, model=model, batch=batch, roles=roles,
+                   loss_backend=loss_backend(cfg.actor.fused_loss, device), token_weights_apply_to=_apply_to(cfg),
+                   rollout=resolve_rollout(cfg, layout, batch), notes=tuple(_notes(cfg, layout, model, batch)))
+    if shp is not None and device == "cuda":
+        plan = dataclasses.replace(plan, memory=estimate_memory(plan, gpu_mem_gib, overhead_gib))
+    return plan
+
+
+def estimate_memory(plan: RunPlan, gpu_mem_gib: float = 80.0, overhead_gib: float = 2.5) -> MemoryEstimate:
+    from megatron_rl.plan import memory as mp
+    est = mp.estimate(mp.inputs_from_plan(plan, gpu_mem_gib=gpu_mem_gib, overhead_gib=overhead_gib))
+    return MemoryEstimate(gpu_mem_gib=gpu_mem_gib, peak_gib=est.peak / mp.GiB, peak_phase=est.peak_phase,
+                          fits=est.fits, stage=est.stage,
+                          components_gib={k: v / mp.GiB for k, v in est.components.items()},
+                          phases_gib={k: v / mp.GiB for k, v in est.phases.items()}, notes=tuple(est.notes))
