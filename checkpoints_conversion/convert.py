@@ -97,7 +97,7 @@ def mcore_to_hf(mcore_dir, out_dir, dtype: str | None = None, max_shard_gb: floa
     if tmp.exists():
         shutil.rmtree(tmp)
     writer = HFShardedWriter(tmp, int(max_shard_gb * 1024**3))
-    n_hf = sum(len(find_rule(g)[0].hf) for g in global_param_names(arch))
+    n_hf = sum(len(find_rule(g, arch)[0].hf) for g in global_param_names(arch))
     bar = _progress(n_hf, "mcore-to-hf")
     for name, t in iter_hf_weights(model, arch):
         writer.add(name, t.to(parse_dtype(dtype)) if dtype else t)

@@ -15,15 +15,31 @@ TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden
 
 
 def make_tiny_hf(out_dir, family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> str:
-    """Save a random tiny LlamaForCausalLM / Qwen2ForCausalLM as an HF directory."""
+    """Save a random tiny HF causal LM (llama, qwen2, qwen3, qwen3_moe, mixtral) as an HF directory."""
     import transformers
 
-    cfg = dict(TINY_LLAMA, tie_word_embeddings=tie, **overrides)
+    cfg = dict(TINY_LLAMA, tie_word_embeddings=tie)
     if family == "qwen2":
-        cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+        cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", **overrides)
         config = transformers.Qwen2Config(**cfg)
         cls = transformers.Qwen2ForCausalLM
+    elif family == "qwen3":     # head_dim 24 != hidden/heads: kv_channels is really tested
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=24, **overrides)
+        config = transformers.Qwen3Config(**cfg)
+        cls = transformers.Qwen3ForCausalLM
+    elif family == "qwen3_moe":  # 4 experts, top-2, layer 1 dense (mlp_only_layers)
+        cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", head_dim=24, num_experts=4,
+                   num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1])
+        cfg.update(overrides)
+        config = transformers.Qwen3MoeConfig(**cfg)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif family == "mixtral":
+        cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+                   num_experts_per_tok=2, intermediate_size=48, **overrides)
+        config = transformers.MixtralConfig(**cfg)
+        cls = transformers.MixtralForCausalLM
     else:
+        cfg.update(overrides)
         config = transformers.LlamaConfig(**cfg)
         cls = transformers.LlamaForCausalLM
     torch.manual_seed(seed)

@@ -1,6 +1,8 @@
 """HF `config.json` -> a small typed model description, and from it a Megatron
-`TransformerConfig`. Supported families: Llama (SmolLM2, Llama-2/3/3.1) and Qwen2.
-Anything we cannot reproduce exactly is an error naming the config field.
+`TransformerConfig`. Supported families: Llama (SmolLM2, Llama-2/3/3.1), Qwen2, Qwen3
+(QK-norm, free head_dim) and the mixture-of-experts Qwen3-MoE and Mixtral (see
+`megatron_rl.models.moe`). Anything we cannot reproduce exactly is an error naming the
+config field.
 """
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
 @dataclass
 class ModelArch:
-    family: str                 # "llama" | "qwen2"
+    family: str                 # a value of SUPPORTED_ARCHITECTURES
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -30,6 +34,17 @@ class ModelArch:
     qkv_bias: bool
     rope_scaling_factor: float | None = None   # llama3-style rope scaling
     hf_architecture: str = "LlamaForCausalLM"
+    qk_layernorm: bool = False                 # Qwen3: RMSNorm on q and k per head
+    # Mixture of experts (num_experts 0 = dense). moe_layers[i] is 1 for a sparse layer i.
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = True            # renormalise the top-k probabilities
+    moe_layers: list[int] | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +81,13 @@ def arch_from_hf_config(path_or_dict) -> ModelArch:
         raise ValueError("config.json field 'mlp_bias' = true is not supported")
     if family == "llama" and cfg.get("attention_bias", False):
         raise ValueError("config.json field 'attention_bias' = true is not supported for Llama")
-    if family == "qwen2" and cfg.get("use_sliding_window", False):
+    if family in ("qwen3", "qwen3_moe") and cfg.get("attention_bias", False):
+        raise ValueError(f"config.json field 'attention_bias' = true is not supported for {arch}")
+    if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window", False):
         raise ValueError("config.json field 'use_sliding_window' = true is not supported")
+    if family == "mixtral" and cfg.get("sliding_window") is not None:
+        raise ValueError(f"config.json field 'sliding_window' = {cfg['sliding_window']!r} is not supported "
+                         "(only null: full attention)")
     rope_scaling = cfg.get("rope_scaling")
     factor = None
     if rope_scaling:
@@ -85,6 +105,7 @@ def arch_from_hf_config(path_or_dict) -> ModelArch:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     rope_params = cfg.get("rope_parameters") or {}
     rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    moe = moe_fields_from_hf(cfg, family, cfg["num_hidden_layers"]) if family in MOE_FAMILIES else {}
     return ModelArch(
         family=family,
         num_layers=cfg["num_hidden_layers"],
@@ -101,7 +122,38 @@ def arch_from_hf_config(path_or_dict) -> ModelArch:
         qkv_bias=(family == "qwen2"),
         rope_scaling_factor=factor,
         hf_architecture=arch,
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
+        **moe,
     )
+
+
+def moe_fields_from_hf(cfg: dict, family: str, num_layers: int) -> dict:
+    """ModelArch MoE fields of a Qwen3-MoE or Mixtral config.json."""
+    experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if not experts:
+        raise ValueError("config.json field 'num_experts' (or 'num_local_experts') is missing or 0")
+    if family == "mixtral":
+        if cfg.get("router_jitter_noise", 0.0):
+            raise ValueError(f"config.json field 'router_jitter_noise' = {cfg['router_jitter_noise']} "
+                             "is not supported (only 0)")
+        return dict(num_experts=int(experts), moe_top_k=int(cfg["num_experts_per_tok"]),
+                    moe_ffn_hidden_size=int(cfg["intermediate_size"]), moe_norm_topk_prob=True,
+                    moe_layers=[1] * num_layers)
+    if cfg.get("shared_expert_intermediate_size"):
+        raise ValueError("config.json field 'shared_expert_intermediate_size' is not supported for Qwen3-MoE")
+    step = int(cfg.get("decoder_sparse_step", 1))
+    if step < 1:
+        raise ValueError(f"config.json field 'decoder_sparse_step' = {step} must be >= 1")
+    dense = set(cfg.get("mlp_only_layers") or [])
+    bad = sorted(i for i in dense if not 0 <= i < num_layers)
+    if bad:
+        raise ValueError(f"config.json field 'mlp_only_layers' has layer indices {bad} outside "
+                         f"0..{num_layers - 1}")
+    # transformers: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0
+    layers = [int(i not in dense and (i + 1) % step == 0) for i in range(num_layers)]
+    return dict(num_experts=int(experts), moe_top_k=int(cfg["num_experts_per_tok"]),
+                moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+                moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), moe_layers=layers)
 
 
 def arch_to_hf_config(arch: ModelArch, dtype: str = "float32") -> dict:
@@ -127,9 +179,18 @@ def arch_to_hf_config(arch: ModelArch, dtype: str = "float32") -> dict:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": arch.rope_scaling_factor,
                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 8192}
-    if arch.family == "llama":
+    if arch.family in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = False
+    if arch.family == "llama":
         cfg["mlp_bias"] = False
+    if arch.family == "qwen3_moe":
+        sparse = arch.moe_layers or [1] * arch.num_layers
+        cfg.update(num_experts=arch.num_experts, num_experts_per_tok=arch.moe_top_k,
+                   moe_intermediate_size=arch.moe_ffn_hidden_size, norm_topk_prob=arch.moe_norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[i for i, s in enumerate(sparse) if not s])
+    if arch.family == "mixtral":
+        cfg.update(num_local_experts=arch.num_experts, num_experts_per_tok=arch.moe_top_k,
+                   intermediate_size=arch.moe_ffn_hidden_size, sliding_window=None)
     return cfg
 
 

@@ -59,8 +59,15 @@ def resolve_layer_spec_name(name: str) -> str:
     return "sdpa" if "sdpa" in LAYER_SPECS else "local"
 
 
-def get_layer_spec(name: str = "auto", qk_layernorm: bool = False):
-    return LAYER_SPECS[resolve_layer_spec_name(name)](qk_layernorm=qk_layernorm)
+def get_layer_spec(name: str = "auto", qk_layernorm: bool = False, config=None, vp_stage: int | None = None):
+    """The layer spec (a dense `ModuleSpec`), or for a mixture-of-experts `config`
+    (`num_moe_experts` set) the block spec of this pipeline stage's layers."""
+    name = resolve_layer_spec_name(name)
+    spec = LAYER_SPECS[name](qk_layernorm=qk_layernorm)
+    if config is not None and config.num_moe_experts:
+        from megatron_rl.models.moe import moe_block_spec
+        return moe_block_spec(spec, name, config, qk_layernorm, vp_stage)
+    return spec
 
 
 def _load_optional_specs() -> None:

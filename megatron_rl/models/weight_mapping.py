@@ -5,13 +5,16 @@ Each `ParamRule` names a Megatron parameter (local-spec names, `{L}` = global la
 index), the HF tensors it is made of, how they are fused (`copy`, `qkv`,
 `gate_up`) and how the fused tensor is split over tensor-parallel ranks
 (`tp_dim` 0 = column/vocab parallel, 1 = row parallel, None = replicated).
+Mixture-of-experts rules carry `{E}` (the global expert index) and `expert=True`:
+they are split over the expert-tensor-parallel group and spread over expert-parallel
+ranks. Their HF names depend on the family (`MOE_RULES`), so `find_rule` takes the arch.
 Transformer Engine specs fuse the norms into the following linear layer; `TE_RENAMES`
 translates those names.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,6 +28,7 @@ class ParamRule:
     fuse: str = "copy"          # copy | qkv | gate_up
     tp_dim: int | None = None
     vocab: bool = False         # vocab-parallel: padded to a multiple of tp
+    expert: bool = False        # an expert weight: etp-sharded, one EP rank holds it
 
 
 _L = "model.layers.{L}."
@@ -46,12 +50,43 @@ RULES: tuple[ParamRule, ...] = (
     ParamRule("output_layer.weight", ("lm_head.weight",), tp_dim=0, vocab=True),
 )
 
+QK_NORM_RULES: tuple[ParamRule, ...] = (
+    ParamRule("decoder.layers.{L}.self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",)),
+    ParamRule("decoder.layers.{L}.self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",)),
+)
+_DENSE_MLP = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
+_ROUTER = "decoder.layers.{L}.mlp.router.weight"
+_FC1 = "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight"
+_FC2 = "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight"
+
+
+def _moe_rules(router: str, gate: str, up: str, down: str) -> tuple[ParamRule, ...]:
+    return (ParamRule(_ROUTER, (_L + router,)),
+            ParamRule(_FC1, (_L + gate, _L + up), fuse="gate_up", tp_dim=0, expert=True),
+            ParamRule(_FC2, (_L + down,), tp_dim=1, expert=True))
+
+
+MOE_RULES: dict[str, tuple[ParamRule, ...]] = {
+    "qwen3_moe": _moe_rules("mlp.gate.weight", "mlp.experts.{E}.gate_proj.weight",
+                            "mlp.experts.{E}.up_proj.weight", "mlp.experts.{E}.down_proj.weight"),
+    "mixtral": _moe_rules("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{E}.w1.weight",
+                          "block_sparse_moe.experts.{E}.w3.weight", "block_sparse_moe.experts.{E}.w2.weight"),
+}
+
 TE_RENAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
 
-_RULE_RES = [(re.compile("^" + re.escape(r.mcore).replace(r"\{L\}", r"(\d+)") + "$"), r) for r in RULES]
+
+
+def _rx(rule: ParamRule) -> re.Pattern:
+    pat = re.escape(rule.mcore).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+    return re.compile("^" + pat + "$")
+
+
+_RULE_RES = [(_rx(r), r) for r in RULES + QK_NORM_RULES]
+_MOE_RES = {fam: [(_rx(r), r) for r in rules] for fam, rules in MOE_RULES.items()}
 
 
 def canonical_name(name: str) -> str:
@@ -62,12 +97,30 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def find_rule(mcore_name: str) -> tuple[ParamRule, int | None]:
-    """The rule for a (canonical, global-layer) Megatron name and its layer index."""
+def find_rule(mcore_name: str, arch: ModelArch | None = None) -> tuple[ParamRule, int | None]:
+    """The rule for a (canonical, global-layer, global-expert) Megatron name and its layer.
+
+    An expert rule comes back bound to its expert index (`{E}` filled in), so
+    `hf_names(rule, layer)` is complete; expert names need `arch` (the HF names
+    depend on the family).
+    """
     for rx, rule in _RULE_RES:
         m = rx.match(mcore_name)
         if m:
-            return rule, (int(m.group(1)) if m.groups() else None)
+            return rule, (int(m.group("L")) if "L" in m.groupdict() else None)
+    if ".mlp.router." in mcore_name or ".mlp.experts." in mcore_name:
+        if arch is None or arch.family not in _MOE_RES:
+            raise KeyError(f"Megatron parameter {mcore_name!r} is a mixture-of-experts weight: its HF name "
+                           f"needs a MoE arch (families {sorted(MOE_RULES)}), got "
+                           f"{None if arch is None else arch.family!r}")
+        for rx, rule in _MOE_RES[arch.family]:
+            m = rx.match(mcore_name)
+            if m:
+                e = m.groupdict().get("E")
+                if e is not None:
+                    rule = replace(rule, mcore=rule.mcore.replace("{E}", e),
+                                   hf=tuple(h.replace("{E}", e) for h in rule.hf))
+                return rule, int(m.group("L"))
     raise KeyError(f"unknown Megatron parameter name {mcore_name!r}: no HF mapping rule matches")
 
 
@@ -79,7 +132,31 @@ def rules_for(arch: ModelArch) -> list[ParamRule]:
         if r.mcore == "output_layer.weight" and arch.tie_word_embeddings:
             continue
         out.append(r)
+    if arch.qk_layernorm:
+        proj = next(i for i, r in enumerate(out) if r.mcore.endswith("linear_proj.weight"))
+        out[proj:proj] = QK_NORM_RULES      # HF order: q/k norms sit in self_attn
     return out
+
+
+def is_moe_layer(arch: ModelArch, layer: int) -> bool:
+    return arch.is_moe and bool((arch.moe_layers or [1] * arch.num_layers)[layer])
+
+
+def layer_param_names(arch: ModelArch, layer: int) -> list[str]:
+    """Megatron names of one decoder layer (all experts, global indices)."""
+    names = []
+    for r in rules_for(arch):
+        if "{L}" not in r.mcore:
+            continue
+        if is_moe_layer(arch, layer) and r.mcore.endswith(_DENSE_MLP):
+            if r.mcore.endswith("linear_fc1.weight"):
+                continue
+            names.append(_ROUTER.format(L=layer))
+            for e in range(arch.num_experts):
+                names += [_FC1.format(L=layer, E=e), _FC2.format(L=layer, E=e)]
+            continue
+        names.append(r.mcore.format(L=layer))
+    return names
 
 
 def global_param_names(arch: ModelArch) -> list[str]:
@@ -91,9 +168,36 @@ def global_param_names(arch: ModelArch) -> list[str]:
         if r.mcore.startswith("embedding"):
             names.append(r.mcore)
     for layer in range(arch.num_layers):
-        names += [r.mcore.format(L=layer) for r in rules_for(arch) if "{L}" in r.mcore]
+        names += layer_param_names(arch, layer)
     names += [r.mcore for r in rules_for(arch) if "{L}" not in r.mcore and not r.mcore.startswith("embedding")]
     return names
+
+
+def global_shape(gname: str, arch: ModelArch) -> tuple[int, ...]:
+    """The full (TP=1) shape of a canonical global Megatron parameter."""
+    h, hd = arch.hidden_size, arch.head_dim
+    tail = gname.split(".", 3)[-1] if gname.startswith("decoder.layers.") else gname
+    tail = re.sub(r"^mlp\.experts\.local_experts\.\d+\.", "expert.", tail)
+    shapes = {
+        "embedding.word_embeddings.weight": (arch.vocab_size, h),
+        "output_layer.weight": (arch.vocab_size, h),
+        "decoder.final_layernorm.weight": (h,),
+        "input_layernorm.weight": (h,),
+        "pre_mlp_layernorm.weight": (h,),
+        "self_attention.linear_qkv.weight": ((arch.num_heads + 2 * arch.num_kv_heads) * hd, h),
+        "self_attention.linear_qkv.bias": ((arch.num_heads + 2 * arch.num_kv_heads) * hd,),
+        "self_attention.q_layernorm.weight": (hd,),
+        "self_attention.k_layernorm.weight": (hd,),
+        "self_attention.linear_proj.weight": (h, arch.num_heads * hd),
+        "mlp.linear_fc1.weight": (2 * arch.ffn_hidden_size, h),
+        "mlp.linear_fc2.weight": (h, arch.ffn_hidden_size),
+        "mlp.router.weight": (arch.num_experts, h),
+        "expert.linear_fc1.weight": (2 * arch.moe_ffn_hidden_size, h),
+        "expert.linear_fc2.weight": (h, arch.moe_ffn_hidden_size),
+    }
+    if tail not in shapes:
+        raise KeyError(f"no global shape known for Megatron parameter {gname!r}")
+    return shapes[tail]
 
 
 def hf_names(rule: ParamRule, layer: int | None) -> list[str]:

@@ -1,0 +1,93 @@
+"""Mixture-of-experts models on Megatron-Core's MoE layer (Qwen3-MoE, Mixtral).
+
+Two pieces the provider asks for:
+- `moe_transformer_kwargs(arch, moe)`: the `TransformerConfig` MoE fields that
+  reproduce HF routing (softmax over fp32 router logits, top-k, renormalised or not)
+  plus the training-only options of `model.moe`. Routing is dropless (no capacity
+  factor), experts are `SequentialMLP`s (no grouped GEMM: it needs TE or the
+  grouped_gemm package, and the HF per-expert names map one to one).
+- `moe_block_spec(dense_spec, ...)`: per-layer specs for this pipeline stage, the
+  MoE layer where `arch.moe_layers` says so (Megatron's `moe_layer_freq` list) and the
+  dense spec elsewhere.
+
+HF routing vs Megatron: HF takes softmax over all experts, then top-k, then (with
+`norm_topk_prob`, always in Mixtral) divides by the top-k sum. Softmax is monotone and
+renormalising equals a softmax over the top-k logits, which is Megatron's default
+(`moe_router_pre_softmax=False`); without renormalisation it is Megatron's
+pre-softmax mode.
+"""
+from __future__ import annotations
+
+import copy
+
+from megatron_rl.models.hf_config import ModelArch
+from megatron_rl.models.moe_config import MoEConfig
+
+
+def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None) -> dict:
+    """MoE fields for `TransformerConfig` ({} for dense archs)."""
+    from megatron.core import parallel_state as mpu
+
+    moe = moe or MoEConfig()
+    ep = mpu.get_expert_model_parallel_world_size()
+    etp = mpu.get_expert_tensor_parallel_world_size()
+    if not arch.is_moe:
+        return {}
+    if arch.moe_top_k == 1 and arch.moe_norm_topk_prob:
+        raise ValueError("num_experts_per_tok=1 with renormalised top-k probabilities (norm_topk_prob / Mixtral) "
+                         "is not supported: every token's weight is 1 and the router gets no gradient")
+    if arch.num_experts % ep:
+        raise ValueError(f"num_experts={arch.num_experts} is not divisible by model.ep={ep}")
+    layers = list(arch.moe_layers or [1] * arch.num_layers)
+    if len(layers) != arch.num_layers:
+        raise ValueError(f"arch.moe_layers has {len(layers)} entries for {arch.num_layers} layers")
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_top_k,
+        moe_layer_freq=layers,
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype=None if moe.router_dtype == "model" else moe.router_dtype,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=float(moe.aux_loss_coef),
+        moe_z_loss_coeff=float(moe.z_loss_coef) if moe.z_loss_coef > 0 else None,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+def moe_layer_spec(dense_spec, spec_name: str, qk_layernorm: bool, num_experts: int):
+    """The dense layer spec with its MLP replaced by Megatron's `MoELayer` (SequentialMLP experts)."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+
+    if spec_name == "te":
+        # TE fuses pre_mlp_layernorm into linear_fc1 in dense layers only; Megatron's TE
+        # spec builds the MoE variant with a separate norm.
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=qk_layernorm)
+    spec = copy.deepcopy(dense_spec)
+    spec.submodules.mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
+                                                          moe_grouped_gemm=False)
+    return spec
+
+
+def moe_block_spec(dense_spec, spec_name: str, config, qk_layernorm: bool, vp_stage: int | None = None):
+    """`TransformerBlockSubmodules` for this (virtual) pipeline stage's layers."""
+    from megatron.core.transformer.transformer_block import (LayerNormImpl, TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    sparse = moe_layer_spec(dense_spec, spec_name, qk_layernorm, config.num_moe_experts)
+    pattern = config.moe_layer_freq
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    specs = [sparse if pattern[i] else dense_spec for i in range(offset, offset + n)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
