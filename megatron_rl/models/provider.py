@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from megatron_rl.models.hf_config import ModelArch, parse_dtype
 from megatron_rl.models.layer_specs import get_layer_spec, resolve_layer_spec_name
+from megatron_rl.models.moe import moe_transformer_kwargs
+from megatron_rl.models.moe_config import MoEConfig
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -15,7 +17,7 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | None = None,
-                       sequence_parallel: bool = False, **overrides):
+                       sequence_parallel: bool = False, moe: MoEConfig | None = None, **overrides):
     from megatron.core import parallel_state as mpu
     from megatron.core.transformer import TransformerConfig
 
@@ -67,6 +69,7 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     elif recompute not in (None, "none"):
         raise ValueError(f"recompute must be none|selective|full, got {recompute!r}")
+    kwargs.update(qk_layernorm=arch.qk_layernorm, **moe_transformer_kwargs(arch, moe))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -124,7 +127,7 @@ def _build_gpt(arch: ModelArch, cfg, layer_spec: str, vp_stage: int | None):
     from megatron.core.models.gpt import GPTModel
 
     spec_name = resolve_layer_spec_name(layer_spec)
-    spec = get_layer_spec(spec_name)
+    spec = get_layer_spec(spec_name, qk_layernorm=arch.qk_layernorm, config=cfg, vp_stage=vp_stage)
     tp = mpu.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config=cfg,
