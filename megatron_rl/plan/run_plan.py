@@ -114,6 +114,9 @@ def _notes(cfg, layout: Layout, model: ModelPlan, batch: BatchPlan) -> list[str]
     if model.shape is None:
         notes.append(f"model shape {model.shape_source}; pass --shape PRESET|config.json to check layers/heads "
                      "and estimate memory")
+    if predictor_recipe(cfg):
+        notes.append("steering predictor recipe: the LLM is frozen, so actor.optim, actor.mini_batch_size and "
+                     "actor.ppo_epochs are unused")
     if cfg.ref.offload and layout.device == "cpu":
         notes.append("ref.offload has no effect on cpu (the reference already lives in host memory)")
     if cfg.model.sequence_parallel and cfg.model.tp == 1:

@@ -13,7 +13,7 @@ def _layout_line(plan) -> str:
 def format_summary(plan) -> str:
     b, m = plan.batch, plan.model
     micro = (f"packed, <= {b.max_tokens_per_microbatch} tokens" if b.max_tokens_per_microbatch
-             else f"{b.micro_batch_size} rows")
+             else f"{b.micro_batch_size} rows per forward")
     backend = plan.loss_backend or "kernels pick (triton on CUDA, else torch)"
     rows = [
         ("recipe", plan.recipe),
