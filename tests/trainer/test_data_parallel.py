@@ -87,8 +87,8 @@ def test_dp_adaptive_kl_coefficient_is_the_global_batch_one(tiny_run, tmp_path):
     overrides = keep + [
         f"data.train_files=[{train}]", "data.train_batch_size=4", "data.shuffle=false", "reward.name=length",
         f"reward.custom_functions={{length: '{tmp_path / 'length.py'}:length'}}", "reward.num_workers=0",
-        "algos.use_kl_in_reward=true", "algos.kl_in_reward_kind=low_var_kl", "algos.kl_ctrl=adaptive", f"algos.kl_coef={KL_INIT}",
-        f"algos.target_kl={KL_TARGET}", f"algos.kl_horizon={KL_HORIZON}", "trainer.val_before_train=false"]
+        "algos.use_kl_in_reward=true", "algos.kl_in_reward_kind=low_var_kl", "algos.kl_ctrl=adaptive",
+        f"algos.kl_coef={KL_INIT}", f"algos.target_kl={KL_TARGET}", f"algos.kl_horizon={KL_HORIZON}", "trainer.val_before_train=false"]
     out = str(tmp_path / "kl")
     run_multiproc(_dp_kl_train, 2, (overrides, out))
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
