@@ -3,12 +3,16 @@ strength predictor. The LLM is frozen: its parameters must have requires_grad Fa
 them may reach this optimizer (asserted at construction)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from megatron_rl.steering.config import PredictorConfig
 from megatron_rl.steering.predictor import StrengthPredictor, predictor_pg_loss
+
+
+PREDICTOR_FILE = "predictor.pt"
 
 
 def _params(modules) -> list[torch.nn.Parameter]:
@@ -97,6 +101,27 @@ class StrengthPredictorTrainer:
         self.predictor.load_state_dict(state["predictor"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state.get("steps", 0))
+
+    # --- role lifecycle (megatron_rl/trainer/roles.py) ----------------------------------
+    def offload(self) -> None:
+        """Nothing to move: the predictor is a small MLP next to a frozen LLM."""
+
+    def onload(self) -> None:
+        """Nothing to move (see `offload`)."""
+
+    def save_checkpoint(self, ckpt_dir, name: str) -> None:
+        """Rank 0 writes `predictor.pt` (the replicas are identical: gradients are DP-averaged)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(self.state_dict(), Path(ckpt_dir) / PREDICTOR_FILE)
+
+    def load_checkpoint(self, ckpt_dir, name: str) -> None:
+        f = Path(ckpt_dir) / PREDICTOR_FILE
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: not a strength-predictor checkpoint (trainer.resume={ckpt_dir}); "
+                                    f"an LLM-training checkpoint cannot resume predictor training")
+        self.load_state_dict(torch.load(f, weights_only=False))
 
 
 def _average_grads_over_dp(module: torch.nn.Module) -> None:

@@ -1,34 +1,48 @@
-"""Building the roles: actor (Megatron DDP + optimizer + LR schedule) and reference."""
+"""One builder for every model role: load the trunk for this rank's layout, then (for a
+trained role) Megatron DDP, Megatron's optimizer and the LR schedule over the plan's
+horizon in optimizer steps. Actor, critic and discriminator differ only in their path,
+head, optimizer section and batch sizes, which the run plan gives each of them."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from megatron_rl.config.schema import Config, OptimConfig
 from megatron_rl.models import load_checkpoint
-from megatron_rl.trainer.policy import Policy
 
 
 def fused_backend(setting: str) -> str | None:
-    """actor.fused_loss: auto -> kernels pick (Triton on CUDA); off -> the torch reference."""
+    """actor.fused_loss: auto -> kernels pick (Triton on CUDA); on -> Triton; off -> the
+    pure-torch loss (`kernels.backends` name "torch")."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"actor.fused_loss must be auto|on|off, got {setting!r}")
     if setting == "off":
-        return "reference"
-    if setting == "on" and not torch.cuda.is_available():
-        raise ValueError("actor.fused_loss: on needs a CUDA GPU (Triton); use auto or off on CPU")
+        return "torch"
+    if setting == "on":
+        if not torch.cuda.is_available():
+            raise ValueError("actor.fused_loss: on needs a CUDA GPU (Triton); use auto or off on CPU")
+        return "triton"
     return None
 
 
+def use_distributed_optimizer(optim: OptimConfig) -> bool:
+    """`*.optim.distributed_optimizer`: None means on for GPU, off on CPU."""
+    return torch.cuda.is_available() if optim.distributed_optimizer is None else optim.distributed_optimizer
+
+
 def build_optimizer(ddp_model, optim: OptimConfig, dtype: str, total_steps: int):
+    """Megatron's optimizer and an LR schedule whose decay ends after `total_steps`
+    optimizer steps (the plan's `lr_horizon_steps`)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    use_dist = optim.distributed_optimizer if optim.distributed_optimizer is not None else torch.cuda.is_available()
     cfg = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                           adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
                           clip_grad=optim.clip_grad, bf16=dtype in ("bfloat16", "bf16"),
-                          fp16=dtype in ("float16", "fp16"), use_distributed_optimizer=use_dist)
-    opt = get_megatron_optimizer(cfg, [ddp_model])
+                          fp16=dtype in ("float16", "fp16"), use_distributed_optimizer=use_distributed_optimizer(optim))
+    chunks = ddp_model if isinstance(ddp_model, list) else [ddp_model]
+    opt = get_megatron_optimizer(cfg, chunks)
     decay = {"constant": "constant", "cosine": "cosine", "linear": "linear"}[optim.lr_schedule]
     sched = OptimizerParamScheduler(opt, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr,
                                     min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_steps,
@@ -51,32 +65,109 @@ def wrap_ddp(model, use_dist_opt: bool):
     return ddp
 
 
-def build_actor(cfg: Config) -> Policy:
-    mc = cfg.model
-    model = load_checkpoint(mc.path, dtype=mc.dtype, layer_spec=mc.layer_spec, recompute=mc.recompute,
-                            sequence_parallel=mc.sequence_parallel)
-    use_dist = cfg.actor.optim.distributed_optimizer
-    use_dist = torch.cuda.is_available() if use_dist is None else use_dist
-    ddp = wrap_ddp(model, use_dist)
-    opt, sched = build_optimizer(ddp, cfg.actor.optim, mc.dtype, cfg.trainer.total_steps *
-                                 max(1, cfg.actor.ppo_epochs))
-    return Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
-                  optimizer=opt, scheduler=sched, ddp_model=ddp, fused_backend=fused_backend(cfg.actor.fused_loss),
-                  max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+@dataclass
+class TrainedModel:
+    """What a trained role holds: the trunk, its DDP wrapper, optimizer and schedule."""
+    model: object
+    ddp: object
+    optimizer: object
+    scheduler: object
 
 
-def build_reference(cfg: Config) -> Policy:
+def load_trunk(cfg: Config, path: str, *, trainable: bool, value_head: bool = False):
+    """The model for this rank's layout from `path`, with the run's dtype, spec and
+    parallel options; frozen roles get no recompute and no gradients; `value_head` adds
+    the scalar head (critic, discriminator) on the last stage."""
     mc = cfg.model
-    model = load_checkpoint(mc.path, dtype=mc.dtype, layer_spec=mc.layer_spec)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    return Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
-                  fused_backend=fused_backend(cfg.actor.fused_loss),
-                  max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+    if value_head and mc.sequence_parallel:
+        raise ValueError("model.sequence_parallel=true with a value-head role (critic / GAD discriminator): "
+                         "the head reads full hidden states; set model.sequence_parallel=false")
+    kwargs = dict(recompute=mc.recompute, sequence_parallel=mc.sequence_parallel) if trainable else {}
+    model = load_checkpoint(path, dtype=mc.dtype, layer_spec=mc.layer_spec, **kwargs)
+    if value_head:
+        from megatron_rl.models.value_head import attach_value_head
+        attach_value_head(model, seed=cfg.trainer.seed)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def build_trained(cfg: Config, path: str, optim: OptimConfig, horizon_steps: int, *,
+                  value_head: bool = False) -> TrainedModel:
+    """load -> Megatron DDP -> optimizer + LR schedule, the same for every trained role."""
+    model = load_trunk(cfg, path, trainable=True, value_head=value_head)
+    ddp = wrap_ddp(model, use_distributed_optimizer(optim))
+    opt, sched = build_optimizer(ddp, optim, cfg.model.dtype, horizon_steps)
+    return TrainedModel(model, ddp, opt, sched)
 
 
 def reference_needed(cfg: Config) -> bool:
     if cfg.ref.enable is not None:
         return cfg.ref.enable
     return cfg.algos.use_kl_loss or cfg.algos.use_kl_in_reward
+
+
+def build_actor(cfg: Config, horizon_steps: int):
+    """The trained policy (`model.path`, `actor.*`)."""
+    from megatron_rl.trainer.policy import Policy
+
+    t = build_trained(cfg, cfg.model.path, cfg.actor.optim, horizon_steps)
+    return Policy(t.model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
+                  optimizer=t.optimizer, scheduler=t.scheduler, ddp_model=t.ddp,
+                  fused_backend=fused_backend(cfg.actor.fused_loss),
+                  max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+
+
+def build_frozen_policy(cfg: Config, *, offload: bool = False):
+    """A frozen copy of `model.path`: the reference (`ref.offload` keeps its weights in
+    host memory between log-prob passes) or the LLM of predictor training."""
+    from megatron_rl.trainer.policy import Policy
+
+    model = load_trunk(cfg, cfg.model.path, trainable=False)
+    policy = Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
+                    fused_backend=fused_backend(cfg.actor.fused_loss),
+                    max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+    if offload:
+        from megatron_rl.trainer.offload import WeightOffloader
+        policy.offloader = WeightOffloader(model)
+        policy.offload()
+    return policy
+
+
+def attach_steering(cfg: Config, actor) -> None:
+    """`steering.enable` on the actor: its rollouts are steered; its log-prob and update
+    forwards too (`logprob_mode: recompute`) or not (`rollout_is`: IS-corrected)."""
+    from megatron_rl.steering import build_steering
+
+    actor.steering = build_steering(cfg.steering, actor.model)
+    if cfg.steering.logprob_mode == "rollout_is":
+        if cfg.rollout.logprob_mode == "rollout":
+            raise ValueError("steering.logprob_mode=rollout_is needs rollout.logprob_mode=recompute: "
+                             "its old log-probs are the unsteered recompute, the IS weight corrects to them")
+        from megatron_rl.steering.rollout_is import UnsteeredTraining
+        actor.steering = UnsteeredTraining(actor.steering)
+
+
+def build_policy_roles(cfg: Config, plan):
+    """Actor (+ steering), reference and critic from their parts of the plan."""
+    from megatron_rl.trainer.build import build_actor, build_frozen_policy
+    from megatron_rl.trainer.roles import Roles
+
+    roles = Roles(actor=build_actor(cfg, plan.role("actor").lr_horizon_steps))
+    if cfg.steering.enable:
+        attach_steering(cfg, roles.actor)
+    if plan.has_role("reference"):
+        roles.reference = build_frozen_policy(cfg, offload=plan.role("reference").offload)
+    if plan.has_role("critic"):
+        from megatron_rl.trainer.critic import build_critic
+        roles.critic = build_critic(cfg, plan.role("critic").lr_horizon_steps)
+    return roles
+
+
+def build_kl_controller(cfg: Config):
+    from megatron_rl.algos import kl_controller
+
+    a = cfg.algos
+    return kl_controller(a.kl_ctrl, init_kl_coef=a.kl_coef, target_kl=a.target_kl, horizon=a.kl_horizon)

@@ -1,7 +1,13 @@
-"""Run checkpoints: model (Megatron distributed checkpoint, loadable at any TP/PP),
-optimizer + LR schedule + RNG per rank, and the trainer state (step, sampler, KL
-controller). Written to `step_N.tmp` and renamed when complete, so a crash never
-leaves a half checkpoint that `resume: auto` would pick; keeps the last N.
+"""Run checkpoints: one manager saves every role, the trainer state (step, sampler, KL
+controller, ...) and each rank's RNG together, atomically.
+
+Layout of `RUN_DIR/checkpoints/step_N/`: each role writes its own files (the actor: a
+Megatron distributed checkpoint, loadable at any TP/PP, plus `rank{r}.pt` with its
+optimizer and LR schedule; critic / discriminator: `{name}_rank{r}.pt`; the strength
+predictor: `predictor.pt`), `rng_rank{r}.pt` holds each rank's RNG, and
+`trainer_state.json` the trainer state. Everything is written into `step_N.tmp` and
+renamed when complete, so a crash never leaves a half checkpoint that `resume: auto`
+would pick; the last `keep_last` are kept.
 """
 from __future__ import annotations
 
@@ -9,20 +15,22 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 
 from megatron_rl.models.loading import load_mcore_checkpoint, save_mcore_checkpoint, unwrap
+from megatron_rl.trainer.roles import Role
 
 LATEST = "latest"
 
 
-def _rank() -> int:
+def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -31,32 +39,51 @@ def checkpoint_root(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir, step: int, actor, trainer_state: dict, keep_last: int = 2,
-                    extra_states: dict | None = None) -> Path:
-    """Actor (mcore dist-checkpoint + per-rank optimizer/RNG) and `extra_states` (name -> this
-    rank's state dict, e.g. critic, discriminator) written into `step_N.tmp`, then published
-    together: a crash never leaves a `latest` that lacks one of them."""
-    root = checkpoint_root(run_dir)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    save_mcore_checkpoint(actor.model, tmp)
-    state = {"optimizer": actor.optimizer.state_dict(), "scheduler": actor.scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    torch.save(state, tmp / f"rank{_rank():05d}.pt")
-    for name, extra in (extra_states or {}).items():
-        torch.save(extra, tmp / f"{name}_rank{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        publish(root, tmp, final, step, trainer_state, keep_last)
-    _barrier()
-    return final
+def rank_file(ckpt_dir: Path, name: str) -> Path:
+    """This rank's file of a role that keeps per-rank state (`{name}_rank00003.pt`)."""
+    return Path(ckpt_dir) / f"{name}_rank{rank():05d}.pt"
+
+
+class CheckpointManager:
+    """Saves and restores every role plus the trainer state of one run directory."""
+
+    def __init__(self, run_dir, keep_last: int = 2):
+        self.root = checkpoint_root(run_dir)
+        self.keep_last = keep_last
+
+    def save(self, step: int, roles: Mapping[str, Role], trainer_state: dict) -> Path:
+        final, tmp = self.root / f"step_{step:06d}", self.root / f"step_{step:06d}.tmp"
+        if rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        for name, role in roles.items():
+            role.save_checkpoint(tmp, name)
+        rng = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state()
+        torch.save(rng, rank_file(tmp, "rng"))
+        barrier()
+        if rank() == 0:
+            publish(self.root, tmp, final, step, trainer_state, self.keep_last)
+        barrier()
+        return final
+
+    def find(self, resume: str) -> Path | None:
+        return find_checkpoint(self.root.parent, resume)
+
+    def restore(self, path: Path, roles: Mapping[str, Role]) -> dict:
+        """Load every role and this rank's RNG from `path`; returns the trainer state."""
+        for name, role in roles.items():
+            role.load_checkpoint(path, name)
+        f = rank_file(path, "rng")
+        if f.exists():
+            rng = torch.load(f, weights_only=True)
+            torch.set_rng_state(rng["torch_rng"])
+            if torch.cuda.is_available() and "cuda_rng" in rng:
+                torch.cuda.set_rng_state(rng["cuda_rng"])
+        return json.loads((path / "trainer_state.json").read_text())
 
 
 def publish(root: Path, tmp: Path, final: Path, step: int, trainer_state: dict, keep_last: int) -> None:
@@ -97,15 +124,21 @@ def find_checkpoint(run_dir, resume: str) -> Path | None:
     return None
 
 
-def load_checkpoint_into(path: Path, actor) -> dict:
+# --- the actor's files: a Megatron distributed checkpoint + per-rank optimizer -----------
+
+def save_policy(actor, tmp: Path) -> None:
+    """The actor's weights as a Megatron distributed checkpoint (any TP/PP can load it)
+    and this rank's optimizer + LR schedule as `rank{r}.pt`."""
+    save_mcore_checkpoint(actor.model, tmp)
+    state = {"optimizer": actor.optimizer.state_dict(), "scheduler": actor.scheduler.state_dict()}
+    torch.save(state, tmp / f"rank{rank():05d}.pt")
+
+
+def load_policy(actor, path: Path) -> None:
     load_mcore_checkpoint(unwrap(actor.model), path)
-    f = path / f"rank{_rank():05d}.pt"
+    f = path / f"rank{rank():05d}.pt"
     if not f.exists():
-        raise FileNotFoundError(f"{f}: no optimizer state for rank {_rank()} (resume needs the same world size)")
+        raise FileNotFoundError(f"{f}: no optimizer state for rank {rank()} (resume needs the same world size)")
     state = torch.load(f, weights_only=False)
     actor.optimizer.load_state_dict(state["optimizer"])
     actor.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if torch.cuda.is_available() and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    return json.loads((path / "trainer_state.json").read_text())

@@ -16,7 +16,7 @@ from megatron_rl.algos.value_loss import value_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.models.value_head import attach_value_head
-from megatron_rl.trainer.policy import _broadcast_from_last_stage, _broadcast_metrics
+from megatron_rl.parallel.pipeline import broadcast_from_last_stage, broadcast_metrics
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 from megatron_rl.trainer.value_model import ValueModel
 
@@ -48,7 +48,7 @@ class Critic(ValueModel):
         self.model.train(was_training)
         n, r = len(batch), batch["response_ids"].shape[1]
         v = torch.cat([x["v"] for x in res])[:n] if res else None
-        v = _broadcast_from_last_stage(v, (n, r))
+        v = broadcast_from_last_stage(v, (n, r))
         return v * (batch["response_mask"] > 0).float()
 
     def update(self, batch: Batch, algos_cfg, critic_cfg, *, mini_batch_size: int = 0,
@@ -87,24 +87,14 @@ class Critic(ValueModel):
             return loss * mb["loss_scale"], info
 
         res, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
-        return {**_broadcast_metrics(weighted_mean(res)), **{f"critic/{k}": v for k, v in step.items()}}
+        return {**broadcast_metrics(weighted_mean(res)), **{f"critic/{k}": v for k, v in step.items()}}
 
-    # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
+def build_critic(cfg, horizon_steps: int) -> Critic:
+    """Trunk from `critic.path` (default model.path) + value head, same layout and dtype as
+    the actor, optimizer `critic.optim` over `horizon_steps` optimizer steps, micro-batches
+    of `critic.micro_batch_size` (0: the actor's)."""
+    from megatron_rl.trainer.build import build_trained
 
-def build_critic(cfg) -> Critic:
-    """Trunk from `critic.path` (default model.path), same TP/PP and dtype as the actor,
-    micro-batches of `critic.micro_batch_size` (0: the actor's), optimizer `critic.optim`."""
-    from megatron_rl.models import load_checkpoint
-    from megatron_rl.trainer.build import build_optimizer, wrap_ddp
-
-    c, mc = cfg.critic, cfg.model
-    if mc.sequence_parallel:
-        raise NotImplementedError("critic.enable: the value head reads full hidden states; "
-                                  "use model.sequence_parallel=false")
-    model = load_checkpoint(c.path or mc.path, dtype=mc.dtype, layer_spec=mc.layer_spec, recompute=mc.recompute)
-    attach_value_head(model, seed=cfg.trainer.seed)
-    use_dist = c.optim.distributed_optimizer
-    use_dist = torch.cuda.is_available() if use_dist is None else use_dist
-    ddp = wrap_ddp(model, use_dist)
-    opt, sched = build_optimizer(ddp, c.optim, mc.dtype, cfg.trainer.total_steps * max(1, c.ppo_epochs))
-    return Critic(ddp, opt, sched, c.micro_batch_size or cfg.actor.micro_batch_size)
+    c = cfg.critic
+    t = build_trained(cfg, c.path or cfg.model.path, c.optim, horizon_steps, value_head=True)
+    return Critic(t.ddp, t.optimizer, t.scheduler, c.micro_batch_size or cfg.actor.micro_batch_size)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.models.value_head import attach_value_head, last_token_index
-from megatron_rl.trainer.policy import _broadcast_from_last_stage, _broadcast_metrics
+from megatron_rl.parallel.pipeline import broadcast_from_last_stage, broadcast_metrics
 from megatron_rl.trainer.update_steps import optimizer_step
 from megatron_rl.trainer.value_model import ValueModel
 
@@ -64,7 +64,7 @@ class Discriminator(ValueModel):
         self.model.train()
         n = len(batch)
         s = torch.cat([r["s"] for r in res])[:n] if res else None
-        return _broadcast_from_last_stage(s, (n,))
+        return broadcast_from_last_stage(s, (n,))
 
     @staticmethod
     def evaluate(student_scores: torch.Tensor, teacher_scores: torch.Tensor, pair: torch.Tensor) -> dict[str, float]:
@@ -103,26 +103,16 @@ class Discriminator(ValueModel):
         _, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
         metrics = {**self.evaluate(student_scores, teacher_scores, pair),
                    "critic/d_grad_norm": step["grad_norm"], "critic/d_update_ok": step["update_ok"]}
-        return _broadcast_metrics(metrics)
+        return broadcast_metrics(metrics)
 
-    # --- checkpoints: the trunk + head weights and optimizer, one file per rank -------
-
-def build_discriminator(cfg) -> Discriminator:
-    """Trunk from `gad.discriminator_path` (default model.path), same TP/PP as the actor."""
+def build_discriminator(cfg, horizon_steps: int) -> Discriminator:
+    """Trunk from `gad.discriminator_path` (default model.path) + scalar head, same layout as
+    the actor; its optimizer from `gad.d_*` (the actor's distributed-optimizer setting)."""
     from megatron_rl.config.schema import OptimConfig
-    from megatron_rl.models import load_checkpoint
-    from megatron_rl.trainer.build import build_optimizer, wrap_ddp
+    from megatron_rl.trainer.build import build_trained
 
-    g, mc = cfg.gad, cfg.model
-    path = g.discriminator_path or mc.path
-    if mc.sequence_parallel:
-        raise NotImplementedError("gad: the discriminator reads full hidden states; use model.sequence_parallel=false")
-    model = load_checkpoint(path, dtype=mc.dtype, layer_spec=mc.layer_spec, recompute=mc.recompute)
-    attach_value_head(model, seed=cfg.trainer.seed)
-    use_dist = cfg.actor.optim.distributed_optimizer
-    use_dist = torch.cuda.is_available() if use_dist is None else use_dist
-    ddp = wrap_ddp(model, use_dist)
+    g = cfg.gad
     optim = OptimConfig(lr=g.d_lr, weight_decay=g.d_weight_decay, clip_grad=g.d_clip_grad,
-                        distributed_optimizer=use_dist)
-    opt, sched = build_optimizer(ddp, optim, mc.dtype, max(1, cfg.trainer.total_steps * g.d_updates))
-    return Discriminator(ddp, opt, sched, g.d_micro_batch_size)
+                        distributed_optimizer=cfg.actor.optim.distributed_optimizer)
+    t = build_trained(cfg, g.discriminator_path or cfg.model.path, optim, horizon_steps, value_head=True)
+    return Discriminator(t.ddp, t.optimizer, t.scheduler, g.d_micro_batch_size)

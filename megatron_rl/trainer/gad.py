@@ -21,15 +21,15 @@ import torch
 from megatron_rl.data.batch import Batch
 from megatron_rl.data.readers import DataError
 from megatron_rl.kernels import token_logprob_entropy
+from megatron_rl.logging.values import MeanOver, Summed
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.parallel.data_parallel import dp_mean, reduce_metrics
+from megatron_rl.parallel.pipeline import broadcast_metrics, tp_group
 from megatron_rl.rewards.token_rewards import to_token_rewards
 from megatron_rl.trainer import phases
-from megatron_rl.trainer.checkpoint import _rank, find_checkpoint
-from megatron_rl.trainer.discriminator import Discriminator, pair_with_teachers, scoring_batch
+from megatron_rl.trainer.discriminator import pair_with_teachers, scoring_batch
 from megatron_rl.trainer.loop import Trainer
 from megatron_rl.trainer.microbatch import response_logits
-from megatron_rl.trainer.policy import _broadcast_metrics, _tp_group
 
 
 # --- teacher responses ---------------------------------------------------------------
@@ -94,7 +94,7 @@ def sft_step(actor, batch: Batch, lr: float | None = None) -> dict[str, float]:
 
     def loss_fn(mb, output):
         logits = response_logits(output, mb, actor.vocab_size)
-        lp, _ = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(), temperature=1.0,
+        lp, _ = token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(), temperature=1.0,
                                       backend=actor.backend)
         nll = -(lp * mb["response_mask"]).sum() / total
         # Megatron divides each micro-batch loss by the number of micro-batches
@@ -117,14 +117,18 @@ def sft_step(actor, batch: Batch, lr: float | None = None) -> dict[str, float]:
     metrics = {"actor/sft_loss": sum(r["nll"] for r in res),
                "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "actor/update_ok": float(bool(ok))}
-    return _broadcast_metrics(metrics)
+    return broadcast_metrics(metrics)
 
 
 # --- the trainer -----------------------------------------------------------------------
 @dataclass
 class GADTrainer(Trainer):
-    discriminator: Discriminator | None = None
+    """The GRPO recipe with the discriminator role: D(student) is the reward."""
     skipped_no_teacher: int = 0
+
+    @property
+    def discriminator(self):
+        return self.roles.discriminator
 
     def _next_prompts(self) -> tuple[Batch, int]:
         g = self.cfg.gad
@@ -149,7 +153,8 @@ class GADTrainer(Trainer):
         warmup = step <= self.cfg.trainer.critic_warmup
         prompts, skipped = self._next_prompts()
         self.skipped_no_teacher += skipped
-        metrics = {"gad/skipped_no_teacher": float(self.skipped_no_teacher), "gad/warmup": float(warmup)}
+        # each DP rank skips within its own shard: the global count is the sum over ranks
+        metrics = {"gad/skipped_no_teacher": Summed(self.skipped_no_teacher), "gad/warmup": float(warmup)}
         with self.logger.timer("rollout"):
             batch = phases.rollout(self, prompts, step)
         teachers = self.teacher_batch(prompts)
@@ -161,12 +166,12 @@ class GADTrainer(Trainer):
             if g.log_rule_reward or g.rule_reward_weight:
                 metrics.update(phases.rewards(self, batch))
                 rule = batch["token_rewards"].sum(-1)
-                metrics["gad/rule_score"] = rule.mean().item()
+                metrics["gad/rule_score"] = MeanOver(rule.mean().item(), len(rule))
             s_scores, t_scores = self.discriminator.scores(students), self.discriminator.scores(teachers)
             reward = normalise_rewards(s_scores, batch.field("group"), g.reward_norm) + g.rule_reward_weight * rule
             batch["token_rewards"] = to_token_rewards(reward, batch["response_mask"])
-            metrics.update({"reward/mean": reward.mean().item(), "reward/max": reward.max().item(),
-                            "reward/min": reward.min().item()})
+            metrics.update({"reward/mean": MeanOver(reward.mean().item(), len(reward)),
+                            "reward/max": reward.max().item(), "reward/min": reward.min().item()})
         d_frozen = g.freeze_discriminator_after is not None and step > g.freeze_discriminator_after
         with self.logger.timer("discriminator"):
             if d_frozen:
@@ -183,21 +188,21 @@ class GADTrainer(Trainer):
         else:
             with self.logger.timer("logprob"):
                 metrics.update(phases.logprobs(self, batch))
+            if self.reference is not None:
+                with self.logger.timer("ref_logprob"):
+                    phases.ref_logprobs(self, batch)
             with self.logger.timer("advantage"):
                 metrics.update(phases.advantages(self, batch))
             with self.logger.timer("update"):
                 metrics.update(phases.update_actor(self, batch, step))
         metrics.update(self.sync_engine_weights())
         metrics = reduce_metrics(metrics)
-        if self._validates_after(step):     # fit() validates the same weights right after this step
-            metrics.update(self.validate_discriminator())
         metrics.update(self.step_metrics(batch, t0))
         return metrics
 
-    # --- validation: the discriminator's view of greedy student responses --------------
-    def _validates_after(self, step: int) -> bool:
-        t = self.cfg.trainer
-        return step == t.total_steps or bool(t.val_every and step % t.val_every == 0)
+    # --- validation: the rule reward and the discriminator's view of greedy responses ---
+    def validate(self) -> dict[str, float]:
+        return {**super().validate(), **self.validate_discriminator()}
 
     def validate_discriminator(self) -> dict[str, float]:
         """`val/d_score`: D's mean score of greedy student responses to the validation
@@ -224,43 +229,29 @@ class GADTrainer(Trainer):
             out.update({"val/d_teacher_score": dp_mean(teacher), "val/d_acc": dp_mean(correct)})
         return out
 
-    def _log_val_before(self) -> None:
-        if self.step == 0 and self.val_before is None and self.cfg.trainer.val_before_train:
-            self.logger.log(self.validate_discriminator(), step=0)
+    def trainer_state(self) -> dict:
+        return {**super().trainer_state(), "skipped_no_teacher": self.skipped_no_teacher}
 
-    # --- checkpoints: the actor's checkpoint plus one discriminator file per rank -------
-    def extra_checkpoint_states(self) -> dict:
-        return {**super().extra_checkpoint_states(),
-                "discriminator": {**self.discriminator.state_dict(), "skipped_no_teacher": self.skipped_no_teacher}}
-
-    def _maybe_resume(self) -> None:
-        super()._maybe_resume()
-        path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
-        if path is None:
-            self._log_val_before()     # fit() validates next (val/reward at step 0)
-            return
-        f = path / f"discriminator_rank{_rank():05d}.pt"
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: GAD checkpoint has no discriminator state for rank {_rank()}")
-        state = torch.load(f, weights_only=False)
-        self.discriminator.load_state_dict(state)
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
         self.skipped_no_teacher = int(state.get("skipped_no_teacher", 0))
 
 
 def build_gad_trainer(cfg) -> GADTrainer:
-    """`build_trainer` plus the discriminator. The dataset itself is told nothing of
-    teacher responses (every record field is kept), so a missing one can be skipped."""
+    """The GRPO recipe's roles plus the discriminator. The dataset itself is told nothing
+    of teacher responses (every record field is kept), so a missing one can be skipped."""
+    from megatron_rl.trainer.bootstrap import bootstrap, build_engine
     from megatron_rl.trainer.discriminator import build_discriminator
-    from megatron_rl.trainer.main import build_trainer
+    from megatron_rl.trainer.build import build_kl_controller, build_policy_roles
 
-    if getattr(cfg.critic, "enable", False):
+    if cfg.critic.enable:
         raise ValueError("gad.enable and critic.enable are both true: GAD's value model is its discriminator "
                          "(advantages are GRPO); set critic.enable=false")
     key = teacher_key(cfg)
     cfg = dataclasses.replace(cfg, gad=dataclasses.replace(cfg.gad, teacher_key=key),
                               data=dataclasses.replace(cfg.data, teacher_response_key=None))
-    # gad.enable off for the base build, so a `build_trainer` that dispatches here does not recurse
-    base = build_trainer(dataclasses.replace(cfg, gad=dataclasses.replace(cfg.gad, enable=False)))
-    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Trainer)}
-    fields["cfg"] = cfg
-    return GADTrainer(**fields, discriminator=build_discriminator(cfg))
+    ctx = bootstrap(cfg)
+    roles = build_policy_roles(cfg, ctx.plan)
+    roles.discriminator = build_discriminator(cfg, ctx.plan.role("discriminator").lr_horizon_steps)
+    return GADTrainer(ctx=ctx, roles=roles, engine=build_engine(cfg, roles.actor, ctx.tokenizer),
+                      kl_ctrl=build_kl_controller(cfg))

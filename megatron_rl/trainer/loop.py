@@ -1,50 +1,147 @@
-"""The training loop: it fits on one screen; each phase is a function in `phases.py`."""
+"""The outer loop every recipe shares (`RecipeLoop.fit`), and the GRPO/PPO recipe.
+
+A recipe is a `RecipeLoop` with its roles, a `train_step`, a `validate` and the state it
+checkpoints; resume, validation cadence, logging and atomic checkpoints live here once.
+The GRPO/PPO step reads top to bottom: each phase is a function in `phases.py`, timed,
+and the reference's offload/onload is visible where it happens.
+"""
 from __future__ import annotations
 
+import math
 import time
+import dataclasses
 from dataclasses import dataclass
-
-import torch
 
 from megatron_rl.parallel.data_parallel import reduce_metrics
 from megatron_rl.trainer import phases
-from megatron_rl.trainer.checkpoint import (_rank, find_checkpoint, load_checkpoint_into,
-                                            save_checkpoint)
+from megatron_rl.trainer.bootstrap import RunContext
+from megatron_rl.trainer.checkpoint import CheckpointManager
+from megatron_rl.trainer.roles import Roles
 
 
 @dataclass
-class Trainer:
-    cfg: object
-    tokenizer: object
-    data: object            # PromptLoader
-    engine: object          # RolloutEngine
-    actor: object           # Policy (trainable)
-    reference: object       # Policy (frozen) or None
-    rewards: object         # RewardManager
-    kl_ctrl: object
-    logger: object          # MetricsLogger
-    token_weights: object = None  # callable(trainer, batch) -> metrics; sets batch["token_weights"]
-    critic: object = None         # Critic (trainer/critic.py): values for GAE, updated after the actor
+class RecipeLoop:
+    """Subclasses define `train_step(step) -> metrics`, `validate() -> metrics` (with
+    `val/reward`), and may extend `trainer_state` / `load_trainer_state` and
+    `checkpoint_roles`."""
+    ctx: RunContext
+    roles: Roles
+    engine: object                  # rollout.RolloutEngine
     step: int = 0
     val_before: float | None = None
 
+    # what the phases read
+    @property
+    def cfg(self):
+        return self.ctx.cfg
+
+    @property
+    def plan(self):
+        return self.ctx.plan
+
+    @property
+    def tokenizer(self):
+        return self.ctx.tokenizer
+
+    @property
+    def data(self):
+        return self.ctx.data
+
+    @property
+    def rewards(self):
+        return self.ctx.rewards
+
+    @property
+    def logger(self):
+        return self.ctx.logger
+
+    @property
+    def checkpoints(self) -> CheckpointManager:
+        return CheckpointManager(self.cfg.logging.run_dir, self.cfg.trainer.keep_last)
+
     def fit(self) -> tuple[float | None, float]:
-        cfg = self.cfg.trainer
-        self._maybe_resume()
-        if self.val_before is None and cfg.val_before_train:
-            self.val_before = phases.validate(self)
-            self.logger.log({"val/reward": self.val_before}, step=0)
-        while self.step < cfg.total_steps:
+        t = self.cfg.trainer
+        self.resume()
+        if self.val_before is None and t.val_before_train:
+            val = self.validate()
+            self.val_before = val["val/reward"]
+            self.logger.log(val, step=0)
+        metrics: dict[str, float] = {}
+        while self.step < t.total_steps:
             self.step += 1
+            last = self.step == t.total_steps
             metrics = self.train_step(self.step)
-            if cfg.val_every and self.step % cfg.val_every == 0 and self.step < cfg.total_steps:
-                metrics["val/reward"] = phases.validate(self)
-            if self.step == cfg.total_steps:
-                metrics["val/reward"] = val_after = phases.validate(self)
+            if (t.val_every and self.step % t.val_every == 0 and not last) or (last and t.final_validation):
+                metrics.update(self.validate())
             self.logger.log(metrics, step=self.step)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.total_steps:
+            if (t.save_every and self.step % t.save_every == 0) or (last and t.save_final):
                 self.save()
-        return self.val_before, metrics.get("val/reward", float("nan")) if cfg.total_steps else float("nan")
+        return self.val_before, metrics.get("val/reward", math.nan)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    # --- checkpoints ------------------------------------------------------------------
+    def checkpoint_roles(self) -> dict[str, object]:
+        """The roles whose state a checkpoint holds: the trained ones (frozen roles are
+        rebuilt from `model.path`)."""
+        return {k: v for k, v in self.roles.present().items() if k != "reference"}
+
+    def trainer_state(self) -> dict:
+        return {"data": self.data.state_dict(), "val_before": self.val_before}
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.step = state["step"]
+        self.data.load_state_dict(state["data"])
+        self.val_before = state.get("val_before")
+
+    def save(self) -> None:
+        self.checkpoints.save(self.step, self.checkpoint_roles(), self.trainer_state())
+
+    def resume(self) -> None:
+        path = self.checkpoints.find(self.cfg.trainer.resume)
+        if path is None:
+            return
+        self.load_trainer_state(self.checkpoints.restore(path, self.checkpoint_roles()))
+        print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def step_metrics(self, batch, t0: float) -> dict[str, float]:
+        """Step time, throughput and epoch."""
+        elapsed = time.time() - t0
+        tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
+        return {"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed, "train/epoch": float(self.data.epoch)}
+
+    def sync_engine_weights(self) -> dict[str, float]:
+        """Push the updated actor weights into an engine that holds its own copy (vLLM).
+        The native engine shares the actor's modules, so it has no `sync_weights`."""
+        sync = getattr(self.engine, "sync_weights", None)
+        if sync is None:
+            return {}
+        with self.logger.timer("weight_sync"):
+            return sync(self.roles.actor)
+
+
+@dataclass
+class Trainer(RecipeLoop):
+    """GRPO / PPO (with a critic for GAE) / GSPO / RLOO ...: rollout -> rewards -> old/ref
+    log-probs -> (values) -> advantages -> (token weights) -> update -> weight sync."""
+    kl_ctrl: object = None                  # algos.kl controller
+    token_weights: object = None            # callable(trainer, batch) -> metrics; sets batch["token_weights"]
+
+    @property
+    def actor(self):
+        return self.roles.actor
+
+    @property
+    def reference(self):
+        return self.roles.reference
+
+    @property
+    def critic(self):
+        return self.roles.critic
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.time()
@@ -57,6 +154,9 @@ class Trainer:
             metrics.update(phases.rewards(self, batch))
         with self.logger.timer("logprob"):
             metrics.update(phases.logprobs(self, batch))
+        if self.reference is not None:
+            with self.logger.timer("ref_logprob"):
+                phases.ref_logprobs(self, batch)
         if self.critic is not None:
             with self.logger.timer("values"):
                 batch["values"] = self.critic.compute_values(batch)
@@ -70,58 +170,21 @@ class Trainer:
                 metrics.update(phases.update_actor(self, batch, step))
         if self.critic is not None:
             with self.logger.timer("critic"):
-                metrics.update(self.critic.update(batch, self.cfg.algos, self.cfg.critic,
-                                                  mini_batch_size=self.cfg.actor.mini_batch_size,
-                                                  seed=self.cfg.trainer.seed + step))
+                own = dataclasses.replace(self.cfg.critic,   # the plan's per-rank share of critic.mini_batch_size
+                                          mini_batch_size=self.plan.role("critic").mini_batch_samples_per_rank)
+                metrics.update(self.critic.update(batch, self.cfg.algos, own, seed=self.cfg.trainer.seed + step))
         metrics.update(self.sync_engine_weights())
         metrics = reduce_metrics(metrics)
         metrics.update(self.step_metrics(batch, t0))
         return metrics
 
-    def step_metrics(self, batch, t0: float) -> dict[str, float]:
-        """Step time, throughput and epoch: shared by every trainer's `train_step`."""
-        elapsed = time.time() - t0
-        tokens = float(batch["response_mask"].sum() + batch["prompt_mask"].sum())
-        return {"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed, "train/epoch": float(self.data.epoch)}
+    def validate(self) -> dict[str, float]:
+        return {"val/reward": phases.validate(self)}
 
-    def sync_engine_weights(self) -> dict[str, float]:
-        """Push the updated actor weights into an engine that holds its own copy (vLLM).
+    def trainer_state(self) -> dict:
+        return {**super().trainer_state(), "kl_ctrl": self.kl_ctrl.state_dict()}
 
-        The native engine shares the actor's modules, so it has no `sync_weights`.
-        """
-        sync = getattr(self.engine, "sync_weights", None)
-        if sync is None:
-            return {}
-        with self.logger.timer("weight_sync"):
-            return sync(self.actor)
-
-    def save(self) -> None:
-        state = {"data": self.data.state_dict(), "kl_ctrl": _state(self.kl_ctrl), "val_before": self.val_before}
-        save_checkpoint(self.cfg.logging.run_dir, self.step, self.actor, state, self.cfg.trainer.keep_last,
-                        extra_states=self.extra_checkpoint_states())
-
-    def extra_checkpoint_states(self) -> dict:
-        """Models besides the actor, saved per rank inside the same atomic checkpoint."""
-        return {"critic": self.critic.state_dict()} if self.critic is not None else {}
-
-    def _maybe_resume(self) -> None:
-        path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
-        if path is None:
-            return
-        state = load_checkpoint_into(path, self.actor)
-        self.step = state["step"]
-        self.data.load_state_dict(state["data"])
-        if state.get("kl_ctrl") and hasattr(self.kl_ctrl, "load_state_dict"):
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
+        if state.get("kl_ctrl"):
             self.kl_ctrl.load_state_dict(state["kl_ctrl"])
-        self.val_before = state.get("val_before")
-        if self.critic is not None:
-            f = path / f"critic_rank{_rank():05d}.pt"
-            if not f.exists():
-                raise FileNotFoundError(f"{f}: checkpoint has no critic state for rank {_rank()} "
-                                        f"(saved without critic.enable?)")
-            self.critic.load_state_dict(torch.load(f, weights_only=False))
-        print(f"resumed from {path} at step {self.step}", flush=True)
-
-
-def _state(obj):
-    return obj.state_dict() if hasattr(obj, "state_dict") else None

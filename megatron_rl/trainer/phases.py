@@ -70,9 +70,13 @@ def logprobs(tr, batch: Batch) -> dict[str, float]:
     steer = getattr(tr.cfg, "steering", None)
     if getattr(steer, "enable", False) and steer.logprob_mode == "rollout_is":
         metrics.update(_rollout_is_weights(batch, steer.rollout_is_cap))
-    if tr.reference is not None:
-        batch["ref_logprob"], _ = tr.reference.compute_logprobs(batch)
     return metrics
+
+
+def ref_logprobs(tr, batch: Batch) -> None:
+    """The reference's log-probs (`ref_logprob`), onloaded for the pass when `ref.offload`."""
+    with tr.reference.onloaded():
+        batch["ref_logprob"], _ = tr.reference.compute_logprobs(batch)
 
 
 def _rollout_is_weights(batch: Batch, cap: float) -> dict[str, float]:
@@ -107,7 +111,8 @@ def advantages(tr, batch: Batch) -> dict[str, float]:
         metrics.update({"reward/kl": seq_kl, "reward/kl_coef": beta})
     estimator = get_advantage_estimator(a.adv_estimator)
     adv, ret = estimator(token_rewards=token_rewards, response_mask=mask, group_index=batch.field("group"),
-                         values=batch.get("values"), gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std)
+                         values=batch.get("values"), gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std,
+                         eps=a.adv_eps)
     batch["advantages"], batch["returns"] = adv, ret
     valid = mask > 0
     metrics["critic/advantages_mean"] = adv[valid].mean().item() if valid.any() else 0.0
@@ -117,7 +122,8 @@ def advantages(tr, batch: Batch) -> dict[str, float]:
 
 def update_actor(tr, batch: Batch, step: int) -> dict[str, float]:
     c = tr.cfg
-    steps = tr.actor.update(batch, c.algos, mini_batch_size=c.actor.mini_batch_size, ppo_epochs=c.actor.ppo_epochs,
+    role = tr.plan.role("actor")
+    steps = tr.actor.update(batch, c.algos, mini_batch_size=role.mini_batch_samples_per_rank, ppo_epochs=c.actor.ppo_epochs,
                             use_ref=tr.reference is not None, seed=c.trainer.seed + step)
     out = {}
     for k in steps[0]:

@@ -10,7 +10,6 @@ padding, and the same loss, since per-token log-probs/entropies are scattered ba
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megatron_rl.algos import actor_loss
 from megatron_rl.data.batch import Batch
@@ -21,30 +20,17 @@ from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
                                             move_microbatch, response_logits, scatter_rows)
+from megatron_rl.parallel.pipeline import broadcast_from_last_stage, broadcast_metrics, tp_group
 from megatron_rl.trainer.roles import Offloadable
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
 
-def _tp_group():
-    from megatron.core import parallel_state as mpu
-    return mpu.get_tensor_model_parallel_group() if mpu.get_tensor_model_parallel_world_size() > 1 else None
-
-
-def _broadcast_from_last_stage(t: torch.Tensor | None, shape, dtype=torch.float32) -> torch.Tensor:
-    from megatron.core import parallel_state as mpu
-
-    if mpu.get_pipeline_model_parallel_world_size() == 1:
-        return t
-    group = mpu.get_pipeline_model_parallel_group()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"     # NCCL moves device tensors only
-    # Sender and receivers must agree on the dtype: NCCL does not check sizes (a mismatch hangs).
-    t = torch.empty(shape, dtype=dtype, device=dev) if t is None else t.to(dev, dtype).contiguous()
-    dist.broadcast(t, src=dist.get_process_group_ranks(group)[-1], group=group)
-    return t.cpu()
-
-
 class Policy(Offloadable):
-    """`model` is the GPTModel chunk; `optimizer`/`scheduler` None for frozen roles.
+    """`model` is one GPTModel or this rank's list of chunks (`model.vpp`: one per virtual
+    pipeline stage, `models.loading.load_model_chunks`), `ddp_model` its DDP wrapper(s)
+    (`trainer.ddp.wrap_ddp_chunks`); `optimizer`/`scheduler` None for frozen roles.
+    `chunks` / `ddp_chunks` always hold lists; `model` / `ddp` name the single chunk and
+    are refused under VPP. With VPP the loss runs on the last chunk of the last PP rank.
     `max_tokens_per_microbatch > 0` packs log-prob and update micro-batches by that token
     budget instead of `micro_batch_size` padded rows (module docstring)."""
 
@@ -53,13 +39,16 @@ class Policy(Offloadable):
                  max_tokens_per_microbatch: int = 0):
         if max_tokens_per_microbatch < 0:
             raise ValueError(f"actor.max_tokens_per_microbatch must be >= 0, got {max_tokens_per_microbatch}")
-        self.model = model
-        self.ddp = ddp_model
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.ddp_chunks = None if ddp_model is None else (
+            list(ddp_model) if isinstance(ddp_model, (list, tuple)) else [ddp_model])
+        if self.ddp_chunks is not None and len(self.ddp_chunks) != len(self.chunks):
+            raise ValueError(f"Policy: {len(self.chunks)} model chunks but {len(self.ddp_chunks)} DDP wrappers")
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.mbs = micro_batch_size
         self.temperature = temperature
-        self.vocab_size = model.arch.vocab_size
+        self.vocab_size = self.chunks[0].arch.vocab_size
         self.backend = fused_backend
         self.max_tokens = max_tokens_per_microbatch
         self.steering = None      # a SteeringController attached to this model, or None
@@ -81,12 +70,29 @@ class Policy(Offloadable):
         with self.steering.use(mb.get("steer_strengths"), generated_positions(p, s - p, b, mb["input_ids"].device)):
             return gpt_forward(m, mb["input_ids"], mb["attention_mask"])
 
-    def _forward_model(self):
-        return self.ddp if self.ddp is not None else self.model
+    @property
+    def model(self):
+        """The single model chunk; under `model.vpp` use `chunks` (every chunk)."""
+        return _single(self.chunks, "Policy.model")
+
+    @property
+    def ddp(self):
+        """The single DDP wrapper (None for frozen roles); under `model.vpp` use `ddp_chunks`."""
+        return None if self.ddp_chunks is None else _single(self.ddp_chunks, "Policy.ddp")
+
+    def _forward_model(self) -> list:
+        return self.ddp_chunks if self.ddp_chunks is not None else self.chunks
+
+    def _set_training(self, mode: bool) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
+    def _device(self):
+        return next(self.chunks[0].parameters()).device
 
     def _microbatches(self, batch: Batch) -> list[dict]:
         """Padded micro-batches of `micro_batch_size` rows (also GAD's layout)."""
-        device = next(self.model.parameters()).device
+        device = self._device()
         return [move_microbatch(mb, device) for mb in make_microbatches(batch, self.mbs)]
 
     def _train_microbatches(self, batch: Batch) -> list[dict]:
@@ -99,8 +105,8 @@ class Policy(Offloadable):
 
         pad_to, multiple = packed_shape(self.max_tokens, tp=mpu.get_tensor_model_parallel_world_size(),
                                         pp=mpu.get_pipeline_model_parallel_world_size(),
-                                        sequence_parallel=getattr(self.model.config, "sequence_parallel", False))
-        device = next(self.model.parameters()).device
+                                        sequence_parallel=getattr(self.chunks[0].config, "sequence_parallel", False))
+        device = self._device()
         return [move_microbatch(mb, device) for mb in
                 make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
 
@@ -118,15 +124,15 @@ class Policy(Offloadable):
     def _packed_token_stats(self, output: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob, entropy) `[n, R]` of a packed micro-batch's response tokens (0 where unscored)."""
         logits = mask_padded_vocab(output[0, mb["score_pos"]], self.vocab_size)      # [K, V/tp]
-        lp, ent = token_logprob_entropy(logits, mb["score_labels"], tp_group=_tp_group(),
+        lp, ent = token_logprob_entropy(logits, mb["score_labels"], tp_group=tp_group(),
                                         temperature=self.temperature, backend=self.backend)
         return scatter_rows(lp, mb), scatter_rows(ent, mb)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: Batch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs [B, R] (and entropy) of the response tokens, on every rank."""
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.chunks[0].training
+        self._set_training(False)
         mbs = self._train_microbatches(batch)
 
         def loss_fn(mb, output):
@@ -135,18 +141,18 @@ class Policy(Offloadable):
                 info = {"rows": mb["rows"].cpu()}
             else:
                 logits = response_logits(output, mb, self.vocab_size)
-                lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=_tp_group(),
+                lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(),
                                                 temperature=self.temperature, backend=self.backend)
                 info = {}
             return output.sum() * 0, {**info, "logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
 
-        res = run_microbatches([self._forward_model()], mbs, self._forward, loss_fn, forward_only=True)
-        self.model.train(was_training)
+        res = run_microbatches(self._forward_model(), mbs, self._forward, loss_fn, forward_only=True)
+        self._set_training(was_training)
         n, r = len(batch), batch["response_ids"].shape[1]
         lp = _batch_rows(res, "logprob", n, r) if res else None
         ent = _batch_rows(res, "entropy", n, r) if res else None
-        lp = _broadcast_from_last_stage(lp, (n, r))
-        ent = _broadcast_from_last_stage(ent, (n, r)) if with_entropy else None
+        lp = broadcast_from_last_stage(lp, (n, r))
+        ent = broadcast_from_last_stage(ent, (n, r)) if with_entropy else None
         return lp * batch["response_mask"].float(), ent
 
     def update(self, batch: Batch, algos, *, mini_batch_size: int, ppo_epochs: int,
@@ -154,19 +160,25 @@ class Policy(Offloadable):
         """PPO/GSPO epochs over shuffled mini-batches; returns one metrics dict per optimizer step."""
         if self.optimizer is None:
             raise RuntimeError("update() on a frozen policy")
-        self.model.train()
+        self._set_training(True)
         return minibatch_passes(batch, mini_batch_size, ppo_epochs, seed,
                                 lambda mini: self._optimizer_step(mini, algos, use_ref))
 
     # --- role lifecycle (trainer/roles.py): checkpoints through trainer/checkpoint.py ----
     def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict()}
+        sds = [c.state_dict() for c in self.chunks]
+        state = {"model": sds[0] if len(sds) == 1 else sds}
         if self.optimizer is not None:
             state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        sds = state["model"] if isinstance(state["model"], list) else [state["model"]]
+        if len(sds) != len(self.chunks):
+            raise ValueError(f"Policy.load_state_dict: state holds {len(sds)} model chunks, this layout "
+                             f"{len(self.chunks)} (model.vpp differs; resume through the dist-checkpoint)")
+        for c, sd in zip(self.chunks, sds):
+            c.load_state_dict(sd)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -194,14 +206,14 @@ class Policy(Offloadable):
                 clip_low=algos.clip_low, clip_high=algos.clip_high, clip_c=algos.clip_c,
                 kl_kind=algos.kl_loss_kind, kl_coef=kl_coef, entropy_coef=algos.entropy_coef,
                 loss_mode=algos.policy_loss, agg_mode=algos.loss_agg_mode,
-                token_weights_apply_to=algos.token_weights_apply_to, tp_group=_tp_group(),
+                token_weights_apply_to=algos.token_weights_apply_to, tp_group=tp_group(),
                 temperature=self.temperature, norm_len=algos.norm_len, backend=self.backend)
             info = {k: float(v) for k, v in metrics.items()}
             info["_w"] = float(mb["loss_scale"]) / len(mbs)
             return loss * mb["loss_scale"], info
 
-        res, step = optimizer_step(self.ddp, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
-        return {**_broadcast_metrics(weighted_mean(res)), **step}
+        res, step = optimizer_step(self.ddp_chunks, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
+        return {**broadcast_metrics(weighted_mean(res)), **step}
 
     def _packed_loss(self, mb: dict, output: torch.Tensor, algos, kl_coef: float, num_mbs: int):
         """`token_weighted_ppo_loss` for a packed micro-batch: the same fused log-prob/entropy
@@ -219,6 +231,13 @@ class Policy(Offloadable):
         info = {k: float(v) for k, v in metrics.items()}
         info["_w"] = float(mb["loss_scale"]) / num_mbs
         return loss * mb["loss_scale"], info
+
+
+def _single(items: list, what: str):
+    if len(items) != 1:
+        raise ValueError(f"{what}: this rank holds {len(items)} model chunks (model.vpp={len(items)}); "
+                         "use Policy.chunks / Policy.ddp_chunks, or set model.vpp=null")
+    return items[0]
 
 
 def packed_shape(max_tokens: int, *, tp: int, pp: int, sequence_parallel: bool) -> tuple[int | None, int]:
@@ -239,15 +258,3 @@ def _batch_rows(res: list[dict], key: str, n: int, r: int) -> torch.Tensor:
     for x in res:
         out[x["rows"]] = x[key]
     return out
-
-
-def _broadcast_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """Loss metrics exist on the last pipeline stage only; share them with every rank."""
-    from megatron.core import parallel_state as mpu
-
-    if mpu.get_pipeline_model_parallel_world_size() == 1:
-        return metrics
-    obj = [metrics]
-    group = mpu.get_pipeline_model_parallel_group()
-    dist.broadcast_object_list(obj, src=dist.get_process_group_ranks(group)[-1], group=group)
-    return obj[0]

@@ -25,47 +25,31 @@ from megatron_rl.parallel.data_parallel import dp_mean, dp_rank_size, reduce_met
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.steering.compare import frac_tokens_changed
 from megatron_rl.steering.predictor import group_index, prompt_repr
-from megatron_rl.trainer.predictor_checkpoint import load_predictor_checkpoint, save_predictor_checkpoint
 from megatron_rl.steering.predictor_trainer import StrengthPredictorTrainer
 from megatron_rl.trainer import phases
-from megatron_rl.trainer.checkpoint import find_checkpoint
-from megatron_rl.trainer.loop import Trainer
+from megatron_rl.trainer.loop import RecipeLoop
 
 
 @dataclass
-class PredictorTrainer:
-    cfg: object
-    tokenizer: object
-    data: object                    # PromptLoader
-    engine: object                  # RolloutEngine whose model carries `steering`
-    llm: object                     # frozen Policy (its model: no parameter requires grad)
-    steering: object                # SteeringController attached to llm.model
-    rewards: object                 # RewardManager
-    logger: object                  # MetricsLogger
-    predictor: StrengthPredictorTrainer
-    step: int = 0
-    val_before: float | None = None
+class PredictorTrainer(RecipeLoop):
+    """Roles: `actor` is the frozen LLM (its model carries `steering`), `predictor` the
+    strength predictor (the only trained role, the only one checkpointed)."""
+
+    @property
+    def llm(self):
+        return self.roles.actor
+
+    @property
+    def steering(self):
+        return self.roles.actor.steering
+
+    @property
+    def predictor(self):
+        return self.roles.predictor
 
     @property
     def n(self) -> int:
         return self.cfg.steering.predictor.n_samples
-
-    def fit(self) -> tuple[float | None, float]:
-        cfg = self.cfg.trainer
-        self._maybe_resume()
-        if self.val_before is None and cfg.val_before_train:
-            self.val_before = self.validate()
-            self.logger.log({"val/reward": self.val_before}, step=0)
-        metrics: dict = {}
-        while self.step < cfg.total_steps:
-            self.step += 1
-            metrics = self.train_step(self.step)
-            if (cfg.val_every and self.step % cfg.val_every == 0) or self.step == cfg.total_steps:
-                metrics["val/reward"] = self.validate()
-            self.logger.log(metrics, step=self.step)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.total_steps:
-                self.save()
-        return self.val_before, metrics.get("val/reward", float("nan"))
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.time()
@@ -92,7 +76,7 @@ class PredictorTrainer:
             with self.logger.timer("compare"):
                 metrics.update(self.compare(prompts, reprs))
         metrics = reduce_metrics(metrics)
-        metrics.update(Trainer.step_metrics(self, batch, t0))
+        metrics.update(self.step_metrics(batch, t0))
         return metrics
 
     # --- pieces -------------------------------------------------------------------------------
@@ -133,52 +117,30 @@ class PredictorTrainer:
         return {"steering/reward_steered": r_s, "steering/reward_unsteered": r_u,
                 "steering/reward_gain": r_s - r_u, "steering/frac_tokens_changed": changed}
 
-    def validate(self) -> float:
+    def validate(self) -> dict[str, float]:
         """Mean reward on the validation prompts, steered at the predictor's mean strength, decoded
         as `rollout.val_greedy` / `val_temperature` say (greedy by default)."""
         scores: list[float] = []
         for prompts in self.data.val_batches():
             scores += self.score(self.greedy(prompts, self.mean_strengths(prompts), greedy=False))
-        return dp_mean(scores)
+        return {"val/reward": dp_mean(scores)}
 
     def _generator(self, step: int) -> torch.Generator:
         """Strength noise seeded by (seed, step, DP rank): a resumed run draws the same strengths."""
         rank, _ = dp_rank_size()
         return torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + step * 101 + rank)
 
-    # --- checkpoints ----------------------------------------------------------------------------
-    def save(self) -> None:
-        state = {"data": self.data.state_dict(), "val_before": self.val_before}
-        save_predictor_checkpoint(self.cfg.logging.run_dir, self.step, self.predictor.state_dict(), state,
-                                  self.cfg.trainer.keep_last)
-
-    def _maybe_resume(self) -> None:
-        path = find_checkpoint(self.cfg.logging.run_dir, self.cfg.trainer.resume)
-        if path is None:
-            return
-        pred_state, state = load_predictor_checkpoint(path)
-        self.predictor.load_state_dict(pred_state)
-        self.step = state["step"]
-        self.data.load_state_dict(state["data"])
-        self.val_before = state.get("val_before")
-        print(f"resumed strength-predictor training from {path} at step {self.step}", flush=True)
+    def checkpoint_roles(self) -> dict[str, object]:
+        return {"predictor": self.predictor}     # the LLM is frozen: a resumed run reads model.path again
 
 
 def build_predictor_trainer(cfg) -> PredictorTrainer:
     """Frozen LLM (built like the reference role) + steering hook + engine + predictor."""
-    import os
-
-    import transformers
-
-    from megatron_rl.config import to_dict
-    from megatron_rl.data import PromptLoader
-    from megatron_rl.logging import MetricsLogger
-    from megatron_rl.parallel import init_distributed
-    from megatron_rl.rewards import RewardManager
     from megatron_rl.steering.build import build_steering
     from megatron_rl.steering.predictor_trainer import build_predictor
-    from megatron_rl.trainer.build import build_reference
-    from megatron_rl.trainer.main import build_engine, set_seed
+    from megatron_rl.trainer.bootstrap import bootstrap, build_engine
+    from megatron_rl.trainer.build import build_frozen_policy
+    from megatron_rl.trainer.roles import Roles
 
     s, p = cfg.steering, cfg.steering.predictor
     if not (s.enable and p.enable):
@@ -187,23 +149,13 @@ def build_predictor_trainer(cfg) -> PredictorTrainer:
         raise ValueError(f"rollout.n={cfg.rollout.n} but steering.predictor.n_samples={p.n_samples}: each prompt "
                          f"gets one rollout per sampled strength; set both to the same value")
     if cfg.model.pp > 1:
-        raise NotImplementedError("strength-predictor training with model.pp > 1 (the prompt representation "
-                                  "lives on one pipeline stage); use tp or data parallelism")
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    init_distributed(tp=cfg.model.tp, pp=cfg.model.pp, vpp=cfg.model.vpp, seed=cfg.trainer.seed)
-    set_seed(cfg.trainer.seed, cfg.trainer.deterministic)
-    if not cfg.model.path:
-        raise ValueError("model.path is required (an HF directory or a megatron-rl checkpoint)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    llm = build_reference(cfg)                      # frozen: requires_grad False, eval mode
-    ctl = build_steering(s, llm.model)
-    llm.steering = ctl
+        raise ValueError("model.pp > 1 with steering.predictor.enable: the prompt representation lives on one "
+                         "pipeline stage; use model.tp or data parallelism")
+    ctx = bootstrap(cfg)
+    llm = build_frozen_policy(cfg)                  # frozen: requires_grad False, eval mode
+    llm.steering = ctl = build_steering(s, llm.model)
     names = [str(f) for f in s.feature_idxs] if s.mode != "global" else ["global"]
-    hidden = llm.model.config.hidden_size
-    _, trainer = build_predictor(p, hidden, ctl.intervention.n_strengths, frozen_llm=llm.model, feature_names=names)
-    os.makedirs(cfg.logging.run_dir, exist_ok=True)
-    logger = MetricsLogger(cfg.logging, total_steps=cfg.trainer.total_steps, run_config=to_dict(cfg))
-    return PredictorTrainer(cfg=cfg, tokenizer=tokenizer, data=PromptLoader(cfg.data, tokenizer),
-                            engine=build_engine(cfg, llm, tokenizer), llm=llm, steering=ctl,
-                            rewards=RewardManager(cfg.reward), logger=logger, predictor=trainer)
+    _, predictor = build_predictor(p, llm.model.config.hidden_size, ctl.intervention.n_strengths,
+                                   frozen_llm=llm.model, feature_names=names)
+    return PredictorTrainer(ctx=ctx, roles=Roles(actor=llm, predictor=predictor),
+                            engine=build_engine(cfg, llm, ctx.tokenizer))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.value_head import value_forward
 from megatron_rl.trainer.microbatch import make_microbatches
+from megatron_rl.trainer.roles import Offloadable, PerRankCheckpoint
 
 
-class ValueModel:
+class ValueModel(Offloadable, PerRankCheckpoint):
     """`ddp` wraps the trunk (+ head on the last stage); `optimizer` and `scheduler` are Megatron's."""
 
     def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):

@@ -57,7 +57,7 @@ def test_build_critic_micro_batch_size_zero_inherits_the_actors(hf, own, expect)
     cfg = load_experiment_config(None, [f"model.path={hf}", "model.layer_spec=local", "model.dtype=float32",
                                         "critic.enable=true", "actor.micro_batch_size=3",
                                         f"critic.micro_batch_size={own}"])
-    assert build_critic(cfg).mbs == expect
+    assert build_critic(cfg, 1).mbs == expect
 
 
 @pytest.mark.parametrize("key,value", [("micro_batch_size", -1), ("mini_batch_size", -2)])
