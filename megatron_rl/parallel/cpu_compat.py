@@ -50,9 +50,24 @@ class _CpuTorchProxy(types.ModuleType):
         return torch.tensor(*args, **self._cpu(kwargs))
 
 
+def install_no_te_fixes() -> None:
+    """Fixes for Megatron-Core 0.16.1 without Transformer Engine, on CPU and GPU alike.
+
+    transformer/moe/moe_utils.py imports `te_general_gemm` only when TE imports, yet
+    `RouterGatingLinearFunction` (every MoE router's gating GEMM) tests
+    `te_general_gemm is not None`: a NameError without TE. Define the name as None so
+    the torch.mm path runs.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def install_cpu_shims() -> bool:
     """Install the shims if CUDA is absent; returns True when they are active."""
     global _INSTALLED
+    install_no_te_fixes()
     if torch.cuda.is_available():
         return False
     if _INSTALLED:
@@ -154,5 +169,45 @@ def install_cpu_shims() -> bool:
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
     moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
 
+    # 8. MoE (transformer/moe/): the alltoall token dispatcher creates a side stream
+    #    (`torch.cuda.Stream()`) for its device-to-host copies of the split sizes and runs
+    #    them under `torch.cuda.stream(...)`; moe_utils.py's aux-loss tracker allocates
+    #    with device="cuda". On CPU streams are no-ops and the copies are plain tensors.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    token_dispatcher.torch = _CpuStreamsTorchProxy()
+    moe_utils.torch = _CpuStreamsTorchProxy()
+
     _INSTALLED = True
     return True
+
+
+class _CpuStream:
+    """A CUDA stream / event stand-in: every operation is already complete on CPU."""
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def record_event(self, *a, **k):
+        return self
+
+    def synchronize(self):
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
+class _CpuCudaStreams:
+    """`torch.cuda` with Stream / current_stream / stream as no-ops (shim 8)."""
+
+    Stream = staticmethod(lambda *a, **k: _CPU_STREAM)
+    current_stream = staticmethod(lambda *a, **k: _CPU_STREAM)
+    stream = staticmethod(lambda *a, **k: contextlib.nullcontext())
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuStreamsTorchProxy(_CpuTorchProxy):
+    cuda = _CpuCudaStreams()
