@@ -4,6 +4,7 @@ Ranks draw different data sources: rank 0 only "a", rank 1 "a" and "b". The redu
 metrics are those of the pooled samples (not means of rank means, not zero-filled), the
 same on both ranks; the adaptive KL coefficient is the one a DP=1 run on the global
 batch gets."""
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,3 +130,7 @@ def test_single_process_typed_metrics_are_plain_floats():
     assert out == {"m": 1.5, "s": 1.0, "n": 2.0, "f": 0.5}
     assert all(type(v) is float for v in out.values())
     assert dp_mean_count([1.0, 2.0, 6.0]) == (3.0, 3)
+    m = pickle.loads(pickle.dumps(MeanOver(0.25, 4)))           # metrics travel between processes
+    assert (type(m), float(m), m.count) == (MeanOver, 0.25, 4.0)
+    s = pickle.loads(pickle.dumps(StdOver.of([1.0, 3.0])))
+    assert (float(s), s.mean, s.count) == (1.0, 2.0, 2.0)
