@@ -6,16 +6,20 @@
 """
 from __future__ import annotations
 
+from megatron_rl.logging.values import MeanOver, Summed
+
 
 def agent_metrics(samples: list[dict]) -> dict[str, float]:
+    """Means carry their sample count and totals are `Summed`, so that under data
+    parallelism `reduce_metrics` gives the global batch's (not a mean of rank totals)."""
     if not samples:
         return {}
     n = len(samples)
     return {
-        "agent/turns_mean": sum(s["n_turns"] for s in samples) / n,
-        "agent/search_calls": float(sum(s["n_tool_calls"] for s in samples)),
-        "agent/tool_errors": float(sum(s["n_tool_errors"] for s in samples)),
-        "agent/invalid_actions": float(sum(s["n_invalid_actions"] for s in samples)),
-        "agent/finished_frac": sum(bool(s["finished"]) for s in samples) / n,
-        "agent/response_length_mean": sum(s["response_length"] for s in samples) / n,
+        "agent/turns_mean": MeanOver(sum(s["n_turns"] for s in samples) / n, n),
+        "agent/search_calls": Summed(sum(s["n_tool_calls"] for s in samples)),
+        "agent/tool_errors": Summed(sum(s["n_tool_errors"] for s in samples)),
+        "agent/invalid_actions": Summed(sum(s["n_invalid_actions"] for s in samples)),
+        "agent/finished_frac": MeanOver(sum(bool(s["finished"]) for s in samples) / n, n),
+        "agent/response_length_mean": MeanOver(sum(s["response_length"] for s in samples) / n, n),
     }
