@@ -86,6 +86,12 @@ def make_batch(n: int, prompt: int, response: int, vocab: int, seed: int):
                  [{"uid": str(i), "group": i // 4} for i in range(n)])
 
 
+def rss_gb() -> float:
+    """This process's resident host memory (pinned host buffers included once touched)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) * 1024 / GB
+
+
 def timed(fn):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -94,13 +100,13 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def sec_reference(cfg, batch):
+def sec_reference(cfg, plan, batch):
     """Plain vs offloaded reference; returns (plain ref, offloaded ref) for the sequence section."""
     from megatron_rl.trainer.build import build_frozen_policy
 
     free_all()
     base = alloc_gb()
-    plain = build_frozen_policy(cfg, offload=False)
+    plain = build_frozen_policy(cfg, plan, offload=False)
     resident = alloc_gb() - base
     torch.cuda.reset_peak_memory_stats()
     expect, t_plain = timed(lambda: plain.compute_logprobs(batch)[0])
@@ -109,7 +115,7 @@ def sec_reference(cfg, batch):
     free_all()
 
     base2 = alloc_gb()
-    ref = build_frozen_policy(cfg, offload=True)           # offloaded at build (pins host buffers)
+    ref = build_frozen_policy(cfg, plan, offload=True)           # offloaded at build (pins host buffers)
     between = alloc_gb() - base2
     off = ref.offloader
     times, diffs = [], []
@@ -132,7 +138,7 @@ def sec_reference(cfg, batch):
     return plain, ref, expect
 
 
-def sec_actor_and_sequence(cfg, refs: dict, batches, horizon: int):
+def sec_actor_and_sequence(cfg, plan, refs: dict, batches):
     """Actor A (nothing offloaded, `refs["plain"]` resident) and actor B (training state
     offloaded between its updates, `refs["offload"]` offloaded), each: update -> reference
     log-probs -> update. The plain reference is dropped before B, so that memory is B's alone."""
@@ -150,13 +156,14 @@ def sec_actor_and_sequence(cfg, refs: dict, batches, horizon: int):
         free_all()
         base = alloc_gb() - (ref.offloader is None) * sum(p.numel() * p.element_size()
                                                           for p in ref.model.parameters()) / GB
-        actor = build_actor(cfg, horizon)
+        actor = build_actor(cfg, plan)
         if mode == "offload":
             actor.offloader = TrainingStateOffloader(actor.ddp, actor.optimizer)
         torch.cuda.reset_peak_memory_stats()
         m1 = upd(actor, batches[0])
         after_update = alloc_gb() - base
         if mode == "offload":
+            rss0 = rss_gb()
             s_grad_opt = actor.offloader.offload()
             after_grad_opt = alloc_gb() - base
         with ref.onloaded():
@@ -165,14 +172,18 @@ def sec_actor_and_sequence(cfg, refs: dict, batches, horizon: int):
         if mode == "offload":
             s_w = actor.offloader.offload(weights=True)
             after_all = alloc_gb() - base
+            rss_growth = rss_gb() - rss0
             s_on = actor.offloader.onload()
             restored = alloc_gb() - base
+            s_warm_off = actor.offloader.offload(weights=True)      # host buffers pinned already
+            s_warm_on = actor.offloader.onload()
         m2 = upd(actor, batches[1])
         params = [p.detach().float().cpu() for p in actor.model.parameters()]
         results[mode] = dict(after_update=after_update, seq_peak=seq_peak, params=params, m=(m1, m2))
         if mode == "offload":
             results[mode].update(after_grad_opt=after_grad_opt, after_all=after_all, restored=restored,
-                                 s_grad_opt=s_grad_opt, s_w=s_w, s_on=s_on)
+                                 s_grad_opt=s_grad_opt, s_w=s_w, s_on=s_on, s_warm_off=s_warm_off,
+                                 s_warm_on=s_warm_on, rss_growth=rss_growth)
         del actor
     a, b = results["plain"], results["offload"]
     row("actor", "allocated after update (GB)", a["after_update"], b["after_update"])
@@ -182,9 +193,14 @@ def sec_actor_and_sequence(cfg, refs: dict, batches, horizon: int):
     so = b["s_grad_opt"]
     row("actor", "grads freed + optimizer copied (GB)", "-",
         f"{(so.bytes_freed - so.bytes_copied) / GB:.3f} + {so.bytes_copied / GB:.3f}")
-    row("actor", "offload grads+opt s / GB/s", "-", f"{so.seconds:.3f} / {so.gb_per_s:.1f}")
-    row("actor", "offload weights s / GB/s", "-", f"{b['s_w'].seconds:.3f} / {b['s_w'].gb_per_s:.1f}")
-    row("actor", "onload all s / GB/s", "-", f"{b['s_on'].seconds:.3f} / {b['s_on'].gb_per_s:.1f}")
+    st = lambda m: f"{m.seconds:.3f} / {m.gb_per_s:.1f}"                                          # noqa: E731
+    row("actor", "1st offload grads+opt s / GB/s (pins host)", "-", st(so))
+    row("actor", "1st offload weights s / GB/s (pins host)", "-", st(b["s_w"]))
+    row("actor", "onload all s / GB/s", "-", st(b["s_on"]))
+    row("actor", "host RSS growth / bytes held (GB)", "-",
+        f"{b['rss_growth']:.2f} / {(so.bytes_copied + b['s_w'].bytes_copied) / GB:.2f}")
+    row("actor", "2nd offload all s / GB/s", "-", st(b["s_warm_off"]))
+    row("actor", "2nd onload all s / GB/s", "-", st(b["s_warm_on"]))
     diff = max((x - y).abs().max().item() for x, y in zip(a["params"], b["params"]))
     row("actor", "max |param diff| after next update", 0.0, diff)
     row("actor", "update metrics equal", True, a["m"] == b["m"])
@@ -221,12 +237,14 @@ def main() -> int:
                                         "model.dtype=bfloat16", f"actor.micro_batch_size={args.micro_batch}",
                                         f"actor.fused_loss={args.fused_loss}", "actor.optim.lr=1e-5",
                                         "ref.offload=true"])
+    from megatron_rl.plan import resolve_plan
+    plan = resolve_plan(cfg, world_size=1, device="cuda")
     batches = [make_batch(args.batch, args.prompt, args.response, args.vocab, s) for s in (0, 1)]
     print("| section | metric | no offload | offload |\n|---|---|---|---|", flush=True)
-    plain, ref, _ = sec_reference(cfg, batches[0])
+    plain, ref, _ = sec_reference(cfg, plan, batches[0])
     refs = {"plain": plain, "offload": ref}
     del plain, ref
-    diff = sec_actor_and_sequence(cfg, refs, batches, horizon=10)
+    diff = sec_actor_and_sequence(cfg, plan, refs, batches)
     print(f"bench_offload done in {time.time() - t0:.0f}s; next-update param diff {diff:.3g} "
           f"({'bit-identical' if diff == 0 else 'DIFFERS'})", flush=True)
     return 0 if diff == 0 else 1

@@ -25,19 +25,30 @@ def _cfg(hf, *extra):
                                          "actor.micro_batch_size=2", "actor.fused_loss=off", *extra])
 
 
+def _plan(cfg):
+    from megatron_rl.plan import resolve_plan
+
+    return resolve_plan(cfg, world_size=1, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _frozen(cfg, offload):
+    from megatron_rl.trainer.build import build_frozen_policy
+
+    return build_frozen_policy(cfg, _plan(cfg), offload=offload)
+
+
 def _storages(module):
     """The real storages behind the parameters (kept views: the offloader swaps `p.data`)."""
     return [p.data for p in module.parameters()]
 
 
 def test_offloaded_reference_gives_bit_identical_logprobs_and_holds_no_weights(hf):
-    from megatron_rl.trainer.build import build_frozen_policy
     from megatron_rl.trainer.phases import ref_logprobs
 
     batch = ragged_batch()
-    plain = build_frozen_policy(_cfg(hf), offload=False)
+    plain = _frozen(_cfg(hf), offload=False)
     expect, _ = plain.compute_logprobs(batch)
-    ref = build_frozen_policy(_cfg(hf, "ref.offload=true"), offload=True)
+    ref = _frozen(_cfg(hf, "ref.offload=true"), offload=True)
     model = ref.model
     with ref.onloaded():
         views = _storages(model)                   # the resident tensors, to watch their storages
@@ -57,9 +68,7 @@ def test_offloaded_reference_gives_bit_identical_logprobs_and_holds_no_weights(h
 
 
 def test_forward_while_offloaded_names_the_offloader(hf):
-    from megatron_rl.trainer.build import build_frozen_policy
-
-    ref = build_frozen_policy(_cfg(hf), offload=True)
+    ref = _frozen(_cfg(hf), offload=True)
     with pytest.raises(RuntimeError, match="offloaded"):
         ref.compute_logprobs(ragged_batch())
 
@@ -67,10 +76,11 @@ def test_forward_while_offloaded_names_the_offloader(hf):
 def test_shared_parameters_and_views_stay_shared_after_onload():
     from megatron_rl.trainer.offload import WeightOffloader
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    a, b = torch.nn.Linear(4, 4, device=dev), torch.nn.Linear(4, 4, device=dev)
     b.weight = a.weight                                         # tied, as embedding/output
-    flat = torch.randn(40)
+    flat = torch.randn(40, device=dev)
     a.bias.data = flat[3:7]                                     # a view into a larger buffer (DDP layout)
     model = torch.nn.ModuleList([a, b])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -90,7 +100,8 @@ def test_shared_parameters_and_views_stay_shared_after_onload():
 def _actor(hf, dtype):
     from megatron_rl.trainer.build import build_actor
 
-    return build_actor(_cfg(hf, f"model.dtype={dtype}", "actor.optim.lr=1e-3", "actor.optim.eps=1e-3"), 10)
+    cfg = _cfg(hf, f"model.dtype={dtype}", "actor.optim.lr=1e-3", "actor.optim.eps=1e-3")
+    return build_actor(cfg, _plan(cfg))
 
 
 def _update(policy, batch):
@@ -118,7 +129,7 @@ def test_training_state_round_trip_gives_a_bit_identical_next_update(hf, dtype):
     run.offloader = TrainingStateOffloader(run.ddp, run.optimizer, offload_weights=True)
     _update(ref_run, batch), _update(run, batch)
     grads = [b.grad_data for b in run.ddp.buffers]
-    moments = [t.data for _, t in run.offloader._opt._collect()]
+    moments = [t.data for _, t in run.offloader._opt._collect() if t.is_cuda or not torch.cuda.is_available()]
     weights = _storages(run.model)
     state = _adam_state(run)
     run.offload()
