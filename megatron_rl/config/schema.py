@@ -1,39 +1,23 @@
 """The root experiment config: typed sections with their defaults in one place.
 
 Sections owned by feature packages (data, reward, logging, agent, steering, ...) are
-defined next to their code and mounted here.
+defined next to their code and mounted here; a package that fails to import fails
+here, with its own import error.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_rl.agent.config import AgentConfig
 from megatron_rl.algos.config import AlgosConfig
 from megatron_rl.data.config import DataConfig
+from megatron_rl.logging.config import LoggingConfig
 from megatron_rl.models.moe_config import MoEConfig
-
-
-def _optional(module: str, name: str):
-    """Feature sections are mounted if their package provides one (keeps this file
-    importable while a feature is being built)."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        @dataclass
-        class _Empty:
-            enable: bool = False
-        _Empty.__name__ = name
-        return _Empty
-
-
-RewardConfig = _optional("megatron_rl.rewards.config", "RewardConfig")
-LoggingConfig = _optional("megatron_rl.logging.config", "LoggingConfig")
-AgentConfig = _optional("megatron_rl.agent.config", "AgentConfig")
-SteeringConfig = _optional("megatron_rl.steering.config", "SteeringConfig")
-GADConfig = _optional("megatron_rl.trainer.gad_config", "GADConfig")
-VLLMConfig = _optional("megatron_rl.rollout.vllm_config", "VLLMConfig")
-TokenWeightsConfig = _optional("megatron_rl.token_weights.config", "TokenWeightsConfig")
+from megatron_rl.rewards.config import RewardConfig
+from megatron_rl.rollout.vllm_config import VLLMConfig
+from megatron_rl.steering.config import SteeringConfig
+from megatron_rl.token_weights.config import TokenWeightsConfig
+from megatron_rl.trainer.gad_config import GADConfig
 
 
 @dataclass

@@ -57,7 +57,7 @@ def bootstrap(cfg: Config) -> RunContext:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     m = cfg.model
-    init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.trainer.seed, **_expert_layout(m))
+    init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.trainer.seed)
     set_seed(cfg.trainer.seed, cfg.trainer.deterministic)
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
     if _rank() == 0:
@@ -67,11 +67,6 @@ def bootstrap(cfg: Config) -> RunContext:
     logger = MetricsLogger(cfg.logging, total_steps=cfg.trainer.total_steps, run_config=to_dict(cfg))
     return RunContext(cfg=cfg, plan=plan, tokenizer=tokenizer, data=PromptLoader(cfg.data, tokenizer),
                       rewards=RewardManager(cfg.reward), logger=logger)
-
-
-def _expert_layout(m) -> dict:
-    """EP / ETP for `init_distributed` once the model section has them (MoE)."""
-    return {k: getattr(m, k) for k in ("ep", "etp") if getattr(m, k, 1) != 1}
 
 
 def _rank() -> int:

@@ -12,20 +12,6 @@ from megatron_rl.config.schema import Config, OptimConfig
 from megatron_rl.models import load_checkpoint
 
 
-def fused_backend(setting: str) -> str | None:
-    """actor.fused_loss: auto -> kernels pick (Triton on CUDA); on -> Triton; off -> the
-    pure-torch loss (`kernels.backends` name "torch")."""
-    if setting not in ("auto", "on", "off"):
-        raise ValueError(f"actor.fused_loss must be auto|on|off, got {setting!r}")
-    if setting == "off":
-        return "torch"
-    if setting == "on":
-        if not torch.cuda.is_available():
-            raise ValueError("actor.fused_loss: on needs a CUDA GPU (Triton); use auto or off on CPU")
-        return "triton"
-    return None
-
-
 def use_distributed_optimizer(optim: OptimConfig) -> bool:
     """`*.optim.distributed_optimizer`: None means on for GPU, off on CPU."""
     return torch.cuda.is_available() if optim.distributed_optimizer is None else optim.distributed_optimizer
@@ -103,31 +89,25 @@ def build_trained(cfg: Config, path: str, optim: OptimConfig, horizon_steps: int
     return TrainedModel(model, ddp, opt, sched)
 
 
-def reference_needed(cfg: Config) -> bool:
-    if cfg.ref.enable is not None:
-        return cfg.ref.enable
-    return cfg.algos.use_kl_loss or cfg.algos.use_kl_in_reward
-
-
-def build_actor(cfg: Config, horizon_steps: int):
-    """The trained policy (`model.path`, `actor.*`)."""
+def build_actor(cfg: Config, plan):
+    """The trained policy (`model.path`, `actor.*`), its LR schedule over the plan's horizon."""
     from megatron_rl.trainer.policy import Policy
 
-    t = build_trained(cfg, cfg.model.path, cfg.actor.optim, horizon_steps)
+    t = build_trained(cfg, cfg.model.path, cfg.actor.optim, plan.role("actor").lr_horizon_steps)
     return Policy(t.model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
                   optimizer=t.optimizer, scheduler=t.scheduler, ddp_model=t.ddp,
-                  fused_backend=fused_backend(cfg.actor.fused_loss),
+                  fused_backend=plan.loss_backend,
                   max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
 
 
-def build_frozen_policy(cfg: Config, *, offload: bool = False):
+def build_frozen_policy(cfg: Config, plan, *, offload: bool = False):
     """A frozen copy of `model.path`: the reference (`ref.offload` keeps its weights in
     host memory between log-prob passes) or the LLM of predictor training."""
     from megatron_rl.trainer.policy import Policy
 
     model = load_trunk(cfg, cfg.model.path, trainable=False)
     policy = Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
-                    fused_backend=fused_backend(cfg.actor.fused_loss),
+                    fused_backend=plan.loss_backend,
                     max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
     if offload:
         from megatron_rl.trainer.offload import WeightOffloader
@@ -152,14 +132,13 @@ def attach_steering(cfg: Config, actor) -> None:
 
 def build_policy_roles(cfg: Config, plan):
     """Actor (+ steering), reference and critic from their parts of the plan."""
-    from megatron_rl.trainer.build import build_actor, build_frozen_policy
     from megatron_rl.trainer.roles import Roles
 
-    roles = Roles(actor=build_actor(cfg, plan.role("actor").lr_horizon_steps))
+    roles = Roles(actor=build_actor(cfg, plan))
     if cfg.steering.enable:
         attach_steering(cfg, roles.actor)
     if plan.has_role("reference"):
-        roles.reference = build_frozen_policy(cfg, offload=plan.role("reference").offload)
+        roles.reference = build_frozen_policy(cfg, plan, offload=plan.role("reference").offload)
     if plan.has_role("critic"):
         from megatron_rl.trainer.critic import build_critic
         roles.critic = build_critic(cfg, plan.role("critic").lr_horizon_steps)

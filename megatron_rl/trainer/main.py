@@ -35,9 +35,6 @@ def recipe_name(cfg: Config) -> str:
 def build_trainer(cfg: Config):
     from megatron_rl.trainer.loop import Trainer
 
-    if cfg.algos.adv_estimator == "gae" and not cfg.critic.enable:
-        raise ValueError("algos.adv_estimator=gae needs values from a critic: set critic.enable=true "
-                         "(or choose another algos.adv_estimator, e.g. grpo)")
     ctx = bootstrap(cfg)
     roles = build_policy_roles(cfg, ctx.plan)
     token_weights = None

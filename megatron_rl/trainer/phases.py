@@ -125,7 +125,7 @@ def update_actor(tr, batch: Batch, step: int) -> dict[str, float]:
     role = tr.plan.role("actor")
     steps = tr.actor.update(batch, c.algos, mini_batch_size=role.mini_batch_samples_per_rank, ppo_epochs=c.actor.ppo_epochs,
                             use_ref=tr.reference is not None, seed=c.trainer.seed + step)
-    out = {}
+    out = {"actor/optimizer_steps": float(len(steps))}
     for k in steps[0]:
         vals = [s[k] for s in steps]
         out[f"actor/{k}"] = sum(vals) / len(vals)

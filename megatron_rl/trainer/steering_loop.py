@@ -152,7 +152,7 @@ def build_predictor_trainer(cfg) -> PredictorTrainer:
         raise ValueError("model.pp > 1 with steering.predictor.enable: the prompt representation lives on one "
                          "pipeline stage; use model.tp or data parallelism")
     ctx = bootstrap(cfg)
-    llm = build_frozen_policy(cfg)                  # frozen: requires_grad False, eval mode
+    llm = build_frozen_policy(cfg, ctx.plan)                  # frozen: requires_grad False, eval mode
     llm.steering = ctl = build_steering(s, llm.model)
     names = [str(f) for f in s.feature_idxs] if s.mode != "global" else ["global"]
     _, predictor = build_predictor(p, llm.model.config.hidden_size, ctl.intervention.n_strengths,

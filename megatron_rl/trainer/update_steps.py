@@ -58,10 +58,13 @@ def weighted_mean(res: list[dict]) -> dict[str, float]:
 
 def optimizer_step(ddp, optimizer, scheduler, mbs: list[dict], forward_fn, loss_fn) -> tuple[list[dict], dict]:
     """Zero grads, forward/backward every micro-batch through the schedule, step optimizer and
-    scheduler. Returns (per-micro-batch loss infos, {grad_norm, update_ok, lr})."""
-    ddp.zero_grad_buffer()
+    scheduler. Returns (per-micro-batch loss infos, {grad_norm, update_ok, lr}). `ddp`: one
+    DDP wrapper or the list of a chunked (`model.vpp`) model's."""
+    chunks = list(ddp) if isinstance(ddp, (list, tuple)) else [ddp]
+    for d in chunks:
+        d.zero_grad_buffer()
     optimizer.zero_grad()
-    res = run_microbatches([ddp], mbs, forward_fn, loss_fn, forward_only=False)
+    res = run_microbatches(chunks, mbs, forward_fn, loss_fn, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
     if scheduler is not None:
         scheduler.step(increment=1)
