@@ -14,6 +14,7 @@ import torch
 from megatron_rl.logging.values import MeanOver, StdOver, Summed
 
 T = TypeVar("T")
+NOT_A_NUMBER = "not_a_number"
 
 
 def dp_rank_size() -> tuple[int, int]:
@@ -52,12 +53,12 @@ def _kind(key: str, value) -> str:
     return "mean"
 
 
-def _float(key: str, value) -> float:
+def _is_number(value) -> bool:
     try:
-        return float(value)
+        float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"metric {key!r} is {type(value).__name__}, not a number; "
-                        f"reduce_metrics combines numeric metrics only") from None
+        return False
+    return True
 
 
 def _union_schema(local: dict[str, str], group) -> dict[str, str]:
@@ -68,6 +69,10 @@ def _union_schema(local: dict[str, str], group) -> dict[str, str]:
     for items in gathered:
         for key, kind in items:
             kinds.setdefault(key, set()).add(kind)
+    bad = sorted(k for k, v in kinds.items() if NOT_A_NUMBER in v)
+    if bad:                         # raised on every rank, so none waits in the all-reduce
+        raise TypeError(f"metric {bad[0]!r} is not a number on some data-parallel rank; reduce_metrics "
+                        f"combines numeric metrics only (non-numeric: {bad[:5]})")
     mixed = {k: sorted(v) for k, v in kinds.items() if len(v) > 1}
     if mixed:
         key = sorted(mixed)[0]
@@ -92,14 +97,15 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
     from megatron.core import parallel_state as mpu
 
     group = mpu.get_data_parallel_group()
-    local = {k: _kind(k, v) for k, v in metrics.items() if not k.startswith("timing/")}
+    local = {k: _kind(k, v) if _is_number(v) else NOT_A_NUMBER for k, v in metrics.items()
+             if not k.startswith("timing/")}
     schema = _union_schema(local, group)
     sums: list[float] = []          # per key: its slots in one SUM all-reduce
     maxes: list[float] = []         # max keys as v, min keys as -v: one MAX all-reduce
     where: dict[str, int] = {}
     for key, kind in schema.items():
         held = key in metrics
-        v = _float(key, metrics[key]) if held else 0.0
+        v = float(metrics[key]) if held else 0.0
         if kind in ("max", "min"):
             where[key] = len(maxes)
             maxes.append((v if kind == "max" else -v) if held else -math.inf)

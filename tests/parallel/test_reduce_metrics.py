@@ -86,6 +86,8 @@ def _worker(rank, world, out):
     reduced = reduce_metrics(metrics)
     with pytest.raises(ValueError, match="metric 'k' combines as mean / mean_over on different data-parallel"):
         reduce_metrics({"k": MeanOver(1.0, 2) if rank else 1.0})
+    with pytest.raises(TypeError, match="metric 'note' is not a number on some data-parallel rank"):
+        reduce_metrics({"note": "hi" if rank else 1.0})      # raised on both ranks: no hang
     betas, kls = run_kl_controller(range(2 * rank, 2 * rank + 2))
     torch.save({"reduced": reduced, "betas": betas, "kls": kls}, f"{out}.{rank}")
     destroy_distributed()
