@@ -59,6 +59,12 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        # Interleaving exchanges activations and gradients with both neighbours at once; at
+        # PP=2 both are one peer, and batch_isend_irecv (the default) pairs the two sends to
+        # it with the receives in issue order, i.e. crosswise (wrong grads; found on gloo).
+        # Megatron-LM runs interleaving with overlapped, unbatched p2p (even/odd ordering).
+        overlap_p2p_comm=vpp is not None,
+        batch_p2p_comm=vpp is None,
         sequence_parallel=sequence_parallel and tp > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         init_method_std=0.02,

@@ -6,6 +6,10 @@ computation) and training. Under PP every micro-batch must have the same
 `[micro_batch, seq]` shape (the schedule's p2p buffers are fixed-size); without PP
 shapes may differ (packed token-budget micro-batches: Megatron's no-pipelining
 schedule ignores `seq_length`).
+
+`model` is this rank's list of chunks: one, or one per virtual pipeline stage
+(`model.vpp`), in which case Megatron picks its interleaved 1F1B schedule. Every chunk
+reads every micro-batch (masks, positions, labels) through its own iterator.
 """
 from __future__ import annotations
 
@@ -30,11 +34,13 @@ def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
         return []
     from megatron.core import parallel_state as mpu
 
+    pp = mpu.get_pipeline_model_parallel_world_size()
     shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
-    if len(shapes) != 1 and mpu.get_pipeline_model_parallel_world_size() > 1:
+    if len(shapes) != 1 and pp > 1:
         raise ValueError(f"all micro-batches need one [batch, seq] shape under the pipeline schedule, got {shapes}")
+    check_interleaved_microbatches(len(microbatches), len(model), pp)
     mbs, seq = max(shapes)
-    it = iter(microbatches)
+    it = iter(microbatches) if len(model) == 1 else [iter(microbatches) for _ in model]
     results: list[dict] = []
 
     def step(data_iterator, model_chunk):
@@ -51,3 +57,15 @@ def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
     fb(forward_step_func=step, data_iterator=it, model=model, num_microbatches=len(microbatches),
        seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)
     return results
+
+
+def check_interleaved_microbatches(num_microbatches: int, num_chunks: int, pp: int) -> None:
+    """Megatron-Core 0.16.1's interleaved schedule runs micro-batches in groups of
+    `microbatch_group_size_per_vp_stage` (= PP): their count must be a multiple of PP."""
+    if num_chunks > 1 and num_microbatches % pp:
+        raise ValueError(
+            f"model.vpp={num_chunks}: Megatron's interleaved pipeline schedule needs the number of "
+            f"micro-batches ({num_microbatches}) to be a multiple of model.pp={pp}; choose "
+            f"actor.micro_batch_size (and the per-DP-rank batch / actor.mini_batch_size) so that "
+            f"batch / micro_batch_size is a multiple of {pp} (packed micro-batches, "
+            f"actor.max_tokens_per_microbatch > 0, give a varying count: use 0 with model.vpp)")

@@ -3,9 +3,11 @@
 Uses Megatron-Core's static KV cache (`StaticInferenceContext`): one prefill over the
 left-padded prompts, then one token per step with an explicit key-padding mask (the
 cache keeps the prompt padding, which must stay masked). Logits are gathered over TP;
-under PP each step runs through Megatron's forward-only schedule and the sampled
-tokens are broadcast from the last stage. Sampling is seeded per call, so a resumed
-run draws the same tokens.
+under PP each step passes the hidden states stage to stage (point-to-point, in
+Megatron's interleaved order under `model.vpp`: chunk 0 of every PP rank, then chunk 1,
+...) and the last-position logits are broadcast from the last stage. One KV cache
+serves every chunk (it is keyed by global layer number). Sampling is seeded per call,
+so a resumed run draws the same tokens.
 """
 from __future__ import annotations
 
@@ -21,16 +23,18 @@ from megatron_rl.rollout.sampling import sample_tokens
 
 
 class NativeEngine:
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 256, steering=None):
-        from megatron_rl.models.loading import unwrap
+    """`model`: one GPTModel or this rank's list of chunks (`model.vpp`), bare or wrapped."""
 
-        self.model = model
-        self.core = unwrap(model)
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 256, steering=None):
+        from megatron_rl.models.loading import as_chunks
+
+        self.chunks = as_chunks(model)
+        self.core = self.chunks[0]
         self.arch = self.core.arch
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.steering = steering            # a steering controller or None
-        self.eos_ids = _eos_ids(tokenizer)
+        self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     # --- protocol -------------------------------------------------------------------
@@ -48,7 +52,7 @@ class NativeEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         from megatron_rl.rollout.weight_loader import load_named_hf_tensors
-        load_named_hf_tensors(self.core, named_tensors)
+        load_named_hf_tensors(self.chunks, named_tensors)
 
     def sleep(self) -> None:
         pass
@@ -67,7 +71,7 @@ class NativeEngine:
         b, p = prompt_ids.shape
         ctx = StaticInferenceContext(b, p + sp.max_new_tokens)
         was_training = self.core.training
-        self.core.eval()
+        self._set_training(False)
         kv_mask = prompt_mask.clone()
         tokens = torch.full((b, sp.max_new_tokens), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros(b, sp.max_new_tokens)
@@ -97,7 +101,7 @@ class NativeEngine:
                                     ~kv_mask.bool()[:, None, None, :], ctx)
                 ctx.sequence_len_offset += 1
         finally:
-            self.core.train(was_training)
+            self._set_training(was_training)
         width = int(lengths.max().item()) if b else 0
         resp = tokens[:, :width]
         mask = (torch.arange(width)[None] < lengths[:, None]).float()
@@ -110,29 +114,45 @@ class NativeEngine:
                 out[k] = v
         return out
 
+    def _set_training(self, mode: bool) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
     def _step(self, ids, pos, mask, ctx) -> torch.Tensor:
         """Last-position logits [B, V] (full vocabulary) on every rank."""
         from megatron_rl.parallel import pp_size
 
         if pp_size() == 1:
-            logits = self.model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            logits = self.core(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
             return logits[:, -1, : self.arch.vocab_size].float()
         return self._step_pipelined(ids, pos, mask, ctx)
 
     def _step_pipelined(self, ids, pos, mask, ctx) -> torch.Tensor:
+        """One forward through every stage: virtual stage v*pp + r is chunk v of PP rank r,
+        so rank r receives from rank r-1 (rank 0 from the last rank, for v > 0) and sends on."""
         from megatron.core import parallel_state as mpu
 
-        from megatron_rl.models.schedule import run_microbatches
-
-        out = run_microbatches(
-            [self.model], [{"input_ids": ids}],
-            lambda m, mb: m(mb["input_ids"], pos, mask, inference_context=ctx, runtime_gather_output=True),
-            lambda mb, lg: (lg.sum() * 0, {"logits": lg[:, -1, : self.arch.vocab_size].float()}),
-            forward_only=True)
-        b = ids.shape[0]
-        logits = out[0]["logits"] if out else torch.empty(b, self.arch.vocab_size, device=ids.device)
         group = mpu.get_pipeline_model_parallel_group()
-        dist.broadcast(logits.contiguous(), src=dist.get_process_group_ranks(group)[-1], group=group)
+        ranks = dist.get_process_group_ranks(group)
+        pp, r = len(ranks), mpu.get_pipeline_model_parallel_rank()
+        cfg = self.core.config
+        b, s = ids.shape
+        seq = s // cfg.tensor_model_parallel_size if cfg.sequence_parallel else s
+        last = len(self.chunks) - 1
+        out = None
+        for v, chunk in enumerate(self.chunks):
+            if v or r:
+                hidden = torch.empty(seq, b, cfg.hidden_size, dtype=cfg.pipeline_dtype, device=ids.device)
+                dist.recv(hidden, src=ranks[r - 1], group=group)      # ranks[-1] for r == 0
+                chunk.set_input_tensor(hidden)
+            out = chunk(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            if v < last or r < pp - 1:
+                dist.send(out.contiguous(), dst=ranks[(r + 1) % pp], group=group)
+        if r == pp - 1:
+            logits = out[:, -1, : self.arch.vocab_size].float().contiguous()
+        else:
+            logits = torch.empty(b, self.arch.vocab_size, device=ids.device)
+        dist.broadcast(logits, src=ranks[-1], group=group)
         return logits
 
     def _sample(self, logits, sp, gen):
@@ -156,7 +176,7 @@ class NativeEngine:
         self.steering.set_positions(is_generated)
 
 
-def _eos_ids(tokenizer) -> list[int]:
+def eos_token_ids(tokenizer) -> list[int]:
     ids = []
     eos = getattr(tokenizer, "eos_token_id", None)
     if isinstance(eos, int):
