@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.kernels.backends import get_backend
-from megatron_rl.kernels.logprob import _combine, _local_labels
+from megatron_rl.kernels.logprob import combine_partials, local_labels
 
 DEFAULT_CHUNK_ELEMS = 1 << 28  # logits per chunk: 512 MiB in bf16
 
@@ -36,7 +36,7 @@ class _LinearTokenLogprob(torch.autograd.Function):
             for i, part in enumerate(backend.partials(logits, labels_local[lo:hi], inv_temp)):
                 stats[i, lo:hi] = part
             del logits
-        logprob, entropy, logz = _combine(*stats.unbind(0), tp_group)
+        logprob, entropy, logz = combine_partials(*stats.unbind(0), tp_group)
         ctx.save_for_backward(hidden2d, weight, labels_local, logz, entropy)
         ctx.inv_temp, ctx.tp_group, ctx.chunk_rows, ctx.backend = inv_temp, tp_group, chunk_rows, backend
         return logprob, entropy
@@ -84,7 +84,7 @@ def linear_token_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     vocab_local = weight.shape[0]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_tokens or max(1, DEFAULT_CHUNK_ELEMS // vocab_local)
-    labels_local = _local_labels(labels, vocab_local, tp_group)
+    labels_local = local_labels(labels, vocab_local, tp_group)
     logprob, entropy = _LinearTokenLogprob.apply(hidden2d, weight, labels_local, float(1.0 / temperature),
                                                  tp_group, chunk, backend)
     return logprob.reshape(labels.shape), entropy.reshape(labels.shape)

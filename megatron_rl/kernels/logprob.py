@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_rl.kernels.backends import get_backend
 
 
-def _combine(m, s, t, x_label, tp_group):
+def combine_partials(m, s, t, x_label, tp_group):
     """Merge per-rank partials into ``(logprob, entropy, logZ)``.
 
     ``t`` is ``sum exp(x - m) (x - m)``; rescaling a rank's partials to the
@@ -37,7 +37,7 @@ def _combine(m, s, t, x_label, tp_group):
     return x_label - logz, entropy, logz
 
 
-def _local_labels(labels: torch.Tensor, vocab_local: int, tp_group) -> torch.Tensor:
+def local_labels(labels: torch.Tensor, vocab_local: int, tp_group) -> torch.Tensor:
     """Flat int64 labels relative to this rank's first vocab id."""
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     return (labels.reshape(-1).to(torch.int64) - rank * vocab_local).contiguous()
@@ -54,7 +54,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
     def forward(ctx, logits2d, labels_local, inv_temp, tp_group, inplace_backward, backend_name):
         backend = get_backend(backend_name, logits2d)
         m, s, t, x_label = backend.partials(logits2d, labels_local, inv_temp)
-        logprob, entropy, logz = _combine(m, s, t, x_label, tp_group)
+        logprob, entropy, logz = combine_partials(m, s, t, x_label, tp_group)
         ctx.save_for_backward(logits2d, labels_local, logz, entropy)
         ctx.inv_temp, ctx.inplace, ctx.backend = inv_temp, inplace_backward, backend
         return logprob, entropy
@@ -93,7 +93,7 @@ def token_logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group=N
     logits2d = logits.reshape(-1, vocab_local)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    labels_local = _local_labels(labels, vocab_local, tp_group)
+    labels_local = local_labels(labels, vocab_local, tp_group)
     if inplace_backward and logits.requires_grad and _is_user_storage(logits2d):
         warnings.warn("token_logprob_entropy: inplace_backward ignored for leaf logits (would overwrite them)")
         inplace_backward = False

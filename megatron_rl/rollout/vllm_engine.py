@@ -60,14 +60,14 @@ def _load_on_worker(payload, model) -> int:
 class VLLMEngine:
     def __init__(self, llm, tokenizer, config: VLLMConfig | None = None, *, colocate: bool = True,
                  bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None):
-        from megatron_rl.rollout.native_engine import _eos_ids
+        from megatron_rl.rollout.native_engine import eos_token_ids
 
         self.llm, self.tokenizer = llm, tokenizer
         self.cfg = config or VLLMConfig()
         self.colocate, self.bucket_mb, self.dtype = colocate, bucket_mb, dtype
         self.steering_scope = steering_scope          # None: no steering hook attached
         self.steering_enabled = True                  # set_steering_enabled(False) turns the hooks into no-ops
-        self.eos_ids = _eos_ids(tokenizer)
+        self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.state = "awake"                          # awake | asleep | weights (weights awake, KV asleep)
         self.weights_stale = False                    # level-2 sleep dropped the weights

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from megatron_rl.steering.config import SteeringConfig
 from megatron_rl.steering.controller import SteeringController
-from megatron_rl.steering.hooks import _unwrap, num_layers
+from megatron_rl.steering.hooks import unwrap_chunk, num_layers
 from megatron_rl.steering.interventions import build_intervention
 from megatron_rl.steering.sae import SAE, load_sae
 
@@ -35,7 +35,7 @@ def build_steering(cfg: SteeringConfig, model=None, sae: SAE | None = None) -> S
         sae = load_sae(cfg.sae_path, cfg.sae_id)
     n_layers = None
     if model is not None:
-        chunk = _unwrap(model[0] if isinstance(model, (list, tuple)) else model)
+        chunk = unwrap_chunk(model[0] if isinstance(model, (list, tuple)) else model)
         sae.check_d_in(chunk.config.hidden_size)
         n_layers = num_layers(model)
         sae = sae.to(next(chunk.parameters()).device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
-def _unwrap(model):
+def unwrap_chunk(model):
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module      # DDP, Float16Module
     return model
@@ -21,7 +21,7 @@ def find_layer(model, layer: int):
     stage owns it. `model` may be a list of virtual-pipeline chunks."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     for chunk in chunks:
-        decoder = getattr(_unwrap(chunk), "decoder", None)
+        decoder = getattr(unwrap_chunk(chunk), "decoder", None)
         if decoder is None:
             raise TypeError(f"{type(chunk).__name__} has no .decoder; expected a Megatron GPTModel")
         for mod in decoder.layers:
@@ -32,7 +32,7 @@ def find_layer(model, layer: int):
 
 def num_layers(model) -> int:
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    return _unwrap(chunks[0]).config.num_layers
+    return unwrap_chunk(chunks[0]).config.num_layers
 
 
 def hidden_of(output):

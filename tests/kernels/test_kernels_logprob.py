@@ -116,7 +116,7 @@ def test_labels_shape_mismatch_names_both_shapes():
 _INTERPRET_SCRIPT = textwrap.dedent("""
     import torch
     from megatron_rl.kernels import reference, triton_logprob
-    from megatron_rl.kernels.logprob import _combine
+    from megatron_rl.kernels.logprob import combine_partials
     triton_logprob.CONFIG.update(fwd=(2, 16, 4), bwd=(2, 16, 4))
     g = torch.Generator().manual_seed(0)
     z = torch.randn(7, 50, generator=g) * 3
@@ -125,7 +125,7 @@ _INTERPRET_SCRIPT = textwrap.dedent("""
     tri = triton_logprob.partials(z, labels, 0.8)
     for a, b in zip(ref, tri):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    logprob, entropy, logz = _combine(*ref, None)
+    logprob, entropy, logz = combine_partials(*ref, None)
     g_lp, g_h = torch.randn(7, generator=g), torch.randn(7, generator=g)
     out_ref = reference.backward(z, labels, 0.8, logz, entropy, g_lp, g_h, torch.empty_like(z))
     zb = z.clone()
