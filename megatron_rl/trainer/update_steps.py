@@ -28,16 +28,33 @@ def minibatch_passes(batch: Batch, mini_batch_size: int, epochs: int, seed: int,
 
 def microbatch_weights(mbs: list[dict], agg_mode: str, token_weights_apply_to: str = "pg") -> list[float]:
     """Each micro-batch's share of the mini-batch loss, so that summing the scaled
-    micro-batch losses equals the loss of the whole mini-batch. With token weights applied
-    to the mask, the token-mean denominator is the sum of weights, so shares follow it."""
+    micro-batch losses (over micro-batches, then DDP's mean over DP ranks) equals the loss of
+    the whole global mini-batch. With token weights applied to the mask, the token-mean
+    denominator is the sum of weights, so shares follow it."""
     if agg_mode == "token-mean":
         weighted = token_weights_apply_to == "mask"
         counts = [float((mb["response_mask"] * mb["token_weights"]).sum()) if weighted and "token_weights" in mb
                   else float(mb["response_mask"].sum()) for mb in mbs]
     else:
         counts = [float((mb["response_mask"].sum(-1) > 0).sum()) for mb in mbs]
-    total = sum(counts)
+    total = dp_mean_total(sum(counts))
     return [c / total if total > 0 else 0.0 for c in counts]
+
+
+def dp_mean_total(total: float) -> float:
+    """The mean over DP ranks of each rank's token (or sequence) count. DDP averages the
+    ranks' gradients, so dividing by this rather than the rank's own count makes the update
+    the global batch's token-mean loss even when ranks hold different numbers of tokens."""
+    from megatron_rl.parallel.data_parallel import dp_rank_size
+
+    _, size = dp_rank_size()
+    if size == 1:
+        return total
+    from megatron.core import parallel_state as mpu
+
+    t = torch.tensor([total], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, group=mpu.get_data_parallel_group())
+    return float(t.item()) / size
 
 
 def set_loss_scales(mbs: list[dict], agg_mode: str, token_weights_apply_to: str = "pg") -> None:
