@@ -19,6 +19,7 @@ pre-softmax mode.
 from __future__ import annotations
 
 import copy
+import re
 
 from megatron_rl.models.hf_config import ModelArch
 from megatron_rl.models.moe_config import MoEConfig
@@ -91,3 +92,73 @@ def moe_block_spec(dense_spec, spec_name: str, config, qk_layernorm: bool, vp_st
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
     specs = [sparse if pattern[i] else dense_spec for i in range(offset, offset + n)]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+
+
+# --- expert weights under expert parallelism ---------------------------------------
+# Each EP rank holds experts [ep_rank * n_local, (ep_rank + 1) * n_local) as
+# `local_experts.0..n_local-1`, each split over the expert-tensor-parallel group like a
+# dense MLP over TP. Names outside this module use global expert indices.
+
+_EXPERT_RX = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def local_expert_count(arch: ModelArch) -> int:
+    from megatron.core import parallel_state as mpu
+    return arch.num_experts // mpu.get_expert_model_parallel_world_size()
+
+
+def expert_offset(arch: ModelArch | None) -> int:
+    """Global index of this rank's first local expert (0 without EP or for dense archs)."""
+    from megatron.core import parallel_state as mpu
+
+    if arch is None or not arch.is_moe:
+        return 0
+    return mpu.get_expert_model_parallel_rank() * local_expert_count(arch)
+
+
+def expert_tp_layout() -> tuple[int, int]:
+    """(expert-tensor-parallel size, rank): how expert weights are split."""
+    from megatron.core import parallel_state as mpu
+    return mpu.get_expert_tensor_parallel_world_size(), mpu.get_expert_tensor_parallel_rank()
+
+
+def resident_name(gname: str, arch: ModelArch) -> str:
+    """A name this rank holds with the same stage, shape and dtype as `gname`: the
+    expert itself when local, else the local expert in the same slot of the same layer."""
+    m = _EXPERT_RX.match(gname)
+    if not m or not arch.is_moe:
+        return gname
+    n_local = local_expert_count(arch)
+    return f"{m.group(1)}{expert_offset(arch) + int(m.group(2)) % n_local}{m.group(3)}"
+
+
+def gather_expert(rule, gname: str, local: dict, arch: ModelArch):
+    """The full (etp=1) tensor of global expert weight `gname` on every rank of this
+    pipeline stage: all-gathered over expert-TP on its EP rank, then broadcast over EP."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    from megatron_rl.models.weight_mapping import global_shape, tp_unshard
+
+    e = int(_EXPERT_RX.match(gname).group(2))
+    owner = e // local_expert_count(arch)
+    mine = local[resident_name(gname, arch)].detach()
+    etp, _ = expert_tp_layout()
+    ep = mpu.get_expert_model_parallel_world_size()
+    full = None
+    if mpu.get_expert_model_parallel_rank() == owner:
+        if etp > 1:
+            parts = [torch.empty_like(mine) for _ in range(etp)]
+            dist.all_gather(parts, mine.contiguous(), group=mpu.get_expert_tensor_parallel_group())
+            full = tp_unshard(rule, parts, arch)
+        else:
+            full = mine
+    if ep == 1:
+        return full
+    if full is None:
+        full = torch.empty(global_shape(gname, arch), dtype=mine.dtype, device=mine.device)
+    group = mpu.get_expert_model_parallel_group()
+    full = full.contiguous()
+    dist.broadcast(full, src=dist.get_process_group_ranks(group)[owner], group=group)
+    return full

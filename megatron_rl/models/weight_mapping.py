@@ -260,12 +260,17 @@ def tp_unshard(rule: ParamRule, shards: list[torch.Tensor], arch: ModelArch) -> 
     return full
 
 
-def local_to_global_name(name: str, layer_offset: int) -> str:
-    """`decoder.layers.3.x` on a pipeline stage starting at layer 8 -> `decoder.layers.11.x`."""
+def local_to_global_name(name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """`decoder.layers.3.x` on a pipeline stage starting at layer 8 -> `decoder.layers.11.x`;
+    `...local_experts.1.y` on an expert-parallel rank whose first expert is 4 -> `...local_experts.5.y`."""
     m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", name)
     if not m:
         return name
-    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
+    rest = m.group(2)
+    if expert_offset:
+        rest = re.sub(r"^mlp\.experts\.local_experts\.(\d+)\.",
+                      lambda e: f"mlp.experts.local_experts.{int(e.group(1)) + expert_offset}.", rest)
+    return f"decoder.layers.{int(m.group(1)) + layer_offset}.{rest}"
 
 
 def global_to_local_name(name: str, layer_offset: int) -> str:

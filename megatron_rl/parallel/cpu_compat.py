@@ -177,6 +177,16 @@ def install_cpu_shims() -> bool:
 
     token_dispatcher.torch = _CpuStreamsTorchProxy()
     moe_utils.torch = _CpuStreamsTorchProxy()
+    #    `maybe_move_tensor_to_cpu(t, as_numpy=True)` converts only CUDA tensors, so on
+    #    CPU the alltoall split sizes stay tensors, which `all_to_all_single` rejects.
+    orig_to_cpu = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_cpu_numpy(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return orig_to_cpu(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_cpu_numpy
 
     _INSTALLED = True
     return True

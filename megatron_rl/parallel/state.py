@@ -1,6 +1,6 @@
 """Distributed start-up: torch.distributed plus Megatron's parallel_state.
 
-`init_distributed(tp, pp)` works the same under torchrun (env:// rendezvous),
+`init_distributed(tp, pp, ep=..., etp=...)` works the same under torchrun (env:// rendezvous),
 in multi-process tests (explicit rank/world_size/init_method) and in a plain
 single process (world of one, a free local port). NCCL on GPU, gloo on CPU.
 """
@@ -23,12 +23,15 @@ def _free_port() -> int:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, *, vpp: int | None = None, cp: int = 1,
-                     rank: int | None = None, world_size: int | None = None,
+                     ep: int = 1, etp: int | None = None, rank: int | None = None, world_size: int | None = None,
                      init_method: str | None = None, backend: str | None = None,
                      seed: int = 1234, timeout_s: int = 600) -> None:
     """Initialise torch.distributed and Megatron's model-parallel groups (idempotent).
 
-    The data-parallel size is world_size / (tp * pp * cp). Installs the CPU shims
+    The data-parallel size is world_size / (tp * pp * cp). Mixture-of-experts layers
+    use Megatron's second grid: experts split over `ep` expert-parallel ranks (carved out
+    of data parallelism) and each expert over `etp` ranks (default: tp); expert weights
+    are reduced over the remaining expert-data-parallel group. Installs the CPU shims
     when CUDA is absent and seeds Megatron's model-parallel RNG.
     """
     from megatron.core import parallel_state as mpu
@@ -53,14 +56,23 @@ def init_distributed(tp: int = 1, pp: int = 1, *, vpp: int | None = None, cp: in
     world = dist.get_world_size()
     if world % (tp * pp * cp) != 0:
         raise ValueError(f"world size {world} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    etp = tp if etp is None else etp
+    if ep < 1 or etp < 1:
+        raise ValueError(f"model.ep={ep} and model.etp={etp} must be >= 1")
+    if world % (etp * ep * pp):
+        raise ValueError(f"world size {world} is not divisible by etp*ep*pp = {etp}*{ep}*{pp} "
+                         "(model.etp * model.ep * model.pp)")
     if mpu.model_parallel_is_initialized():
-        if (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()) != (tp, pp):
-            raise RuntimeError("model parallel already initialised with a different tp/pp; "
-                               "call destroy_distributed() first")
+        have = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size(),
+                mpu.get_expert_model_parallel_world_size(), mpu.get_expert_tensor_parallel_world_size())
+        if have != (tp, pp, ep, etp):
+            raise RuntimeError(f"model parallel already initialised with (tp, pp, ep, etp) = {have}, not "
+                               f"{(tp, pp, ep, etp)}; call destroy_distributed() first")
         return
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                   virtual_pipeline_model_parallel_size=vpp,
-                                  context_parallel_size=cp)
+                                  context_parallel_size=cp, expert_model_parallel_size=ep,
+                                  expert_tensor_parallel_size=etp)
     if on_gpu:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
@@ -78,6 +90,16 @@ def destroy_distributed() -> None:
 def tp_rank() -> int:
     from megatron.core import parallel_state as mpu
     return mpu.get_tensor_model_parallel_rank()
+
+
+def ep_rank() -> int:
+    from megatron.core import parallel_state as mpu
+    return mpu.get_expert_model_parallel_rank()
+
+
+def ep_size() -> int:
+    from megatron.core import parallel_state as mpu
+    return mpu.get_expert_model_parallel_world_size()
 
 
 def tp_size() -> int:
