@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_rl.models.hf_config import ModelArch, arch_from_hf_config
 from megatron_rl.models.hf_io import HFTensorReader
+from megatron_rl.models.moe import expert_offset, expert_tp_layout, gather_expert, resident_name
 from megatron_rl.models.weight_mapping import global_shape as mapping_global_shape
 from megatron_rl.models.weight_mapping import (canonical_name, find_rule, fuse_hf, global_param_names,
                                                hf_names, local_to_global_name, split_to_hf, tp_shard,
@@ -58,12 +59,12 @@ def iter_local_params(model) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """(local name, canonical global name, parameter) for every mapped parameter of every
     chunk; local names repeat across chunks, global names do not."""
     for m in as_chunks(model):
-        off = layer_offset(m)
+        off, e_off = layer_offset(m), expert_offset(m.arch)
         for name, p in m.named_parameters():
-            yield name, local_to_global_name(canonical_name(name), off), p
+            yield name, local_to_global_name(canonical_name(name), off, e_off), p
 
 
-def _hf_source_name(gname: str, arch: ModelArch) -> str:
+def hf_source_name(gname: str, arch: ModelArch) -> str:
     # With tied embeddings a last pipeline stage still holds output_layer.weight: it
     # is initialised from the input embedding.
     if gname == "output_layer.weight" and arch.tie_word_embeddings:
@@ -80,11 +81,12 @@ def load_hf_weights(model, hf_dir, arch: ModelArch | None = None) -> int:
     arch = arch or m[0].arch
     reader = hf_dir if isinstance(hf_dir, HFTensorReader) else HFTensorReader(hf_dir)
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+    etp, erank = expert_tp_layout()
     count = 0
     for lname, gname, p in iter_local_params(m):
-        rule, layer = find_rule(_hf_source_name(gname, arch), arch)
+        rule, layer = find_rule(hf_source_name(gname, arch), arch)
         full = fuse_hf(rule, [reader.get(n) for n in hf_names(rule, layer)], arch)
-        shard = tp_shard(rule, full, rank, tp, arch)
+        shard = tp_shard(rule, full, erank, etp, arch) if rule.expert else tp_shard(rule, full, rank, tp, arch)
         if shard.shape != p.shape:
             raise ValueError(f"{reader.dir}: {', '.join(hf_names(rule, layer))} give shape "
                              f"{tuple(shard.shape)} for Megatron '{lname}' of shape {tuple(p.shape)}")
@@ -111,9 +113,11 @@ def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tu
     owners = _pp_owners(local) if pp > 1 else {}
     for gname in global_param_names(arch):
         rule, _ = find_rule(gname, arch)
-        owner = owners[gname][0] if pp > 1 else my_stage
+        owner = owners[resident_name(gname, arch)][0] if pp > 1 else my_stage
         full = None
-        if my_stage == owner:
+        if my_stage == owner and rule.expert:
+            full = gather_expert(rule, gname, local, arch)     # over expert-TP and EP
+        elif my_stage == owner:
             shard = local[gname].detach()
             if tp > 1 and rule.tp_dim is not None:
                 parts = [torch.empty_like(shard) for _ in range(tp)]
@@ -123,7 +127,8 @@ def iter_full_mcore_weights(model, arch: ModelArch | None = None) -> Iterator[tu
                 full = tp_unshard(rule, [shard], arch)
         if pp > 1:
             if full is None:
-                full = torch.empty(mapping_global_shape(gname, arch), dtype=owners[gname][1], device=device)
+                full = torch.empty(mapping_global_shape(gname, arch), dtype=owners[resident_name(gname, arch)][1],
+                                   device=device)
             group = mpu.get_pipeline_model_parallel_group()
             src = dist.get_process_group_ranks(group)[owner]
             full = full.contiguous()
