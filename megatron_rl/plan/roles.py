@@ -21,13 +21,12 @@ def reference_needed(cfg) -> bool:
 
 
 def predictor_recipe(cfg) -> bool:
-    st = getattr(cfg, "steering", None)
-    return bool(getattr(st, "enable", False) and st.predictor.enable)
+    return bool(cfg.steering.enable and cfg.steering.predictor.enable)
 
 
 def recipe(cfg) -> str:
-    """The training loop `megatron-rl train` runs (trainer/main.py picks the same way)."""
-    if getattr(getattr(cfg, "gad", None), "enable", False):
+    """The recipe `megatron-rl train` runs (trainer/main.py `RECIPES` dispatches on this name)."""
+    if cfg.gad.enable:
         return "gad"
     if predictor_recipe(cfg):
         return "steering_predictor"

@@ -1,37 +1,23 @@
 """`megatron-rl train`: pick the recipe, build it from the config, run its loop.
 
-Recipes (a registry, `RECIPES`): `grpo` (GRPO / PPO and friends, `Trainer`), `gad`
-(`gad.enable`), `predictor` (`steering.enable` + `steering.predictor.enable`: the LLM is
-frozen, only the strength predictor learns). Each builder is bootstrap -> roles -> engine.
+Recipes (a registry, `RECIPES`, keyed by the plan's recipe name): `grpo` / `ppo` (GRPO, PPO
+with a critic and friends: `Trainer`), `gad` (`gad.enable`), `steering_predictor`
+(`steering.enable` + `steering.predictor.enable`: the LLM is frozen, only the strength
+predictor learns). Each builder is bootstrap -> roles -> engine.
 """
 from __future__ import annotations
 
-from typing import Callable
-
+from megatron_rl.algos.registry import Registry
 from megatron_rl.config import load_experiment_config
 from megatron_rl.config.schema import Config
+from megatron_rl.plan.roles import recipe
 from megatron_rl.trainer.bootstrap import bootstrap, build_engine
 from megatron_rl.trainer.build import build_kl_controller, build_policy_roles
 
-RECIPES: dict[str, Callable] = {}
+RECIPES = Registry("recipe")
 
 
-def recipe(name: str):
-    def deco(fn):
-        RECIPES[name] = fn
-        return fn
-    return deco
-
-
-def recipe_name(cfg: Config) -> str:
-    if cfg.gad.enable:
-        return "gad"
-    if cfg.steering.enable and cfg.steering.predictor.enable:
-        return "predictor"
-    return "grpo"
-
-
-@recipe("grpo")
+@RECIPES.register("grpo", "ppo")
 def build_trainer(cfg: Config):
     from megatron_rl.trainer.loop import Trainer
 
@@ -45,13 +31,13 @@ def build_trainer(cfg: Config):
                    kl_ctrl=build_kl_controller(cfg), token_weights=token_weights)
 
 
-@recipe("gad")
+@RECIPES.register("gad")
 def _gad(cfg: Config):
     from megatron_rl.trainer.gad import build_gad_trainer
     return build_gad_trainer(cfg)
 
 
-@recipe("predictor")
+@RECIPES.register("steering_predictor")
 def _predictor(cfg: Config):
     from megatron_rl.trainer.steering_loop import build_predictor_trainer
     return build_predictor_trainer(cfg)
@@ -61,7 +47,7 @@ def train_main(config_path, overrides=None) -> int:
     import torch.distributed as dist
 
     cfg = load_experiment_config(config_path, overrides)
-    trainer = RECIPES[recipe_name(cfg)](cfg)
+    trainer = RECIPES.lookup(recipe(cfg))(cfg)
     try:
         before, after = trainer.fit()
     finally:

@@ -208,7 +208,7 @@ def test_steered_actor_forward_refuses_packing():
 
 def test_train_loop_with_token_budget_matches_padded(tiny_run, tmp_path):
     """`actor.max_tokens_per_microbatch` reaches the actor (build.py): a packed run's losses
-    equal the padded run's, and a budget below prompt + response fails naming the key."""
+    equal the padded run's, and a budget below prompt + response fails at plan time naming the key."""
     import json
 
     from megatron_rl.trainer.main import train_main
@@ -224,5 +224,5 @@ def test_train_loop_with_token_budget_matches_padded(tiny_run, tmp_path):
     for padded, packed in zip(*rows):
         for k in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "reward/mean"):
             assert abs(padded[k] - packed[k]) < 1e-5, (padded["step"], k)
-    with pytest.raises(ValueError, match="actor.max_tokens_per_microbatch=8 is smaller than row"):
+    with pytest.raises(ValueError, match="actor.max_tokens_per_microbatch=8 is below the longest sample"):
         train_main(None, overrides + ["actor.max_tokens_per_microbatch=8", f"logging.run_dir={tmp_path / 'bad'}"])
