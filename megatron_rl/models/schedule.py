@@ -7,8 +7,8 @@ computation) and training. Under PP every micro-batch must have the same
 shapes may differ (packed token-budget micro-batches: Megatron's no-pipelining
 schedule ignores `seq_length`).
 
-`model` is this rank's list of chunks: one, or one per virtual pipeline stage
-(`model.vpp`), in which case Megatron picks its interleaved 1F1B schedule. Every chunk
+`model` is one model or this rank's list of chunks (one per virtual pipeline stage
+under `model.vpp`, where Megatron picks its interleaved 1F1B schedule). Every chunk
 reads every micro-batch (masks, positions, labels) through its own iterator.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
         return []
     from megatron.core import parallel_state as mpu
 
+    model = list(model) if isinstance(model, (list, tuple)) else [model]
     pp = mpu.get_pipeline_model_parallel_world_size()
     shapes = {tuple(mb["input_ids"].shape) for mb in microbatches}
     if len(shapes) != 1 and pp > 1:

@@ -28,6 +28,7 @@ class NativeEngine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 256, steering=None):
         from megatron_rl.models.loading import as_chunks
 
+        self.model = model                  # as given (one model or the chunk list)
         self.chunks = as_chunks(model)
         self.core = self.chunks[0]
         self.arch = self.core.arch
