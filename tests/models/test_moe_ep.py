@@ -60,3 +60,60 @@ def test_ep2_logits_export_and_checkpoint_match_ep1(tmp_path, family):
     back = torch.load(tmp_path / "ep1.pt")
     for k in ref:
         assert torch.equal(back[k], ref[k]), k
+
+
+def _sgd_step(rank, world, hf_dir, ids, out, moe):
+    """One SGD step (clipped) on this rank's rows; saves the updated HF tensors."""
+    import torch.nn.functional as F
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron_rl.models import iter_hf_weights, load_checkpoint
+    from megatron_rl.models.forward import gpt_forward
+    from megatron_rl.models.moe_config import MoEConfig
+    from megatron_rl.parallel import destroy_distributed, init_distributed
+    from megatron_rl.trainer.ddp import wrap_ddp_chunks
+
+    init_distributed(ep=world)
+    model = load_checkpoint(hf_dir, layer_spec="local", moe=MoEConfig(**moe))
+    ddp = wrap_ddp_chunks(model, use_dist_opt=False)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="sgd", lr=0.5, clip_grad=0.05), ddp)
+    rows = ids.chunk(world)[rank]                      # equal rows per rank: mean of means = full mean
+    logits = gpt_forward(ddp[0], rows)[:, :-1, :96]
+    loss = F.cross_entropy(logits.reshape(-1, 96), rows[:, 1:].reshape(-1))
+    loss.backward()
+    finalize_model_grads(ddp)
+    ok, grad_norm, _ = opt.step()
+    assert ok
+    full = dict(iter_hf_weights(model))
+    if rank == 0:
+        torch.save({"weights": full, "grad_norm": grad_norm}, out)
+    destroy_distributed()
+
+
+@pytest.mark.multiproc
+def test_ep2_sgd_step_equals_ep1(tmp_path):
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe", tie=False)
+    ids = torch.randint(0, 96, (4, 10), generator=torch.Generator().manual_seed(3))
+    run_multiproc(_sgd_step, 1, (hf, ids, str(tmp_path / "ep1.pt"), {}))
+    run_multiproc(_sgd_step, 2, (hf, ids, str(tmp_path / "ep2.pt"), {}))
+    a, b = torch.load(tmp_path / "ep1.pt"), torch.load(tmp_path / "ep2.pt")
+    ref = load_file(tmp_path / "hf" / "model.safetensors")
+    assert a["grad_norm"] > 0.05                        # the clip is active: the norm spans EP ranks
+    assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * a["grad_norm"]
+    moved = 0
+    for k, w in a["weights"].items():
+        assert (w - b["weights"][k]).abs().max().item() < 1e-6, k
+        moved += int(not torch.equal(w, ref[k]))
+    assert moved > len(ref) // 2
+
+
+@pytest.mark.parametrize("key", ["aux_loss_coef", "z_loss_coef"])
+def test_router_losses_change_only_the_update(tmp_path, key):
+    """model.moe.aux_loss_coef / z_loss_coef reach the router's gradient."""
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe", tie=False)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    _sgd_step(0, 1, hf, ids, str(tmp_path / "off.pt"), {})
+    _sgd_step(0, 1, hf, ids, str(tmp_path / "on.pt"), {key: 0.5})
+    off, on = torch.load(tmp_path / "off.pt")["weights"], torch.load(tmp_path / "on.pt")["weights"]
+    router = "model.layers.0.mlp.gate.weight"
+    assert (off[router] - on[router]).abs().max().item() > 1e-6
