@@ -15,9 +15,6 @@ import torch
 from tests.helpers import make_tiny_hf, run_multiproc
 from tests.trainer.test_parallel_update import synthetic_batch
 
-pytestmark = pytest.mark.multiproc
-
-
 def _greedy(chunks):
     from megatron_rl.data.batch import Batch
     from megatron_rl.rollout.native_engine import NativeEngine
@@ -92,16 +89,19 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.multiproc
 def test_vpp_chunks_hold_interleaved_global_layers(runs):
     # rank 0 of PP2 x VPP2: virtual stages 0 and 2 of 4 (layer_number is 1-based)
     assert runs["vpp"]["layers"] == [[1, 2], [5, 6]]
     assert runs["pp1"]["layers"] == [list(range(1, 9))]
 
 
+@pytest.mark.multiproc
 def test_vpp_weight_stream_equals_pp1(runs):
     assert _max_diff(runs["pp1"]["weights_before"], runs["vpp"]["weights_before"]) == 0.0
 
 
+@pytest.mark.multiproc
 def test_vpp_logprobs_loss_and_grad_norm_equal_pp1(runs):
     ref, par = runs["pp1"], runs["vpp"]
     assert (ref["logprob"] - par["logprob"]).abs().max() < 1e-5
@@ -110,6 +110,7 @@ def test_vpp_logprobs_loss_and_grad_norm_equal_pp1(runs):
     assert ref["metrics"][0]["grad_norm"] > 0
 
 
+@pytest.mark.multiproc
 def test_vpp_parameters_after_one_step_equal_pp1(runs):
     # as in test_parallel_update: Adam may move ~0-gradient elements by a fraction of lr
     ref, par = runs["pp1"]["weights"], runs["vpp"]["weights"]
@@ -119,11 +120,13 @@ def test_vpp_parameters_after_one_step_equal_pp1(runs):
     assert (runs["pp1"]["logprob_after"] - runs["vpp"]["logprob_after"]).abs().max() < 1e-4
 
 
+@pytest.mark.multiproc
 def test_vpp_native_engine_greedy_tokens_equal_pp1(runs):
     assert torch.equal(runs["pp1"]["tokens"], runs["vpp"]["tokens"])
     assert (runs["pp1"]["gen_logprob"] - runs["vpp"]["gen_logprob"]).abs().max() < 1e-5
 
 
+@pytest.mark.multiproc
 def test_vpp_checkpoint_loads_at_pp1(runs):
     saved, loaded = runs["vpp"], runs["pp1_from_vpp"]
     assert _max_diff(saved["weights"], loaded["weights_before"]) == 0.0
@@ -131,7 +134,25 @@ def test_vpp_checkpoint_loads_at_pp1(runs):
     assert (saved["logprob_after"] - loaded["logprob"]).abs().max() < 1e-5
 
 
+@pytest.mark.multiproc
 def test_pp1_checkpoint_loads_at_vpp(runs):
     saved, loaded = runs["pp1"], runs["vpp"]
     assert _max_diff(saved["weights"], loaded["loaded_weights"]) == 0.0
     assert (saved["logprob_after"] - loaded["loaded_logprob"]).abs().max() < 1e-5
+
+
+def test_vpp_layouts_megatron_cannot_run_are_refused_by_key():
+    from megatron_rl.models.provider import check_vpp_layout
+    from megatron_rl.models.schedule import check_interleaved_microbatches
+
+    with pytest.raises(ValueError, match=r"model.vpp=2 needs model.pp > 1"):
+        check_vpp_layout(8, 1, 2)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=8 is not divisible by model.pp\*model.vpp = 2\*3"):
+        check_vpp_layout(8, 2, 3)
+    check_vpp_layout(8, 2, 2)
+    check_vpp_layout(8, 1, None)
+    with pytest.raises(ValueError, match=r"number of micro-batches \(3\) to be a multiple of model.pp=2.*"
+                                         r"actor.micro_batch_size"):
+        check_interleaved_microbatches(3, 2, 2)
+    check_interleaved_microbatches(4, 2, 2)
+    check_interleaved_microbatches(3, 1, 2)      # no interleaving: any count
