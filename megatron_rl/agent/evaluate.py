@@ -57,7 +57,7 @@ def evaluate(trainer) -> tuple[dict[str, float], list[dict]]:
 
 def main(argv=None) -> int:
     from megatron_rl.config import load_experiment_config
-    from megatron_rl.models.loading import load_mcore_checkpoint, unwrap
+    from megatron_rl.models.loading import load_mcore_checkpoint
     from megatron_rl.trainer.checkpoint import find_checkpoint
     from megatron_rl.trainer.main import build_trainer
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     trainer = build_trainer(cfg)
     ckpt = find_checkpoint(cfg.logging.run_dir, cfg.trainer.resume)
     if ckpt is not None:    # weights only: no optimizer needed to evaluate
-        load_mcore_checkpoint(unwrap(trainer.actor.model), ckpt)
+        load_mcore_checkpoint(trainer.actor.chunks, ckpt)
     metrics, records = evaluate(trainer)
     metrics["eval/checkpoint_step"] = float(ckpt.name.split("_")[-1]) if ckpt is not None else 0.0
     print(json.dumps(metrics, indent=1), flush=True)

@@ -197,7 +197,7 @@ class VLLMEngine:
         """The Trainer's hook after every update: the actor's weights (any TP/PP) into vLLM."""
         from megatron_rl.models.loading import iter_hf_weights
 
-        model = getattr(actor, "model", actor)      # a Policy or its bare (DDP-wrapped) model
+        model = getattr(actor, "chunks", actor)     # a Policy's chunk list, or a bare (DDP-wrapped) model
         return self.update_weights(iter_hf_weights(model))
 
     def sleep(self) -> None:
