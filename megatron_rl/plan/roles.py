@@ -39,7 +39,21 @@ def _placement(layout: Layout, offload: bool) -> str:
     return "host_offload" if offload else "gpu"
 
 
+def check_chunked_roles(cfg, layout: Layout) -> None:
+    """Under `model.vpp` the actor and reference are chunk lists (interleaved schedule); the
+    roles and phases that read one model chunk are refused by name."""
+    if layout.vpp is None:
+        return
+    single_chunk = {"critic.enable": cfg.critic.enable, "gad.enable": cfg.gad.enable,
+                    "token_weights.source=vgr": cfg.token_weights.source == "vgr"}
+    bad = [k for k, on in single_chunk.items() if on]
+    if bad:
+        raise PlanError(f"model.vpp={layout.vpp} with {', '.join(bad)}: the value-head roles (critic, GAD "
+                        f"discriminator) and the VGR attention pass run on one model chunk; use model.vpp=null")
+
+
 def resolve_roles(cfg, layout: Layout, batch: BatchPlan) -> tuple[RolePlan, ...]:
+    check_chunked_roles(cfg, layout)
     frozen_llm = predictor_recipe(cfg)
     dp, samples = layout.dp, batch.samples_per_step
     roles = [RolePlan("actor", "actor", trainable=not frozen_llm, offload=False, placement=_placement(layout, False),
@@ -71,8 +85,8 @@ def resolve_roles(cfg, layout: Layout, batch: BatchPlan) -> tuple[RolePlan, ...]
                               micro_batch_size=c.micro_batch_size or batch.micro_batch_size,
                               mini_batch_samples=mini, mini_batch_samples_per_rank=mini // dp,
                               optimizer_steps_per_rollout=steps, lr_horizon_steps=cfg.trainer.total_steps * steps))
-    g = getattr(cfg, "gad", None)
-    if getattr(g, "enable", False):
+    g = cfg.gad
+    if g.enable:
         total = cfg.trainer.total_steps
         trained = total if g.freeze_discriminator_after is None else min(total, g.freeze_discriminator_after)
         roles.append(RolePlan("discriminator", "discriminator", trainable=True, offload=False,

@@ -57,7 +57,7 @@ def bootstrap(cfg: Config) -> RunContext:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     m = cfg.model
-    init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, seed=cfg.trainer.seed)
+    init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, ep=m.ep, etp=m.etp, seed=cfg.trainer.seed)
     set_seed(cfg.trainer.seed, cfg.trainer.deterministic)
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
     if _rank() == 0:
@@ -78,7 +78,7 @@ def build_engine(cfg: Config, actor, tokenizer):
     """The rollout engine (`rollout.engine`), wrapped by the agent tool loop when `agent.enable`."""
     if cfg.rollout.engine == "native":
         from megatron_rl.rollout.native_engine import NativeEngine
-        engine = NativeEngine(actor.model, tokenizer, steering=actor.steering)
+        engine = NativeEngine(actor.chunks, tokenizer, steering=actor.steering)
     elif cfg.rollout.engine == "vllm":
         try:
             from megatron_rl.rollout.vllm_engine import VLLMEngine

@@ -60,33 +60,40 @@ class TrainedModel:
     scheduler: object
 
 
-def load_trunk(cfg: Config, path: str, *, trainable: bool, value_head: bool = False):
-    """The model for this rank's layout from `path`, with the run's dtype, spec and
-    parallel options; frozen roles get no recompute and no gradients; `value_head` adds
-    the scalar head (critic, discriminator) on the last stage."""
+def load_trunk(cfg: Config, path: str, *, trainable: bool, value_head: bool = False) -> list:
+    """This rank's model chunks (one per `model.vpp` stage, else one) from `path`, with the
+    run's dtype, spec and parallel options; frozen roles get no recompute and no gradients;
+    `value_head` adds the scalar head (critic, discriminator: one chunk, the plan refuses
+    them under VPP) on the last stage."""
+    from megatron_rl.models.loading import load_model_chunks
+
     mc = cfg.model
     if value_head and mc.sequence_parallel:
         raise ValueError("model.sequence_parallel=true with a value-head role (critic / GAD discriminator): "
                          "the head reads full hidden states; set model.sequence_parallel=false")
     kwargs = dict(recompute=mc.recompute, sequence_parallel=mc.sequence_parallel) if trainable else {}
-    model = load_checkpoint(path, dtype=mc.dtype, layer_spec=mc.layer_spec, **kwargs)
+    chunks = load_model_chunks(path, dtype=mc.dtype, layer_spec=mc.layer_spec, moe=mc.moe, **kwargs)
     if value_head:
         from megatron_rl.models.value_head import attach_value_head
-        attach_value_head(model, seed=cfg.trainer.seed)
+        attach_value_head(chunks[-1], seed=cfg.trainer.seed)
     if not trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return model
+        for c in chunks:
+            for p in c.parameters():
+                p.requires_grad_(False)
+            c.eval()
+    return chunks
 
 
 def build_trained(cfg: Config, path: str, optim: OptimConfig, horizon_steps: int, *,
                   value_head: bool = False) -> TrainedModel:
-    """load -> Megatron DDP -> optimizer + LR schedule, the same for every trained role."""
-    model = load_trunk(cfg, path, trainable=True, value_head=value_head)
-    ddp = wrap_ddp(model, use_distributed_optimizer(optim))
+    """load -> Megatron DDP (one per chunk) -> optimizer + LR schedule, the same for every
+    trained role. `model` / `ddp` are lists of chunks."""
+    from megatron_rl.trainer.ddp import wrap_ddp_chunks
+
+    chunks = load_trunk(cfg, path, trainable=True, value_head=value_head)
+    ddp = wrap_ddp_chunks(chunks, use_distributed_optimizer(optim))
     opt, sched = build_optimizer(ddp, optim, cfg.model.dtype, horizon_steps)
-    return TrainedModel(model, ddp, opt, sched)
+    return TrainedModel(chunks, ddp, opt, sched)
 
 
 def build_actor(cfg: Config, plan):
@@ -105,13 +112,13 @@ def build_frozen_policy(cfg: Config, plan, *, offload: bool = False):
     host memory between log-prob passes) or the LLM of predictor training."""
     from megatron_rl.trainer.policy import Policy
 
-    model = load_trunk(cfg, cfg.model.path, trainable=False)
-    policy = Policy(model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
+    chunks = load_trunk(cfg, cfg.model.path, trainable=False)
+    policy = Policy(chunks, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
                     fused_backend=plan.loss_backend,
                     max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
     if offload:
         from megatron_rl.trainer.offload import WeightOffloader
-        policy.offloader = WeightOffloader(model)
+        policy.offloader = WeightOffloader(chunks)
         policy.offload()
     return policy
 
@@ -121,7 +128,7 @@ def attach_steering(cfg: Config, actor) -> None:
     forwards too (`logprob_mode: recompute`) or not (`rollout_is`: IS-corrected)."""
     from megatron_rl.steering import build_steering
 
-    actor.steering = build_steering(cfg.steering, actor.model)
+    actor.steering = build_steering(cfg.steering, actor.chunks)
     if cfg.steering.logprob_mode == "rollout_is":
         if cfg.rollout.logprob_mode == "rollout":
             raise ValueError("steering.logprob_mode=rollout_is needs rollout.logprob_mode=recompute: "

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
-from megatron_rl.models.loading import load_mcore_checkpoint, save_mcore_checkpoint, unwrap
+from megatron_rl.models.loading import load_mcore_checkpoint, save_mcore_checkpoint
 from megatron_rl.trainer.roles import Role
 
 LATEST = "latest"
@@ -129,13 +129,13 @@ def find_checkpoint(run_dir, resume: str) -> Path | None:
 def save_policy(actor, tmp: Path) -> None:
     """The actor's weights as a Megatron distributed checkpoint (any TP/PP can load it)
     and this rank's optimizer + LR schedule as `rank{r}.pt`."""
-    save_mcore_checkpoint(actor.model, tmp)
+    save_mcore_checkpoint(actor.chunks, tmp)
     state = {"optimizer": actor.optimizer.state_dict(), "scheduler": actor.scheduler.state_dict()}
     torch.save(state, tmp / f"rank{rank():05d}.pt")
 
 
 def load_policy(actor, path: Path) -> None:
-    load_mcore_checkpoint(unwrap(actor.model), path)
+    load_mcore_checkpoint(actor.chunks, path)
     f = path / f"rank{rank():05d}.pt"
     if not f.exists():
         raise FileNotFoundError(f"{f}: no optimizer state for rank {rank()} (resume needs the same world size)")

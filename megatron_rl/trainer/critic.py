@@ -97,4 +97,4 @@ def build_critic(cfg, horizon_steps: int) -> Critic:
 
     c = cfg.critic
     t = build_trained(cfg, c.path or cfg.model.path, c.optim, horizon_steps, value_head=True)
-    return Critic(t.ddp, t.optimizer, t.scheduler, c.micro_batch_size or cfg.actor.micro_batch_size)
+    return Critic(t.ddp[0], t.optimizer, t.scheduler, c.micro_batch_size or cfg.actor.micro_batch_size)

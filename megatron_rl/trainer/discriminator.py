@@ -115,4 +115,4 @@ def build_discriminator(cfg, horizon_steps: int) -> Discriminator:
     optim = OptimConfig(lr=g.d_lr, weight_decay=g.d_weight_decay, clip_grad=g.d_clip_grad,
                         distributed_optimizer=cfg.actor.optim.distributed_optimizer)
     t = build_trained(cfg, g.discriminator_path or cfg.model.path, optim, horizon_steps, value_head=True)
-    return Discriminator(t.ddp, t.optimizer, t.scheduler, g.d_micro_batch_size)
+    return Discriminator(t.ddp[0], t.optimizer, t.scheduler, g.d_micro_batch_size)

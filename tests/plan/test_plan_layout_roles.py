@@ -121,3 +121,11 @@ def test_to_dict_and_json(tmp_path):
     assert d["batch"]["optimizer_steps_per_rollout"] == 2 and d["roles"][0]["name"] == "actor"
     p.write_json(tmp_path / "plan.json")
     assert json.loads((tmp_path / "plan.json").read_text())["layout"]["dp"] == 2
+
+
+@pytest.mark.parametrize("extra,key", [(["critic.enable=true", "algos.adv_estimator=gae"], "critic.enable"),
+                                       (["gad.enable=true"], "gad.enable"),
+                                       (["token_weights.source=vgr"], "token_weights.source=vgr")])
+def test_vpp_refuses_the_single_chunk_roles_by_name(extra, key):
+    with pytest.raises(PlanError, match=rf"model.vpp=2 with {key}"):
+        plan("model.pp=2", "model.vpp=2", *extra, world_size=2)
