@@ -7,7 +7,9 @@ under PP each step passes the hidden states stage to stage (point-to-point, in
 Megatron's interleaved order under `model.vpp`: chunk 0 of every PP rank, then chunk 1,
 ...) and the last-position logits are broadcast from the last stage. One KV cache
 serves every chunk (it is keyed by global layer number). Sampling is seeded per call,
-so a resumed run draws the same tokens.
+so a resumed run draws the same tokens. `ignore_eos` runs every response to
+`max_new_tokens`; `min_new_tokens` keeps EOS out of the draw (and stop strings unchecked)
+before that many tokens.
 """
 from __future__ import annotations
 
@@ -85,13 +87,15 @@ class NativeEngine:
                                 causal_padding_mask(prompt_mask), ctx)
             ctx.sequence_len_offset += p
             for t in range(sp.max_new_tokens):
-                tok, lp = self._sample(logits, sp, gen)
+                early = t < sp.min_new_tokens               # EOS suppressed, stop strings unchecked
+                tok, lp = self._sample(logits, sp, gen, suppress=self.eos_ids if early else None)
                 tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
                 tokens[:, t] = tok
                 logprobs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
                 lengths += (~done).long()
-                done = done | torch.isin(tok, torch.tensor(self.eos_ids))
-                if stop_texts:
+                if not sp.ignore_eos:
+                    done = done | torch.isin(tok, torch.tensor(self.eos_ids))
+                if stop_texts and t + 1 >= sp.min_new_tokens:
                     done = done | self._hit_stop(tokens[:, : t + 1], done, stop_texts)
                 if bool(done.all()) or t == sp.max_new_tokens - 1:
                     break
@@ -156,9 +160,9 @@ class NativeEngine:
         dist.broadcast(logits, src=ranks[-1], group=group)
         return logits
 
-    def _sample(self, logits, sp, gen):
+    def _sample(self, logits, sp, gen, suppress=None):
         """Sample on the logits' device (no per-step copy of [B, V] to the host)."""
-        tok, lp = sample_tokens(logits, sp, gen)
+        tok, lp = sample_tokens(logits, sp, gen, suppress=suppress)
         return tok.cpu(), lp.cpu()
 
     def _hit_stop(self, tokens: torch.Tensor, done: torch.Tensor, stops: list[str]) -> torch.Tensor:

@@ -32,6 +32,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # stop strings (kept in the response)
     greedy: bool = False
     seed: int | None = None
+    ignore_eos: bool = False   # EOS does not end a response (fixed-length rollouts); stop strings still do
+    min_new_tokens: int = 0    # EOS and stop strings are suppressed before this many tokens
 
 
 @runtime_checkable

@@ -18,12 +18,17 @@ def vllm_sampling_kwargs(sp: SamplingParams, seed: int | None = None,
 
     logprobs=0 returns the sampled token's log-prob only; stop strings stay in the
     text (`include_stop_str_in_output`) as in the native engine; top_k=0 is vLLM's "off"
-    (our -1); greedy is temperature 0.
+    (our -1); greedy is temperature 0; `ignore_eos` / `min_new_tokens` map to vLLM's
+    `ignore_eos` / `min_tokens`.
     """
     kw: dict[str, Any] = dict(n=sp.n, max_tokens=sp.max_new_tokens, logprobs=0, seed=seed,
                               stop=list(sp.stop) or None, include_stop_str_in_output=True,
                               detokenize=bool(sp.stop), skip_special_tokens=False,
                               stop_token_ids=list(stop_token_ids) or None)
+    if sp.ignore_eos:
+        kw["ignore_eos"] = True
+    if sp.min_new_tokens:
+        kw["min_tokens"] = int(sp.min_new_tokens)
     if sp.greedy or sp.temperature == 0.0:
         kw.update(temperature=0.0, top_p=1.0, top_k=0)
     else:
