@@ -8,26 +8,30 @@ from safetensors.torch import load_file
 from tests.helpers import make_tiny_hf, run_multiproc
 
 
-def _ep_worker(rank, world, hf_dir, ids, am, ckpt_dir, out):
+def _ep_worker(rank, world, hf_dir, ids, am, ckpt_dir, out, tp=1, ep=2, etp=None):
     import transformers
+    from megatron.core import parallel_state as mpu
     from megatron_rl.models import iter_hf_weights, load_checkpoint, save_mcore_checkpoint
     from megatron_rl.models.forward import gpt_forward, position_ids_from_mask
     from megatron_rl.parallel import destroy_distributed, init_distributed
+    from megatron_rl.parallel.collectives import gather_vocab_parallel
 
-    init_distributed(tp=1, ep=2)
+    init_distributed(tp=tp, ep=ep, etp=etp)
     model = load_checkpoint(hf_dir, layer_spec="local").eval()
     experts = [n for n, _ in model.named_parameters() if "local_experts" in n and "layers.0." in n]
-    assert len(experts) == 2 * 2, experts          # 2 of 4 experts, fc1 + fc2 each
-    # Different tokens per rank: the alltoall really exchanges them.
-    mine_ids, mine_am = ids[rank::2], am[rank::2]
+    assert len(experts) == 2 * 4 // ep, experts          # fc1 + fc2 of this rank's experts only
+    # Different tokens per data-parallel rank: the alltoall really exchanges them.
+    dp, dp_rank = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+    mine_ids, mine_am = ids[dp_rank::dp], am[dp_rank::dp]
     with torch.no_grad():
-        got = gpt_forward(model, mine_ids, mine_am)[..., :96]
+        got = gather_vocab_parallel(gpt_forward(model, mine_ids, mine_am))[..., :96]
         ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()(
             input_ids=mine_ids, attention_mask=mine_am, position_ids=position_ids_from_mask(mine_am)).logits
     keep = mine_am.bool()
     assert (got[keep] - ref[keep]).abs().max().item() < 1e-4
     exported = dict(iter_hf_weights(model))
-    save_mcore_checkpoint(model, ckpt_dir)
+    if ckpt_dir:
+        save_mcore_checkpoint(model, ckpt_dir)
     if rank == 0:
         torch.save(exported, out)
     destroy_distributed()
@@ -88,6 +92,21 @@ def _sgd_step(rank, world, hf_dir, ids, out, moe):
     if rank == 0:
         torch.save({"weights": full, "grad_norm": grad_norm}, out)
     destroy_distributed()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("etp", [1, 2])
+def test_moe_tp2_logits_and_export_match_hf(tmp_path, etp):
+    """TP=2 with experts split over expert-TP (etp=2) or whole on each TP rank (etp=1)."""
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe", tie=False)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    am = torch.ones_like(ids)
+    am[1, :4] = 0
+    run_multiproc(_ep_worker, 2, (hf, ids, am, None, str(tmp_path / "tp2.pt"), 2, 1, etp))
+    ref = load_file(tmp_path / "hf" / "model.safetensors")
+    got = torch.load(tmp_path / "tp2.pt")
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
 
 
 @pytest.mark.multiproc
