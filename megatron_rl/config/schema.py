@@ -64,6 +64,14 @@ class ActorConfig:
     # > 0: log-probs and updates pack whole rows' real tokens into micro-batches of at most this
     # many tokens (>= max prompt + response length; padded to it under PP). 0: micro_batch_size rows.
     max_tokens_per_microbatch: int = 0
+    # auto: an exactly on-policy update (one optimizer step per rollout, logprob_mode recompute, no
+    # KL-in-reward, no steering) takes its old log-probs from its own forward, detached (ratio == 1),
+    # and skips the separate pass (so no rollout/logprob_diff metric); always: keep the pass.
+    recompute_old_logprob: str = "auto"      # auto | always
+    # while the rollout engine generates: none | state (grad buffers + optimizer state to pinned host
+    # memory) | state_and_weights (also the weights; vLLM only). None: state for a colocated vLLM
+    # engine, none for the native engine (it generates with the actor's weights).
+    offload_during_rollout: str | None = None
 
 
 @dataclass
@@ -103,6 +111,8 @@ class RolloutConfig:
     top_k: int = -1
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False          # training rollouts run to max_new_tokens (benchmarks); stop strings still stop
+    min_new_tokens: int = 0           # EOS (and stop strings) suppressed before this many tokens
     val_greedy: bool = True           # validation decodes greedily; false: samples at val_temperature (> 0)
     val_temperature: float = 0.0
     logprob_mode: str = "recompute"   # recompute | rollout (use the engine's log-probs)
@@ -112,6 +122,9 @@ class RolloutConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)   # engine: vllm only (megatron_rl/rollout/vllm_config.py)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"rollout.min_new_tokens={self.min_new_tokens} must be in [0, rollout.max_new_tokens="
+                             f"{self.max_new_tokens}]")
         if self.val_greedy and self.val_temperature:
             raise ValueError(f"rollout.val_temperature={self.val_temperature} is unused while rollout.val_greedy is "
                              "true; set val_greedy: false to sample validation responses at that temperature")

@@ -21,7 +21,7 @@ def policy_loss_kwargs(loss_mode: str, **clip_args) -> dict:
     return {k: v for k, v in clip_args.items() if k in accepted}
 
 
-def token_weighted_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprob: torch.Tensor,
+def token_weighted_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logprob: torch.Tensor | None,
                             advantages: torch.Tensor, mask: torch.Tensor, token_weights: torch.Tensor | None = None,
                             ref_logprob: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.2,
                             clip_c: float | None = 3.0, kl_kind: str = "low_var_kl", kl_coef: float = 0.0,
@@ -34,12 +34,14 @@ def token_weighted_ppo_loss(logits: torch.Tensor, labels: torch.Tensor, old_logp
     labels, old_logprob, advantages, mask, token_weights, ref_logprob: ``[batch, response_len]``.
     ``token_weights_apply_to``: "pg" scales the pg term only, "mask" scales the loss
     mask (KL, entropy and denominators too), as ``algos.apply_token_weights`` says.
+    ``old_logprob=None``: exactly on-policy, the old log-probs are this forward's, detached (ratio 1).
     Metrics are ``algos.actor_loss``'s (pg_clipfrac, ppo_kl, pg_loss, kl_loss, entropy).
     """
     logprob, entropy = token_logprob_entropy(logits, labels, tp_group=tp_group, temperature=temperature,
                                              inplace_backward=inplace_backward, backend=backend)
     kwargs = policy_loss_kwargs(loss_mode, clip_low=clip_low, clip_high=clip_high, clip_c=clip_c)
-    return actor_loss(old_logprob.to(logprob.dtype), logprob, advantages.to(logprob.dtype), mask,
+    old = logprob.detach() if old_logprob is None else old_logprob.to(logprob.dtype)   # None: on-policy
+    return actor_loss(old, logprob, advantages.to(logprob.dtype), mask,
                       policy_loss=loss_mode, policy_loss_kwargs=kwargs, agg_mode=agg_mode, norm_len=norm_len,
                       token_weights=token_weights, token_weights_apply_to=token_weights_apply_to,
                       ref_logprob=None if ref_logprob is None else ref_logprob.to(logprob.dtype),

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
 from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
+from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer, resolve_old_logprob,
+                                     resolve_rollout_offload)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
 
 FUSED_LOSS = {"auto": None, "on": "triton", "off": "torch"}   # actor.fused_loss -> kernels backend name
@@ -30,6 +32,7 @@ class RolloutPlan:
     samples_per_dp_rank: int
     max_new_tokens: int
     gpu_memory_utilization: float | None   # vLLM only
+    offload_during_rollout: str = "none"   # none | state | state_and_weights (actor.offload_during_rollout)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class RunPlan:
     loss_backend: str | None    # None: the kernels pick (Triton on CUDA) | torch | triton
     token_weights_apply_to: str
     rollout: RolloutPlan
+    old_logprob: OldLogprobPlan = OldLogprobPlan("recompute", "default")
     memory: MemoryEstimate | None = None
     notes: tuple[str, ...] = field(default=())
 
@@ -99,7 +103,8 @@ def resolve_rollout(cfg, layout: Layout, batch: BatchPlan) -> RolloutPlan:
                         "vLLM awake during training)")
     return RolloutPlan(engine=r.engine, placement="colocated", samples_per_dp_rank=batch.samples_per_dp_rank,
                        max_new_tokens=r.max_new_tokens,
-                       gpu_memory_utilization=r.gpu_memory_utilization if r.engine == "vllm" else None)
+                       gpu_memory_utilization=r.gpu_memory_utilization if r.engine == "vllm" else None,
+                       offload_during_rollout=resolve_rollout_offload(cfg, layout.device))
 
 
 def _apply_to(cfg) -> str:
@@ -140,16 +145,17 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     m = cfg.model
     shp, source = model_shape(m.path, shape)
     layout = resolve_layout(m, world_size, device, shp)
-    dist_opt = cfg.actor.optim.distributed_optimizer
-    if dist_opt is None:                  # as trainer/build.py: on for GPU, off on CPU
-        dist_opt = device == "cuda"
+    dist_opt = check_distributed_optimizer(cfg.actor.optim, "actor.optim", device)   # as trainer/build.py
+    if cfg.critic.enable:
+        check_distributed_optimizer(cfg.critic.optim, "critic.optim", device)
     model = ModelPlan(shape=shp, shape_source=source, dtype=m.dtype, layer_spec=m.layer_spec,
                       recompute=m.recompute, distributed_optimizer=bool(dist_opt))
     batch = resolve_batch(cfg, layout, actor_trainable=not predictor_recipe(cfg))
     roles = resolve_roles(cfg, layout, batch)
     plan = RunPlan(recipe=recipe(cfg), layout=layout, model=model, batch=batch, roles=roles,
                    loss_backend=loss_backend(cfg.actor.fused_loss, device), token_weights_apply_to=_apply_to(cfg),
-                   rollout=resolve_rollout(cfg, layout, batch), notes=tuple(_notes(cfg, layout, model, batch)))
+                   rollout=resolve_rollout(cfg, layout, batch),
+                   old_logprob=resolve_old_logprob(cfg, batch, recipe(cfg)), notes=tuple(_notes(cfg, layout, model, batch)))
     if shp is not None and device == "cuda":
         plan = dataclasses.replace(plan, memory=estimate_memory(plan, gpu_mem_gib, overhead_gib))
     return plan

@@ -34,7 +34,9 @@ def format_summary(plan) -> str:
         ("token weights apply to", plan.token_weights_apply_to),
         ("rollout", f"{plan.rollout.engine}, {plan.rollout.placement}"
                     + (f", gpu_memory_utilization {plan.rollout.gpu_memory_utilization}"
-                       if plan.rollout.gpu_memory_utilization is not None else "")),
+                       if plan.rollout.gpu_memory_utilization is not None else "")
+                    + f"; training state during rollout: offload {plan.rollout.offload_during_rollout}"),
+        ("old log-probs", f"{plan.old_logprob.source} ({plan.old_logprob.reason})"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["run plan", "--------"] + [f"{k:<{width}}  {v}" for k, v in rows]

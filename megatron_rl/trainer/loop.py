@@ -126,10 +126,12 @@ class RecipeLoop:
 
 @dataclass
 class Trainer(RecipeLoop):
-    """GRPO / PPO (with a critic for GAE) / GSPO / RLOO ...: rollout -> rewards -> old/ref
-    log-probs -> (values) -> advantages -> (token weights) -> update -> weight sync."""
+    """GRPO / PPO (with a critic for GAE) / GSPO / RLOO ...: (offload) rollout (onload) -> rewards ->
+    old/ref log-probs (the old ones skipped when the plan says on-policy) -> (values) -> advantages ->
+    (token weights) -> update -> weight sync."""
     kl_ctrl: object = None                  # algos.kl controller
     token_weights: object = None            # callable(trainer, batch) -> metrics; sets batch["token_weights"]
+    _state_offloader: object = None         # trainer.offload.TrainingStateOffloader, built on first use
 
     @property
     def actor(self):
@@ -147,13 +149,17 @@ class Trainer(RecipeLoop):
         t0 = time.time()
         metrics: dict[str, float] = {}
         prompts = self.data.next_batch()
+        metrics.update(self.offload_training_state())       # actor.offload_during_rollout: the engine's GPU
         with self.logger.timer("rollout"):
             batch = phases.rollout(self, prompts, step)
+        metrics.update(self.onload_training_state())
         metrics.update(getattr(self.engine, "last_metrics", None) or {})   # e.g. agent/* from the tool loop
         with self.logger.timer("reward"):
             metrics.update(phases.rewards(self, batch))
-        with self.logger.timer("logprob"):
-            metrics.update(phases.logprobs(self, batch))
+        if self.plan.old_logprob.separate_pass or self.plan.old_logprob.source == "rollout":
+            with self.logger.timer("logprob"):
+                metrics.update(phases.logprobs(self, batch))
+        # else exactly on-policy: the update's own forward gives the old log-probs (plan/passes.py)
         if self.reference is not None:
             with self.logger.timer("ref_logprob"):
                 phases.ref_logprobs(self, batch)
@@ -180,6 +186,35 @@ class Trainer(RecipeLoop):
 
     def validate(self) -> dict[str, float]:
         return {"val/reward": phases.validate(self)}
+
+    # --- the actor's training state while the engine generates (actor.offload_during_rollout) ---
+    def training_state_offloader(self):
+        """A `TrainingStateOffloader` of the actor (built once), or None when the plan keeps the
+        state resident."""
+        mode = self.plan.rollout.offload_during_rollout
+        if mode == "none" or self.actor is None or self.actor.optimizer is None:
+            return None
+        if self._state_offloader is None:
+            from megatron_rl.trainer.offload import TrainingStateOffloader
+            self._state_offloader = TrainingStateOffloader(self.actor.ddp_chunks, self.actor.optimizer,
+                                                           offload_weights=mode == "state_and_weights")
+        return self._state_offloader
+
+    def offload_training_state(self) -> dict[str, float]:
+        off = self.training_state_offloader()
+        if off is None:
+            return {}
+        with self.logger.timer("offload"):
+            stats = off.offload()
+        return {"perf/offload_freed_gib": stats.bytes_freed / 2**30}
+
+    def onload_training_state(self) -> dict[str, float]:
+        off = self.training_state_offloader()
+        if off is None:
+            return {}
+        with self.logger.timer("onload"):
+            off.onload()
+        return {}
 
     def trainer_state(self) -> dict:
         return {**super().trainer_state(), "kl_ctrl": self.kl_ctrl.state_dict()}

@@ -14,13 +14,16 @@ from megatron_rl.rollout.protocol import SamplingParams
 
 
 def sampling_params(cfg, step: int, validation: bool = False) -> SamplingParams:
+    """Training rollouts, or validation's (greedy by default; `ignore_eos` / `min_new_tokens`,
+    benchmark knobs, apply to training rollouts only)."""
     r = cfg.rollout
     if validation:
         return SamplingParams(temperature=r.val_temperature or 1.0, greedy=r.val_greedy or r.val_temperature == 0.0,
                               n=1, max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=cfg.trainer.seed)
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, n=r.n,
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop),
-                          seed=cfg.trainer.seed * 100003 + step)
+                          seed=cfg.trainer.seed * 100003 + step, ignore_eos=r.ignore_eos,
+                          min_new_tokens=r.min_new_tokens)
 
 
 def rollout(tr, prompts: Batch, step: int) -> Batch:

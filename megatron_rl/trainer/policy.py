@@ -201,7 +201,7 @@ class Policy(Offloadable):
                 return self._packed_loss(mb, output, algos, kl_coef, len(mbs))
             logits = response_logits(output, mb, self.vocab_size)
             loss, metrics = token_weighted_ppo_loss(
-                logits, mb["labels"], mb["old_logprob"], mb["advantages"], mb["response_mask"],
+                logits, mb["labels"], mb.get("old_logprob"), mb["advantages"], mb["response_mask"],
                 token_weights=mb.get("token_weights"), ref_logprob=mb.get("ref_logprob") if kl_coef else None,
                 clip_low=algos.clip_low, clip_high=algos.clip_high, clip_c=algos.clip_c,
                 kl_kind=algos.kl_loss_kind, kl_coef=kl_coef, entropy_coef=algos.entropy_coef,
@@ -220,8 +220,10 @@ class Policy(Offloadable):
         (on the scored stream positions only) and the same `actor_loss` on `[n, R]`."""
         lp, ent = self._packed_token_stats(output, mb)
         ref = mb.get("ref_logprob") if kl_coef else None
+        old = mb.get("old_logprob")        # None: on-policy, the old log-probs are this forward's (detached)
+        old = lp.detach() if old is None else old.to(lp.dtype)
         loss, metrics = actor_loss(
-            mb["old_logprob"].to(lp.dtype), lp, mb["advantages"].to(lp.dtype), mb["response_mask"],
+            old, lp, mb["advantages"].to(lp.dtype), mb["response_mask"],
             policy_loss=algos.policy_loss, agg_mode=algos.loss_agg_mode, norm_len=algos.norm_len,
             policy_loss_kwargs=policy_loss_kwargs(algos.policy_loss, clip_low=algos.clip_low,
                                                    clip_high=algos.clip_high, clip_c=algos.clip_c),

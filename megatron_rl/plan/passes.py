@@ -1,0 +1,84 @@
+"""Which optional passes and memory moves a GRPO/PPO step makes, decided once from the config.
+
+- Old log-probs (`actor.recompute_old_logprob`): an exactly on-policy update (one optimizer
+  step per rollout, `rollout.logprob_mode: recompute`) would recompute, in a separate
+  forward, the very log-probs its own forward yields; with old = current detached the
+  PPO ratio is exactly 1 and the gradient the same, so `auto` skips that pass (verl and
+  TRL do the same). The pass stays where something reads `old_logprob` before the
+  update (KL-in-reward, steering's recompute / IS weights, token-weight sources, GAD) or
+  where the update takes several optimizer steps (the policy moves between them).
+- Training state during rollout (`actor.offload_during_rollout`): a colocated vLLM engine
+  needs the GPU while it generates; the actor's grad buffers and optimizer state (and, by
+  option, its weights) move to host memory for the rollout (trainer/offload.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_rl.plan.batch import BatchPlan
+from megatron_rl.plan.layout import PlanError
+
+OFFLOAD_MODES = ("none", "state", "state_and_weights")
+
+
+@dataclass(frozen=True)
+class OldLogprobPlan:
+    source: str         # recompute (a separate actor pass) | rollout (the engine's) | update_forward (skipped pass)
+    reason: str
+
+    @property
+    def separate_pass(self) -> bool:
+        return self.source == "recompute"
+
+
+def resolve_old_logprob(cfg, batch: BatchPlan, recipe: str) -> OldLogprobPlan:
+    mode = cfg.actor.recompute_old_logprob
+    if mode not in ("auto", "always"):
+        raise PlanError(f"actor.recompute_old_logprob must be auto|always, got {mode!r}")
+    if cfg.rollout.logprob_mode == "rollout":
+        return OldLogprobPlan("rollout", "rollout.logprob_mode=rollout: the engine's log-probs")
+    if mode == "always":
+        return OldLogprobPlan("recompute", "actor.recompute_old_logprob=always")
+    keep = []
+    if recipe not in ("grpo", "ppo"):
+        keep.append(f"the {recipe} recipe")
+    if batch.optimizer_steps_per_rollout != 1:
+        keep.append(f"{batch.optimizer_steps_per_rollout} optimizer steps per rollout "
+                    f"({batch.mini_batches_per_epoch} mini-batches x {batch.ppo_epochs} epochs)")
+    if cfg.algos.use_kl_in_reward:
+        keep.append("algos.use_kl_in_reward (the KL penalty needs old log-probs before the advantages)")
+    if getattr(cfg.steering, "enable", False):
+        keep.append("steering.enable (steered recompute / rollout IS weights)")
+    if getattr(cfg.token_weights, "source", "none") != "none":
+        keep.append(f"token_weights.source={cfg.token_weights.source}")
+    if keep:
+        return OldLogprobPlan("recompute", "separate pass: " + "; ".join(keep))
+    return OldLogprobPlan("update_forward", "on-policy (1 optimizer step per rollout): the update's own forward, "
+                                            "detached; no rollout/logprob_diff "
+                                            "(actor.recompute_old_logprob=always keeps it)")
+
+
+def resolve_rollout_offload(cfg, device: str) -> str:
+    """`actor.offload_during_rollout`, defaulted and checked against the engine."""
+    r = cfg.rollout
+    mode = cfg.actor.offload_during_rollout
+    if mode is None:
+        return "state" if (r.engine == "vllm" and r.colocate) else "none"
+    if mode not in OFFLOAD_MODES:
+        raise PlanError(f"actor.offload_during_rollout must be one of {'|'.join(OFFLOAD_MODES)}, got {mode!r}")
+    if mode == "state_and_weights" and r.engine == "native":
+        raise PlanError("actor.offload_during_rollout=state_and_weights with rollout.engine=native: the native "
+                        "engine generates with the actor's own weights; use state or none")
+    return mode
+
+
+def check_distributed_optimizer(optim, key: str, device: str) -> bool:
+    """`<key>.distributed_optimizer` resolved (None: on for GPU, off on CPU); refused on CPU."""
+    on = optim.distributed_optimizer
+    if on is None:
+        return device == "cuda"
+    if on and device != "cuda":
+        raise PlanError(f"{key}.distributed_optimizer=true on cpu: Megatron-Core's DistributedOptimizer accepts "
+                        "only torch.cuda parameters (megatron/core/optimizer/distrib_optimizer.py raises a TypeError "
+                        f"for CPU tensors); set {key}.distributed_optimizer=false or leave it null (off on CPU)")
+    return bool(on)
