@@ -36,6 +36,11 @@ class RunContext:
     logger: object          # logging.MetricsLogger
 
 
+def plan_device() -> str:
+    """The device kind the plan is resolved for: `cuda` when this process sees a GPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def world_size() -> int:
     import torch.distributed as dist
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -53,7 +58,7 @@ def bootstrap(cfg: Config) -> RunContext:
 
     if not cfg.model.path:
         raise ValueError("model.path is required (an HF directory or a megatron-rl checkpoint)")
-    plan = resolve_plan(cfg, world_size=world_size(), device="cuda" if torch.cuda.is_available() else "cpu")
+    plan = resolve_plan(cfg, world_size=world_size(), device=plan_device())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     m = cfg.model

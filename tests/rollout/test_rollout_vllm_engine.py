@@ -239,9 +239,9 @@ def test_rollout_engine_sync_weights_takes_policy_or_model(fake_vllm, monkeypatc
     seen = []
     monkeypatch.setattr(loading, "iter_hf_weights", lambda m: seen.append(m) or iter([("w", torch.ones(2))]))
     model = object()
-    eng.sync_weights(types.SimpleNamespace(model=model))
+    eng.sync_weights(types.SimpleNamespace(chunks=[model]))     # a Policy: its chunk list
     eng.sync_weights(model)
-    assert seen == [model, model]
+    assert seen == [[model], model]
 
 
 @pytest.mark.parametrize("eager", [True, False])
