@@ -1,6 +1,8 @@
 """`megatron-rl train` at PP=2 x VPP=2 (two gloo processes, an 8-layer tiny Llama): the
 recipe builds chunk lists, the native engine generates over them, the interleaved schedule
 trains, and the run checkpoints and resumes; its first step's losses equal PP=1's."""
+import json
+
 import pytest
 import torch
 
