@@ -164,3 +164,42 @@ def test_gpu_mem_peak_per_phase(tmp_path):
     out = logger.log({}, step=1)
     assert probe.resets == 3
     assert out["perf/gpu_mem_peak_gib/rollout"] == 1.5 and out["perf/gpu_mem_peak_gib/update"] == 3.0  # max
+
+
+def test_state_and_weights_offload_with_a_faked_vllm(tiny_run, tmp_path, monkeypatch):  # noqa: F811
+    """rollout.engine=vllm (vLLM faked as in tests/rollout/test_rollout_vllm_trainer.py, planned as on a GPU):
+    the actor's weights are offloaded too while the engine generates; training matches `none` bit for bit."""
+    import sys
+    import types
+
+    import megatron_rl.plan as plan_pkg
+    from megatron_rl.models import load_checkpoint
+    from megatron_rl.rollout.native_engine import NativeEngine
+    from megatron_rl.rollout.vllm_config import VLLMConfig
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+    from tests.rollout.test_rollout_vllm_trainer import NativeBackedLLM
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: types.SimpleNamespace(kw=kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(VLLMEngine, "from_config", classmethod(lambda cls, cfg, tok: VLLMEngine(
+        NativeBackedLLM(NativeEngine(load_checkpoint(cfg.model.path, layer_spec="local"), tok)), tok,
+        VLLMConfig(sleep_level=1), colocate=True, bucket_mb=0.01)))
+    resolve = plan_pkg.resolve_plan
+    monkeypatch.setattr(plan_pkg, "resolve_plan", lambda cfg, **kw: resolve(cfg, **{**kw, "device": "cuda"}))
+
+    class WeightChecking(StateCheckingEngine):
+        def generate(self, batch, sampling):
+            self.weights = getattr(self, "weights", []) + [
+                sum(p.untyped_storage().nbytes() for p in self.tr.actor.model.parameters())]
+            return super().generate(batch, sampling)
+
+    overrides, _ = tiny_run
+    two = overrides + ["rollout.engine=vllm", "trainer.total_steps=2", "algos.entropy_coef=0.5"]
+    tr_w, w_w, _ = run(two, ["actor.offload_during_rollout=state_and_weights", f"logging.run_dir={tmp_path / 'w'}"],
+                       WeightChecking)
+    tr_n, w_n, _ = run(two, ["actor.offload_during_rollout=none", f"logging.run_dir={tmp_path / 'n'}"],
+                       WeightChecking)
+    assert tr_w.engine.weights == [0, 0] and all(g == 0 and o == 0 for g, o in tr_w.engine.seen)
+    assert min(tr_n.engine.weights) > 0
+    assert max_diff(w_w, w_n) == 0.0
