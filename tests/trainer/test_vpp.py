@@ -58,6 +58,8 @@ def _run(rank, world, src, pp, vpp, out, save_to, load_from):
     res["weights_before"] = _stream(chunks)
     ddp = wrap_ddp_chunks(chunks, False)
     opt, sched = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0, distributed_optimizer=False), "float32", 10)
+    # 4 micro-batches: past warm-up into the interleaved steady state, where both neighbours
+    # exchange activations and gradients at once (batched p2p paired them crosswise at PP=2)
     policy = Policy(chunks, micro_batch_size=1, optimizer=opt, scheduler=sched, ddp_model=ddp)
     res["logprob"], _ = policy.compute_logprobs(batch)
     res["metrics"] = policy.update(batch, AlgosConfig(), mini_batch_size=0, ppo_epochs=1, use_ref=False, seed=0)
@@ -117,7 +119,7 @@ def test_vpp_parameters_after_one_step_equal_pp1(runs):
     for name, w in ref.items():
         d = (w - par[name]).abs()
         assert d.max() < 5e-5 and d.mean() < 1e-6, name
-    assert (runs["pp1"]["logprob_after"] - runs["vpp"]["logprob_after"]).abs().max() < 1e-4
+    assert (runs["pp1"]["logprob_after"] - runs["vpp"]["logprob_after"]).abs().max() < 1e-5
 
 
 @pytest.mark.multiproc
