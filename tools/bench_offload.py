@@ -1,4 +1,4 @@
-"""GPU measurement of offload/onload (trainer/offload.py) on a ~1B Llama-shaped random model (bf16).
+"""GPU measurement of offload/onload (models/offload.py) on a ~1B Llama-shaped random model (bf16).
 
 Sections, one table:
 - ref: reference log-probs of a batch with and without `ref.offload`: memory allocated
@@ -143,7 +143,7 @@ def sec_actor_and_sequence(cfg, plan, refs: dict, batches):
     offloaded between its updates, `refs["offload"]` offloaded), each: update -> reference
     log-probs -> update. The plain reference is dropped before B, so that memory is B's alone."""
     from megatron_rl.trainer.build import build_actor
-    from megatron_rl.trainer.offload import TrainingStateOffloader
+    from megatron_rl.models.offload import TrainingStateOffloader
     from megatron_rl.algos.config import AlgosConfig
 
     algos = AlgosConfig()

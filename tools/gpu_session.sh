@@ -57,7 +57,7 @@ stage_scale() {   # issue #12 on however many GPUs are here (8 for the real run)
   timeout 150 $RN tools/bench_fused_loss_tp.py --tokens 32768 --vocab 128256 2>&1 | grep --line-buffered -v -i warn | tail -6
 }
 
-stage_offload() {  # trainer/offload.py on a ~1B bf16 model: ref.offload, actor grads/optimizer/weights round trip
+stage_offload() {  # models/offload.py on a ~1B bf16 model: ref.offload, actor grads/optimizer/weights round trip
   timeout 240 python3 tools/bench_offload.py 2>&1 | grep --line-buffered -v -i warn
   if python3 -c "import pytest" 2>/dev/null; then   # the bf16 (fp32 master params) round trip runs on CUDA only
     timeout 120 python3 -m pytest -q -p no:warnings -p no:cacheprovider tests/trainer/test_offload.py 2>&1 | tail -4

@@ -9,7 +9,7 @@
   where the update takes several optimizer steps (the policy moves between them).
 - Training state during rollout (`actor.offload_during_rollout`): a colocated vLLM engine
   needs the GPU while it generates; the actor's grad buffers and optimizer state (and, by
-  option, its weights) move to host memory for the rollout (trainer/offload.py).
+  option, its weights) move to host memory for the rollout (models/offload.py).
 """
 from __future__ import annotations
 

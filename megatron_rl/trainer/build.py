@@ -117,7 +117,7 @@ def build_frozen_policy(cfg: Config, plan, *, offload: bool = False):
                     fused_backend=plan.loss_backend,
                     max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
     if offload:
-        from megatron_rl.trainer.offload import WeightOffloader
+        from megatron_rl.models.offload import WeightOffloader
         policy.offloader = WeightOffloader(chunks)
         policy.offload()
     return policy

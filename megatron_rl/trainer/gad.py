@@ -253,5 +253,5 @@ def build_gad_trainer(cfg) -> GADTrainer:
     ctx = bootstrap(cfg)
     roles = build_policy_roles(cfg, ctx.plan)
     roles.discriminator = build_discriminator(cfg, ctx.plan.role("discriminator").lr_horizon_steps)
-    return GADTrainer(ctx=ctx, roles=roles, engine=build_engine(cfg, roles.actor, ctx.tokenizer),
+    return GADTrainer(**vars(ctx), roles=roles, engine=build_engine(cfg, roles.actor, ctx.tokenizer),
                       kl_ctrl=build_kl_controller(cfg))

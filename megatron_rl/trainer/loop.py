@@ -20,40 +20,15 @@ from megatron_rl.trainer.roles import Roles
 
 
 @dataclass
-class RecipeLoop:
-    """Subclasses define `train_step(step) -> metrics`, `validate() -> metrics` (with
+class RecipeLoop(RunContext):
+    """A recipe: the run context (config, plan, tokenizer, data, rewards, logger), its roles
+    and engine. Subclasses define `train_step(step) -> metrics`, `validate() -> metrics` (with
     `val/reward`), and may extend `trainer_state` / `load_trainer_state` and
-    `checkpoint_roles`."""
-    ctx: RunContext
-    roles: Roles
-    engine: object                  # rollout.RolloutEngine
+    `checkpoint_roles`. Built as `Recipe(**vars(bootstrap(cfg)), roles=..., engine=...)`."""
+    roles: Roles = None
+    engine: object = None           # rollout.RolloutEngine
     step: int = 0
     val_before: float | None = None
-
-    # what the phases read
-    @property
-    def cfg(self):
-        return self.ctx.cfg
-
-    @property
-    def plan(self):
-        return self.ctx.plan
-
-    @property
-    def tokenizer(self):
-        return self.ctx.tokenizer
-
-    @property
-    def data(self):
-        return self.ctx.data
-
-    @property
-    def rewards(self):
-        return self.ctx.rewards
-
-    @property
-    def logger(self):
-        return self.ctx.logger
 
     @property
     def checkpoints(self) -> CheckpointManager:
@@ -131,7 +106,7 @@ class Trainer(RecipeLoop):
     (token weights) -> update -> weight sync."""
     kl_ctrl: object = None                  # algos.kl controller
     token_weights: object = None            # callable(trainer, batch) -> metrics; sets batch["token_weights"]
-    _state_offloader: object = None         # trainer.offload.TrainingStateOffloader, built on first use
+    _state_offloader: object = None         # models.offload.TrainingStateOffloader, built on first use
 
     @property
     def actor(self):
@@ -195,7 +170,7 @@ class Trainer(RecipeLoop):
         if mode == "none" or self.actor is None or self.actor.optimizer is None:
             return None
         if self._state_offloader is None:
-            from megatron_rl.trainer.offload import TrainingStateOffloader
+            from megatron_rl.models.offload import TrainingStateOffloader
             self._state_offloader = TrainingStateOffloader(self.actor.ddp_chunks, self.actor.optimizer,
                                                            offload_weights=mode == "state_and_weights")
         return self._state_offloader

@@ -27,7 +27,7 @@ def build_trainer(cfg: Config):
     if cfg.token_weights.source != "none":
         from megatron_rl.token_weights import build_token_weights
         token_weights = build_token_weights(cfg, roles.actor, ctx.tokenizer)
-    return Trainer(ctx=ctx, roles=roles, engine=build_engine(cfg, roles.actor, ctx.tokenizer),
+    return Trainer(**vars(ctx), roles=roles, engine=build_engine(cfg, roles.actor, ctx.tokenizer),
                    kl_ctrl=build_kl_controller(cfg), token_weights=token_weights)
 
 

@@ -47,7 +47,7 @@ class PerRankCheckpoint:
 
 class Offloadable:
     """`offload()` / `onload()` for a role that holds `self.offloader` (a
-    `trainer.offload` offloader, or None: nothing to move), and `onloaded()` for a
+    `models.offload` offloader, or None: nothing to move), and `onloaded()` for a
     scope that needs the role on its device."""
 
     offloader = None

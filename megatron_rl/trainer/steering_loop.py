@@ -157,5 +157,5 @@ def build_predictor_trainer(cfg) -> PredictorTrainer:
     names = [str(f) for f in s.feature_idxs] if s.mode != "global" else ["global"]
     _, predictor = build_predictor(p, llm.model.config.hidden_size, ctl.intervention.n_strengths,
                                    frozen_llm=llm.model, feature_names=names)
-    return PredictorTrainer(ctx=ctx, roles=Roles(actor=llm, predictor=predictor),
+    return PredictorTrainer(**vars(ctx), roles=Roles(actor=llm, predictor=predictor),
                             engine=build_engine(cfg, llm, ctx.tokenizer))

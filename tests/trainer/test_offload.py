@@ -1,4 +1,4 @@
-"""Offload / onload (trainer/offload.py): the reference with `ref.offload` gives bit-identical
+"""Offload / onload (models/offload.py): the reference with `ref.offload` gives bit-identical
 log-probs and holds no weight bytes between passes; a trainable policy's grads, optimizer
 state and weights survive a round trip so the next update is bit-identical."""
 from types import SimpleNamespace
@@ -74,7 +74,7 @@ def test_forward_while_offloaded_names_the_offloader(hf):
 
 
 def test_shared_parameters_and_views_stay_shared_after_onload():
-    from megatron_rl.trainer.offload import WeightOffloader
+    from megatron_rl.models.offload import WeightOffloader
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def _update(policy, batch):
 
 
 def _adam_state(policy):
-    from megatron_rl.trainer.offload import _torch_optimizers
+    from megatron_rl.models.offload import _torch_optimizers
 
     return [v.clone() for opt in _torch_optimizers(policy.optimizer) for s in opt.state.values()
             for v in s.values() if isinstance(v, torch.Tensor)]
@@ -122,7 +122,7 @@ def _adam_state(policy):
 def test_training_state_round_trip_gives_a_bit_identical_next_update(hf, dtype):
     """float32: Megatron's FP32Optimizer (its params are the model's, moved with the weights);
     bfloat16: fp32 master params + moments as optimizer state."""
-    from megatron_rl.trainer.offload import TrainingStateOffloader
+    from megatron_rl.models.offload import TrainingStateOffloader
 
     batch = ragged_batch()
     ref_run, run = _actor(hf, dtype), _actor(hf, dtype)
@@ -152,7 +152,7 @@ def test_training_state_round_trip_gives_a_bit_identical_next_update(hf, dtype):
 
 
 def test_training_state_onloaded_scope_re_offloads_what_was_offloaded(hf):
-    from megatron_rl.trainer.offload import TrainingStateOffloader
+    from megatron_rl.models.offload import TrainingStateOffloader
 
     run = _actor(hf, "float32")
     _update(run, ragged_batch())
