@@ -44,7 +44,7 @@ class ScriptedNativeEngine(NativeEngine):
         self.t = 0
         return super()._generate_chunk(chunk, sp, gen)
 
-    def _sample(self, logits, sp, gen):
+    def _sample(self, logits, sp, gen, suppress=None):     # the script decides; no EOS suppression
         tok = torch.tensor([f[self.t] if self.t < len(f) else self.eos_ids[0] for f in self.forced])
         logp = torch.log_softmax(logits.float() / sp.temperature, -1).gather(-1, tok[:, None])[:, 0]
         self.t += 1
