@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import math
+
 from megatron_rl.plan.batch import BatchPlan, RolePlan, split_mini_batch
 from megatron_rl.plan.layout import Layout, PlanError
 
@@ -39,11 +41,25 @@ def _placement(layout: Layout, offload: bool) -> str:
     return "host_offload" if offload else "gpu"
 
 
-def check_chunked_roles(cfg, layout: Layout) -> None:
+def check_chunked_roles(cfg, layout: Layout, batch: BatchPlan) -> None:
     """Under `model.vpp` the actor and reference are chunk lists (interleaved schedule); the
-    roles and phases that read one model chunk are refused by name."""
+    roles and phases that read one model chunk are refused by name, and so is a micro-batch
+    count Megatron's interleaved schedule cannot run (a multiple of PP, fixed per step)."""
     if layout.vpp is None:
         return
+    if cfg.actor.max_tokens_per_microbatch > 0:
+        raise PlanError(f"model.vpp={layout.vpp} with actor.max_tokens_per_microbatch > 0: packed micro-batch "
+                        f"counts vary per step, and the interleaved schedule needs a multiple of model.pp; "
+                        f"set actor.max_tokens_per_microbatch=0")
+    counts = {"per optimizer step (actor.mini_batch_size / dp / actor.micro_batch_size)":
+              batch.microbatches_per_mini_batch,
+              "per log-prob pass (data.train_batch_size x rollout.n / dp / actor.micro_batch_size)":
+              math.ceil(batch.samples_per_dp_rank / batch.micro_batch_size)}
+    for what, n_mb in counts.items():
+        if n_mb % layout.pp:
+            raise PlanError(f"model.vpp={layout.vpp}: {n_mb} micro-batches {what} is not a multiple of "
+                            f"model.pp={layout.pp}, which Megatron's interleaved schedule needs; change "
+                            f"actor.micro_batch_size or the batch sizes")
     single_chunk = {"critic.enable": cfg.critic.enable, "gad.enable": cfg.gad.enable,
                     "token_weights.source=vgr": cfg.token_weights.source == "vgr"}
     bad = [k for k, on in single_chunk.items() if on]
@@ -53,7 +69,7 @@ def check_chunked_roles(cfg, layout: Layout) -> None:
 
 
 def resolve_roles(cfg, layout: Layout, batch: BatchPlan) -> tuple[RolePlan, ...]:
-    check_chunked_roles(cfg, layout)
+    check_chunked_roles(cfg, layout, batch)
     frozen_llm = predictor_recipe(cfg)
     dp, samples = layout.dp, batch.samples_per_step
     roles = [RolePlan("actor", "actor", trainable=not frozen_llm, offload=False, placement=_placement(layout, False),

@@ -76,7 +76,7 @@ def test_shape_from_model_path_hf_config_and_megatron_meta(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(arch_to_hf_config(arch)))
-    p = plan(f"model.path={hf}", "model.pp=3", "model.vpp=2", world_size=3)
+    p = plan(f"model.path={hf}", "model.pp=3", "model.vpp=2", "data.train_batch_size=12", world_size=3)
     assert p.model.shape.num_layers == 6 and p.model.shape_source.startswith("hf checkpoint")
     with pytest.raises(PlanError, match="model.tp=4: num_kv_heads=2"):
         plan(f"model.path={hf}", "model.tp=4", world_size=4)
@@ -129,3 +129,12 @@ def test_to_dict_and_json(tmp_path):
 def test_vpp_refuses_the_single_chunk_roles_by_name(extra, key):
     with pytest.raises(PlanError, match=rf"model.vpp=2 with {key}"):
         plan("model.pp=2", "model.vpp=2", *extra, world_size=2)
+
+
+def test_vpp_refuses_micro_batch_counts_the_interleaved_schedule_cannot_run():
+    # 8 prompts x 4 = 32 samples at DP=1; micro-batch 32 -> 1 micro-batch, not a multiple of pp=2
+    with pytest.raises(PlanError, match=r"model.vpp=2: 1 micro-batches per optimizer step .* model.pp=2"):
+        plan("model.pp=2", "model.vpp=2", "actor.micro_batch_size=32", world_size=2)
+    with pytest.raises(PlanError, match=r"actor.max_tokens_per_microbatch > 0"):
+        plan("model.pp=2", "model.vpp=2", "actor.max_tokens_per_microbatch=4096", world_size=2)
+    assert plan("model.pp=2", "model.vpp=2", "actor.micro_batch_size=4", world_size=2).layout.vpp == 2
