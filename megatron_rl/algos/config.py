@@ -5,11 +5,31 @@ config load with the list of valid names, not mid-run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_rl.algos.registry import (ADVANTAGE_ESTIMATORS, AGG_MODES, KL_CONTROLLERS, POLICY_LOSSES,
                                         Registry)
 from megatron_rl.algos.token_weights import APPLY_TO
+
+
+@dataclass
+class DynamicSamplingConfig:
+    # DAPO dynamic sampling (trainer/dynamic_sampling.py): drop groups whose `metric` agrees on
+    # every response (no signal) and keep generating until the step has data.train_batch_size
+    # groups, at most max_num_gen_batches rounds (0: no cap); at the cap the missing groups are
+    # filled with dropped ones whose loss mask is zeroed. metric: score (the reward incl. overlong
+    # shaping; verl's seq_reward / seq_final_reward are accepted aliases) or an extra key the
+    # reward returns (e.g. acc).
+    enable: bool = False
+    metric: str = "score"
+    max_num_gen_batches: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_num_gen_batches < 0:
+            raise ValueError("algos.dynamic_sampling.max_num_gen_batches must be >= 0 (0: no cap), "
+                             f"got {self.max_num_gen_batches}")
+        if not self.metric:
+            raise ValueError("algos.dynamic_sampling.metric must name score or a reward's extra key")
 
 
 @dataclass
@@ -47,6 +67,11 @@ class AlgosConfig:
     # configured in the `token_weights:` section (the old `algos.vgr` section was removed).
     token_weights_apply_to: str = "pg"
 
+    # DAPO: responses cut by rollout.max_new_tokens leave the loss (their response_mask is zeroed
+    # after rewards and advantages' group statistics have seen them), and dynamic sampling.
+    mask_truncated: bool = False
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+
     def __post_init__(self) -> None:
         _check_name("algos.adv_estimator", self.adv_estimator, ADVANTAGE_ESTIMATORS)
         _check_name("algos.policy_loss", self.policy_loss, POLICY_LOSSES)
@@ -69,11 +94,22 @@ class AlgosConfig:
             raise ValueError("algos.kl_ctrl 'adaptive' needs algos.target_kl > 0 and algos.kl_horizon > 0")
 
     def policy_loss_kwargs(self) -> dict:
-        """Keyword arguments for `POLICY_LOSSES[self.policy_loss]` beyond the tensors."""
-        kwargs = {"clip_low": self.clip_low, "clip_high": self.clip_high}
-        if self.policy_loss == "ppo":
-            kwargs["clip_c"] = self.clip_c
-        return kwargs
+        """The clip arguments `POLICY_LOSSES[self.policy_loss]` accepts (GSPO has no `clip_c`;
+        a user-registered loss gets the ones its signature names)."""
+        import inspect
+
+        accepted = inspect.signature(POLICY_LOSSES.lookup(self.policy_loss)).parameters
+        clip = {"clip_low": self.clip_low, "clip_high": self.clip_high, "clip_c": self.clip_c}
+        return {k: v for k, v in clip.items() if k in accepted}
+
+    def actor_loss_kwargs(self) -> dict:
+        """The settings `algos.actor_loss` takes from this section (everything but the tensors
+        and the KL coefficient, which depends on whether a reference exists): the one place
+        the padded and the packed loss paths read them from."""
+        return dict(policy_loss=self.policy_loss, policy_loss_kwargs=self.policy_loss_kwargs(),
+                    agg_mode=self.loss_agg_mode, norm_len=self.norm_len,
+                    token_weights_apply_to=self.token_weights_apply_to, kl_kind=self.kl_loss_kind,
+                    entropy_coef=self.entropy_coef)
 
 
 def _check_name(key: str, name: str, registry: Registry) -> None:

@@ -3,9 +3,9 @@ through Megatron's schedules, DDP wrapper and optimizer.
 
 With `max_tokens_per_microbatch > 0` (`actor.max_tokens_per_microbatch`) log-probs and the
 update run on packed token-budget micro-batches (trainer/microbatch.py): no compute on
-padding, and the same loss, since per-token log-probs/entropies are scattered back to the
-`[n, R]` response layout before `algos.actor_loss` aggregates them exactly as
-`token_weighted_ppo_loss` does for padded micro-batches (PPO and GSPO alike).
+padding, and the same loss: padded and packed micro-batches both give per-token
+log-probs/entropies in the `[n, R]` response layout (`_token_stats`), and one call of
+`algos.actor_loss` with `AlgosConfig.actor_loss_kwargs()` aggregates them (PPO and GSPO alike).
 """
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 
 from megatron_rl.algos import actor_loss
 from megatron_rl.data.batch import Batch
-from megatron_rl.kernels import token_logprob_entropy, token_weighted_ppo_loss
-from megatron_rl.kernels.ppo_loss import policy_loss_kwargs
+from megatron_rl.kernels import token_logprob_entropy
 from megatron_rl.models.forward import gpt_forward
 from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
@@ -121,8 +120,14 @@ class Policy(Offloadable):
                 "Set actor.max_tokens_per_microbatch=0, or steering.logprob_mode=rollout_is (unsteered "
                 "actor forwards, which pack).")
 
-    def _packed_token_stats(self, output: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-prob, entropy) `[n, R]` of a packed micro-batch's response tokens (0 where unscored)."""
+    def _token_stats(self, output: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob, entropy) `[rows, R]` of a micro-batch's response tokens through the fused
+        vocab-parallel kernel: for a padded micro-batch from its response logits, for a packed
+        one from the scored stream positions only, scattered back to `[n, R]` (0 where unscored)."""
+        if "packed" not in mb:
+            logits = response_logits(output, mb, self.vocab_size)
+            return token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(), temperature=self.temperature,
+                                         backend=self.backend)
         logits = mask_padded_vocab(output[0, mb["score_pos"]], self.vocab_size)      # [K, V/tp]
         lp, ent = token_logprob_entropy(logits, mb["score_labels"], tp_group=tp_group(),
                                         temperature=self.temperature, backend=self.backend)
@@ -136,14 +141,8 @@ class Policy(Offloadable):
         mbs = self._train_microbatches(batch)
 
         def loss_fn(mb, output):
-            if "packed" in mb:
-                lp, ent = self._packed_token_stats(output, mb)
-                info = {"rows": mb["rows"].cpu()}
-            else:
-                logits = response_logits(output, mb, self.vocab_size)
-                lp, ent = token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(),
-                                                temperature=self.temperature, backend=self.backend)
-                info = {}
+            lp, ent = self._token_stats(output, mb)
+            info = {"rows": mb["rows"].cpu()} if "packed" in mb else {}
             return output.sum() * 0, {**info, "logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
 
         res = run_microbatches(self._forward_model(), mbs, self._forward, loss_fn, forward_only=True)
@@ -197,42 +196,20 @@ class Policy(Offloadable):
         kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
 
         def loss_fn(mb, output):
-            if "packed" in mb:
-                return self._packed_loss(mb, output, algos, kl_coef, len(mbs))
-            logits = response_logits(output, mb, self.vocab_size)
-            loss, metrics = token_weighted_ppo_loss(
-                logits, mb["labels"], mb.get("old_logprob"), mb["advantages"], mb["response_mask"],
-                token_weights=mb.get("token_weights"), ref_logprob=mb.get("ref_logprob") if kl_coef else None,
-                clip_low=algos.clip_low, clip_high=algos.clip_high, clip_c=algos.clip_c,
-                kl_kind=algos.kl_loss_kind, kl_coef=kl_coef, entropy_coef=algos.entropy_coef,
-                loss_mode=algos.policy_loss, agg_mode=algos.loss_agg_mode,
-                token_weights_apply_to=algos.token_weights_apply_to, tp_group=tp_group(),
-                temperature=self.temperature, norm_len=algos.norm_len, backend=self.backend)
+            lp, ent = self._token_stats(output, mb)
+            old = mb.get("old_logprob")        # None: on-policy, the old log-probs are this forward's (detached)
+            ref = mb.get("ref_logprob") if kl_coef else None
+            loss, metrics = actor_loss(
+                lp.detach() if old is None else old.to(lp.dtype), lp, mb["advantages"].to(lp.dtype),
+                mb["response_mask"], token_weights=mb.get("token_weights"),
+                ref_logprob=None if ref is None else ref.to(lp.dtype), kl_coef=kl_coef, entropy=ent,
+                **algos.actor_loss_kwargs())
             info = {k: float(v) for k, v in metrics.items()}
             info["_w"] = float(mb["loss_scale"]) / len(mbs)
             return loss * mb["loss_scale"], info
 
         res, step = optimizer_step(self.ddp_chunks, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
         return {**broadcast_metrics(weighted_mean(res)), **step}
-
-    def _packed_loss(self, mb: dict, output: torch.Tensor, algos, kl_coef: float, num_mbs: int):
-        """`token_weighted_ppo_loss` for a packed micro-batch: the same fused log-prob/entropy
-        (on the scored stream positions only) and the same `actor_loss` on `[n, R]`."""
-        lp, ent = self._packed_token_stats(output, mb)
-        ref = mb.get("ref_logprob") if kl_coef else None
-        old = mb.get("old_logprob")        # None: on-policy, the old log-probs are this forward's (detached)
-        old = lp.detach() if old is None else old.to(lp.dtype)
-        loss, metrics = actor_loss(
-            old, lp, mb["advantages"].to(lp.dtype), mb["response_mask"],
-            policy_loss=algos.policy_loss, agg_mode=algos.loss_agg_mode, norm_len=algos.norm_len,
-            policy_loss_kwargs=policy_loss_kwargs(algos.policy_loss, clip_low=algos.clip_low,
-                                                   clip_high=algos.clip_high, clip_c=algos.clip_c),
-            token_weights=mb.get("token_weights"), token_weights_apply_to=algos.token_weights_apply_to,
-            ref_logprob=None if ref is None else ref.to(lp.dtype), kl_coef=kl_coef, kl_kind=algos.kl_loss_kind,
-            entropy=ent, entropy_coef=algos.entropy_coef)
-        info = {k: float(v) for k, v in metrics.items()}
-        info["_w"] = float(mb["loss_scale"]) / num_mbs
-        return loss * mb["loss_scale"], info
 
 
 def _single(items: list, what: str):
