@@ -20,16 +20,12 @@ import torch
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.data.readers import DataError
-from megatron_rl.kernels import token_logprob_entropy
 from megatron_rl.logging.values import MeanOver, Summed
-from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.parallel.data_parallel import dp_mean, reduce_metrics
-from megatron_rl.parallel.pipeline import broadcast_metrics, tp_group
 from megatron_rl.rewards.token_rewards import to_token_rewards
 from megatron_rl.trainer import phases
 from megatron_rl.trainer.discriminator import pair_with_teachers, scoring_batch
 from megatron_rl.trainer.loop import Trainer
-from megatron_rl.trainer.microbatch import response_logits
 
 
 # --- teacher responses ---------------------------------------------------------------
@@ -82,42 +78,6 @@ def normalise_rewards(scores: torch.Tensor, groups: list, mode: str, eps: float 
         s = scores[idx]
         out[idx] = (s - s.mean()) / (s.std(unbiased=False) + eps) if len(idx) > 1 else s - s.mean()
     return out
-
-
-# --- supervised warm-up of the student -------------------------------------------------
-def sft_step(actor, batch: Batch, lr: float | None = None) -> dict[str, float]:
-    """One optimizer step on the token-mean NLL of `batch`'s response tokens (teacher
-    responses), through the actor's Megatron schedule, DDP and optimizer."""
-    mbs = actor._microbatches(batch)
-    total = float(sum(mb["response_mask"].sum() for mb in mbs)) or 1.0
-    n_mb = len(mbs)
-
-    def loss_fn(mb, output):
-        logits = response_logits(output, mb, actor.vocab_size)
-        lp, _ = token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(), temperature=1.0,
-                                      backend=actor.backend)
-        nll = -(lp * mb["response_mask"]).sum() / total
-        # Megatron divides each micro-batch loss by the number of micro-batches
-        return nll * n_mb, {"nll": float(nll.detach())}
-
-    actor.model.train()
-    old_lrs = [g["lr"] for g in actor.optimizer.param_groups]
-    if lr is not None:
-        for g in actor.optimizer.param_groups:
-            g["lr"] = lr
-    actor.ddp.zero_grad_buffer()
-    actor.optimizer.zero_grad()
-    res = run_microbatches([actor.ddp], mbs, actor._forward, loss_fn, forward_only=False)
-    ok, grad_norm, _ = actor.optimizer.step()
-    if lr is not None:
-        for g, old in zip(actor.optimizer.param_groups, old_lrs):
-            g["lr"] = old
-    elif actor.scheduler is not None:
-        actor.scheduler.step(increment=1)
-    metrics = {"actor/sft_loss": sum(r["nll"] for r in res),
-               "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-               "actor/update_ok": float(bool(ok))}
-    return broadcast_metrics(metrics)
 
 
 # --- the trainer -----------------------------------------------------------------------
@@ -184,7 +144,7 @@ class GADTrainer(Trainer):
                 with self.logger.timer("update"):
                     sft = Batch({**{k: teachers[k] for k in ("prompt_ids", "prompt_mask", "response_ids")},
                                  "response_mask": teachers["response_mask"]})
-                    metrics.update(sft_step(self.actor, sft, g.sft_lr))
+                    metrics.update(self.actor.sft_step(sft, g.sft_lr))
         else:
             with self.logger.timer("logprob"):
                 metrics.update(phases.logprobs(self, batch))

@@ -163,6 +163,36 @@ class Policy(Offloadable):
         return minibatch_passes(batch, mini_batch_size, ppo_epochs, seed,
                                 lambda mini: self._optimizer_step(mini, algos, use_ref))
 
+    def sft_step(self, batch: Batch, lr: float | None = None) -> dict[str, float]:
+        """One optimizer step on the token-mean NLL (temperature 1) of `batch`'s response tokens
+        (GAD's supervised warm-up on teacher responses). `lr` overrides the LR for this step
+        and leaves the schedule where it is; without it the schedule steps."""
+        if self.optimizer is None:
+            raise RuntimeError("sft_step() on a frozen policy")
+        mbs = self._microbatches(batch)
+        total = float(sum(mb["response_mask"].sum() for mb in mbs)) or 1.0
+
+        def loss_fn(mb, output):
+            logits = response_logits(output, mb, self.vocab_size)
+            lp, _ = token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(), temperature=1.0,
+                                          backend=self.backend)
+            nll = -(lp * mb["response_mask"]).sum() / total
+            return nll * len(mbs), {"nll": float(nll.detach())}   # the schedule divides by len(mbs)
+
+        self._set_training(True)
+        groups = self.optimizer.param_groups
+        old_lrs = [g["lr"] for g in groups]
+        if lr is not None:
+            for g in groups:
+                g["lr"] = lr
+        res, step = optimizer_step(self.ddp_chunks, self.optimizer, None if lr is not None else self.scheduler,
+                                   mbs, self._forward, loss_fn)
+        if lr is not None:
+            for g, old in zip(groups, old_lrs):
+                g["lr"] = old
+        return broadcast_metrics({"actor/sft_loss": sum(r["nll"] for r in res),
+                                  "actor/grad_norm": step["grad_norm"], "actor/update_ok": step["update_ok"]})
+
     # --- role lifecycle (trainer/roles.py): checkpoints through trainer/checkpoint.py ----
     def state_dict(self) -> dict:
         sds = [c.state_dict() for c in self.chunks]
