@@ -1,7 +1,8 @@
 """The world layout of a run (TP x PP x CP x DP, EP) and the model shape it is checked against.
 
 Checked once at plan time, with errors naming the config key: `world_size % (tp*pp*cp)`,
-`model.vpp` (needs pp > 1 and layers % (pp*vpp)), layers % pp, heads and KV heads % tp.
+`model.vpp` (needs pp > 1 and layers % (pp*vpp)), layers % pp, heads and KV heads % tp;
+`model.ep`/`model.etp` need an MoE model, experts % ep and world % (etp*ep*pp).
 The shape comes from `model.path` (an HF config.json or a megatron-rl checkpoint's meta),
 else from a public preset matched by the path's name (the 70B configs point at placeholder
 paths), else it is unknown and the shape checks are skipped (the summary says so).
@@ -23,6 +24,7 @@ PRESET_NAMES = {
     "qwen2-72b": "qwen2-72b", "qwen2.5-72b": "qwen2-72b",
     "meta-llama-3-8b": "llama3-8b", "llama-3-8b": "llama3-8b", "meta-llama-3.1-8b": "llama3-8b",
     "llama-3.1-8b": "llama3-8b", "llama-3.2-1b": "llama-1b", "smollm2-135m": "smollm2-135m",
+    "qwen3-8b": "qwen3-8b", "qwen3-30b-a3b": "qwen3-30b-a3b", "qwen3-235b-a22b": "qwen3-235b-a22b",
 }
 
 
@@ -74,12 +76,26 @@ def model_shape(model_path: str, spec: str | None = None) -> tuple[Shape | None,
     return None, f"unknown: model.path {model_path!r} does not exist here (shape checks skipped)"
 
 
-def check_expert_parallel(ep: int, etp: int, shape: Shape | None) -> None:
-    """Refuse expert parallelism until MoE lands (replace this function when it does)."""
-    for key, value in (("model.ep", ep), ("model.etp", etp)):
-        if value > 1:
-            raise PlanError(f"{key}={value}: not supported yet: expert parallelism needs a mixture-of-experts "
-                            "model (set it to 1)")
+def check_expert_parallel(m, world_size: int, shape: Shape | None) -> None:
+    """`model.ep` / `model.etp` against the model and Megatron's expert grid (etp x ep x edp x pp).
+
+    EP needs a mixture-of-experts model whose expert count it divides; `world % (etp*ep*pp)`
+    (Megatron's `initialize_model_parallel`); `moe_ffn_hidden_size % etp`. An unknown shape
+    skips the model checks (the trainer reads model.path, so they run there)."""
+    ep, etp = m.ep, m.etp
+    if world_size % (etp * ep * m.pp):
+        raise PlanError(f"world size {world_size} is not divisible by model.etp * model.ep * model.pp = "
+                        f"{etp} * {ep} * {m.pp} = {etp * ep * m.pp} (Megatron's expert grid)")
+    if shape is None or (ep == 1 and etp == 1):
+        return
+    if not shape.is_moe:
+        key, value = ("model.ep", ep) if ep > 1 else ("model.etp", etp)
+        raise PlanError(f"{key}={value}: expert parallelism needs a mixture-of-experts model; this one is dense "
+                        "(no experts; set it to 1)")
+    if shape.num_experts % ep:
+        raise PlanError(f"model.ep={ep}: num_experts={shape.num_experts} is not divisible by it")
+    if shape.moe_ffn_hidden_size % etp:
+        raise PlanError(f"model.etp={etp}: moe_ffn_hidden_size={shape.moe_ffn_hidden_size} is not divisible by it")
 
 
 def check_context_parallel(cp: int) -> None:
@@ -98,7 +114,7 @@ def resolve_layout(m, world_size: int, device: str, shape: Shape | None) -> Layo
         if getattr(m, key) < 1:
             raise PlanError(f"model.{key} must be >= 1, got {getattr(m, key)}")
     check_context_parallel(m.cp)
-    check_expert_parallel(m.ep, m.etp, shape)
+    check_expert_parallel(m, world_size, shape)
     mp = m.tp * m.pp * m.cp
     if world_size % mp:
         raise PlanError(f"world size {world_size} is not divisible by model.tp * model.pp * model.cp = "

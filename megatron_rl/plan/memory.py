@@ -32,6 +32,10 @@ imports), so it runs on a laptop for a 70B plan. Every term is bytes on the wors
 - overhead:        CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation,
                    2.5 GiB by default; not part of `torch.cuda.max_memory_allocated()`.
 
+- mixture of experts: expert weights per GPU (experts / EP, each / ETP), their grads, and
+                   optimizer state sharded over the expert-DP group; routed activations
+                   with top-k and the alltoall dispatcher's buffers (plan/moe_memory.py).
+
 Phases do not overlap: the peak is max(train, logprob, rollout).
 """
 from __future__ import annotations
@@ -39,6 +43,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from megatron_rl.plan import moe_memory as moe
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -59,6 +65,22 @@ class Shape:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     gated_mlp: bool = True            # SwiGLU (Llama, Qwen2)
+    qk_layernorm: bool = False        # Qwen3: RMSNorm on q and k (2 x head_dim params per layer)
+    num_experts: int = 0              # mixture of experts (0 = dense); terms in plan/moe_memory.py
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_layers: tuple[int, ...] | None = None   # 1 = sparse layer i; None with experts = every layer
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def sparse_layers(self, first: int, count: int) -> int:
+        """How many of layers [first, first + count) are MoE layers."""
+        if not self.is_moe:
+            return 0
+        pattern = self.moe_layers or (1,) * self.num_layers
+        return sum(pattern[first:first + count])
 
 
 # Public shapes (the models' config.json files).
@@ -68,13 +90,23 @@ PRESETS: dict[str, Shape] = {
     "llama3-8b": Shape(32, 4096, 32, 8, 128, 14336, 128256, tie_word_embeddings=False),
     "llama-1b": Shape(16, 2048, 32, 8, 64, 8192, 128256, tie_word_embeddings=True),
     "smollm2-135m": Shape(30, 576, 9, 3, 64, 1536, 49152, tie_word_embeddings=True),
+    "qwen3-8b": Shape(36, 4096, 32, 8, 128, 12288, 151936, qk_layernorm=True),
+    "qwen3-30b-a3b": Shape(48, 2048, 32, 4, 128, 6144, 151936, qk_layernorm=True, num_experts=128, moe_top_k=8,
+                           moe_ffn_hidden_size=768),
+    "qwen3-235b-a22b": Shape(94, 4096, 64, 4, 128, 12288, 151936, qk_layernorm=True, num_experts=128, moe_top_k=8,
+                             moe_ffn_hidden_size=1536),
 }
 
 
 def shape_from_arch(arch) -> Shape:
     """From a `ModelArch` (or anything with its field names)."""
+    layers = getattr(arch, "moe_layers", None)
     return Shape(arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                 arch.ffn_hidden_size, arch.vocab_size, bool(arch.tie_word_embeddings), bool(arch.qkv_bias))
+                 arch.ffn_hidden_size, arch.vocab_size, bool(arch.tie_word_embeddings), bool(arch.qkv_bias),
+                 qk_layernorm=bool(getattr(arch, "qk_layernorm", False)),
+                 num_experts=int(getattr(arch, "num_experts", 0) or 0), moe_top_k=int(getattr(arch, "moe_top_k", 0) or 0),
+                 moe_ffn_hidden_size=int(getattr(arch, "moe_ffn_hidden_size", 0) or 0),
+                 moe_layers=tuple(int(x) for x in layers) if layers else None)
 
 
 def resolve_shape(spec: str | None, model_path: str = "") -> Shape:
@@ -101,6 +133,8 @@ class PlanInputs:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    ep: int = 1                        # expert parallel (MoE shapes only)
+    etp: int = 1                       # expert tensor parallel
     sequence_parallel: bool = False
     sp_supported: bool = True          # Megatron's torch norms (local/sdpa specs) refuse SP; TE allows it
     recompute: str = "none"            # none | selective | full
@@ -127,12 +161,22 @@ class PlanInputs:
     def dp(self) -> int:
         return self.gpus // (self.tp * self.pp)
 
+    @property
+    def expert_dp(self) -> int:
+        return moe.expert_data_parallel(self.gpus, self.ep, self.etp, self.pp)
+
     def validate(self) -> None:
         s = self.shape
         if self.gpus % (self.tp * self.pp):
             raise ValueError(f"gpus={self.gpus} is not divisible by tp*pp = {self.tp}*{self.pp}")
         if s.num_kv_heads % self.tp:
             raise ValueError(f"num_kv_heads={s.num_kv_heads} is not divisible by tp={self.tp}")
+        if (self.ep > 1 or self.etp > 1) and not s.is_moe:
+            raise ValueError(f"ep={self.ep}, etp={self.etp}: the model is dense (no experts)")
+        if s.is_moe and s.num_experts % self.ep:
+            raise ValueError(f"num_experts={s.num_experts} is not divisible by ep={self.ep}")
+        if self.gpus % (self.etp * self.ep * self.pp):
+            raise ValueError(f"gpus={self.gpus} is not divisible by etp*ep*pp = {self.etp}*{self.ep}*{self.pp}")
         if s.num_layers % (self.pp * (self.vpp or 1)):
             raise ValueError(f"num_layers={s.num_layers} is not divisible by pp*vpp = {self.pp}*{self.vpp or 1}")
         if self.recompute not in RECOMPUTE:
@@ -157,6 +201,7 @@ def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs
     ref = plan.role("reference") if plan.has_role("reference") else None
     kw = dict(
         shape=m.shape, gpus=lay.world_size, gpu_mem_gib=gpu_mem_gib, tp=lay.tp, pp=lay.pp, vpp=lay.vpp,
+        ep=lay.ep, etp=lay.etp,
         sequence_parallel=lay.sequence_parallel, sp_supported=m.layer_spec in ("auto", "te"),
         recompute=m.recompute, dtype=m.dtype, grad_fp32=True, distributed_optimizer=m.distributed_optimizer,
         micro_batch=micro, seq_len=seq, num_microbatches=max(1, b.microbatches_per_mini_batch),
@@ -180,23 +225,35 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return ((vocab + tp - 1) // tp) * tp       # as models.provider.padded_vocab_size
 
 
-def layer_params(s: Shape, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank (norms replicated)."""
+def layer_params(s: Shape, tp: int, sparse: bool = False) -> int:
+    """Parameters of one transformer layer on one TP rank (norms replicated), experts excluded:
+    a `sparse` (MoE) layer has the replicated router instead of the dense MLP."""
     qkv_out = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
     attn = s.hidden_size * qkv_out + s.num_heads * s.head_dim * s.hidden_size
     bias = qkv_out if s.qkv_bias else 0
-    mlp = (3 if s.gated_mlp else 2) * s.hidden_size * s.ffn_hidden_size
-    return (attn + bias + mlp) // tp + 2 * s.hidden_size
+    mlp = 0 if sparse else (3 if s.gated_mlp else 2) * s.hidden_size * s.ffn_hidden_size
+    norms = 2 * s.hidden_size + (2 * s.head_dim if s.qk_layernorm else 0)
+    return (attn + bias + mlp) // tp + norms + (moe.router_params(s) if sparse else 0)
 
 
-def stage_params(s: Shape, tp: int, pp: int, stage: str, scalar_head: bool = False) -> int:
-    """Parameters on one GPU of the `first` or `last` pipeline stage (both when pp == 1).
+def stage_layers(s: Shape, pp: int, stage: str, pp_rank: int | None = None) -> tuple[int, int]:
+    """(dense, sparse) layer counts of one pipeline stage (`middle`: rank `pp_rank`, default 1)."""
+    n = s.num_layers // pp
+    rank = {"first": 0, "only": 0, "last": pp - 1}.get(stage, 1 if pp_rank is None else pp_rank)
+    sparse = s.sparse_layers(rank * n, n)
+    return n - sparse, sparse
+
+
+def stage_params(s: Shape, tp: int, pp: int, stage: str, scalar_head: bool = False,
+                 pp_rank: int | None = None) -> int:
+    """Non-expert parameters on one GPU of the `first` or `last` pipeline stage (both when pp == 1).
 
     With tied embeddings and PP > 1 the last stage keeps its own copy of the embedding
     (Megatron all-reduces their gradients). `scalar_head`: a critic's value head
-    replaces the LM head.
+    replaces the LM head. Experts: `stage_expert_params`.
     """
-    n = layer_params(s, tp) * (s.num_layers // pp)
+    dense, sparse = stage_layers(s, pp, stage, pp_rank)
+    n = layer_params(s, tp) * dense + layer_params(s, tp, sparse=True) * sparse
     emb = padded_vocab(s.vocab_size, tp) * s.hidden_size // tp
     first, last = stage in ("first", "only"), stage in ("last", "only")
     if first:
@@ -210,8 +267,21 @@ def stage_params(s: Shape, tp: int, pp: int, stage: str, scalar_head: bool = Fal
     return n
 
 
+def stage_expert_params(s: Shape, ep: int, etp: int, pp: int, stage: str, pp_rank: int | None = None) -> int:
+    """Expert parameters on one GPU of a pipeline stage (0 for dense shapes)."""
+    return stage_layers(s, pp, stage, pp_rank)[1] * moe.expert_layer_params(s, ep, etp)
+
+
 def total_params(s: Shape) -> int:
-    return stage_params(s, 1, 1, "only")
+    return stage_params(s, 1, 1, "only") + stage_expert_params(s, 1, 1, 1, "only")
+
+
+def active_params(s: Shape) -> int:
+    """Parameters one token passes through (top-k of the experts)."""
+    if not s.is_moe:
+        return total_params(s)
+    return total_params(s) - s.sparse_layers(0, s.num_layers) * 3 * s.hidden_size * s.moe_ffn_hidden_size * (
+        s.num_experts - s.moe_top_k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +289,8 @@ def total_params(s: Shape) -> int:
 
 
 def layer_activation_bytes(s: Shape, seq: int, micro: int, tp: int, sp: bool, *, scores: bool,
-                           dropout: bool = True, fused_swiglu: bool = True, act_bytes: int = 2) -> float:
+                           dropout: bool = True, fused_swiglu: bool = True, act_bytes: int = 2,
+                           sparse: bool = False, etp: int = 1) -> float:
     """Bytes one transformer layer keeps for backward for one micro-batch (no recompute).
 
     Korthikanti's terms per token, generalised: replicated across TP unless sequence
@@ -228,17 +299,21 @@ def layer_activation_bytes(s: Shape, seq: int, micro: int, tp: int, sp: bool, *,
     attention output (2 a d), fc1's output (2 x ffn, x2 gated), the activation's output
     (2 ffn, + 2 ffn for an unfused SwiGLU) and the scores (5 a s: softmax, mask,
     dropout output; 2 a s without dropout). MHA, ffn = 4h, GeLU, dropout: 34 + 5as/h.
+    A `sparse` (MoE) layer replaces the dense MLP terms by `moe_memory`'s router/expert terms.
     """
     h, a, kv, d, f = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.ffn_hidden_size
     u = act_bytes / 2                                   # the formula counts 16-bit activations
     replicated = u * 8 * h + (2 * h if dropout else 0)
     split = u * (2 * a * d + 4 * kv * d + 2 * a * d)
-    split += u * 2 * f * (2 if s.gated_mlp else 1) + u * 2 * f
-    if s.gated_mlp and not fused_swiglu:
-        split += u * 2 * f
+    if not sparse:
+        split += u * 2 * f * (2 if s.gated_mlp else 1) + u * 2 * f
+        if s.gated_mlp and not fused_swiglu:
+            split += u * 2 * f
     if scores:
         split += (5 if dropout else 2 * u) * a * seq
     per_token = (replicated / tp if sp else replicated) + split / tp
+    if sparse:
+        per_token += moe.moe_layer_activation_per_token(s, tp, etp, sp, fused_swiglu=fused_swiglu, act_bytes=act_bytes)
     return per_token * seq * micro
 
 
@@ -248,21 +323,22 @@ def activation_bytes(p: PlanInputs, in_flight: int | None = None) -> float:
     s = p.shape
     ab = DTYPE_BYTES[p.dtype]
     sp = p.sequence_parallel and p.tp > 1
-    kw = dict(dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab)
-    layers = s.num_layers // p.pp
-    full_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp,
-                                        scores=not p.flash_attention, **kw)
-    if p.recompute == "none":
-        per_layer = full_layer
-    elif p.recompute == "selective":
-        per_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=False, **kw)
+    kw = dict(dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab, etp=p.etp)
+    counts = dict(zip((False, True), stage_layers(s, p.pp, "first")))
+
+    def layer(sparse: bool, scores: bool) -> float:
+        return layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=scores, sparse=sparse, **kw)
+
+    if p.recompute == "full":
+        held_layers = ab * p.seq_len * p.micro_batch * s.hidden_size / (p.tp if sp else 1) * sum(counts.values())
     else:
-        per_layer = ab * p.seq_len * p.micro_batch * s.hidden_size / (p.tp if sp else 1)
+        scores = p.recompute == "none" and not p.flash_attention
+        held_layers = sum(layer(sp_, scores) * n for sp_, n in counts.items())
     in_flight = min(p.pp, p.num_microbatches) if in_flight is None else in_flight
     interleave = 1 + (p.pp - 1) / (p.pp * p.vpp) if p.vpp and p.pp > 1 else 1.0
-    held = per_layer * layers * in_flight * interleave
-    if p.recompute == "full":
-        held += full_layer                              # the layer being recomputed in backward
+    held = held_layers * in_flight * interleave
+    if p.recompute == "full":                           # the layer being recomputed in backward
+        held += max(layer(sp_, not p.flash_attention) for sp_, n in counts.items() if n)
     return held
 
 
@@ -289,6 +365,8 @@ def largest_param(s: Shape, tp: int, stage: str) -> int:
     """The biggest single weight on this GPU (its bf16 `.grad` exists for a moment before
     Megatron DDP's hook adds it into the fp32 main grad)."""
     big = 2 * s.ffn_hidden_size * s.hidden_size // tp if s.gated_mlp else s.ffn_hidden_size * s.hidden_size // tp
+    if s.is_moe and s.sparse_layers(0, s.num_layers) == s.num_layers:    # no dense MLP anywhere
+        big = max(2 * s.moe_ffn_hidden_size * s.hidden_size // tp, s.num_experts * s.hidden_size)
     if stage != "middle":
         big = max(big, padded_vocab(s.vocab_size, tp) * s.hidden_size // tp)
     return big
@@ -328,13 +406,16 @@ class MemoryPlan:
 def _static(p: PlanInputs, stage: str) -> dict[str, float]:
     ab = DTYPE_BYTES[p.dtype]
     n = stage_params(p.shape, p.tp, p.pp, stage)
+    e = stage_expert_params(p.shape, p.ep, p.etp, p.pp, stage)     # sharded over the expert-DP group
     grad_b = 4 if (p.grad_fp32 or ab == 4) else ab
-    opt_b = (8 if ab == 4 else 12) / (p.dp if p.distributed_optimizer else 1)
-    out = {"actor weights": n * ab, "actor grads": n * grad_b, "optimizer": n * opt_b}
-    out["reference"] = n * ab if p.ref_enable else 0.0
+    state_b = 8 if ab == 4 else 12
+    dense_opt = state_b / (p.dp if p.distributed_optimizer else 1)
+    expert_opt = state_b / (p.expert_dp if p.distributed_optimizer else 1)
+    out = {"actor weights": (n + e) * ab, "actor grads": (n + e) * grad_b, "optimizer": n * dense_opt + e * expert_opt}
+    out["reference"] = (n + e) * ab if p.ref_enable else 0.0
     if p.critic_enable:
         c = stage_params(p.shape, p.tp, p.pp, stage, scalar_head=True)
-        out["critic"] = c * (ab + grad_b + opt_b)
+        out["critic"] = (c + e) * (ab + grad_b) + c * dense_opt + e * expert_opt
     else:
         out["critic"] = 0.0
     return out
@@ -364,9 +445,11 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
     c["activations"] = act
     c["logits + loss"] = logits_bytes(p) + head_input_bytes(p) if last else 0.0
     c["grad transient"] = largest_param(s, p.tp, stage) * ab if (p.grad_fp32 and ab < 4) else 0.0
-    fwd_layer = layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
-                                       dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab)
-    logprob_work = fwd_layer + (logits_bytes(p, training=False) if last else 0.0)
+    c["moe dispatch"] = moe.dispatch_bytes(s, p.seq_len * p.micro_batch, p.tp, p.etp, ab)
+    fwd_layer = max(layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
+                                           dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab,
+                                           sparse=sparse, etp=p.etp) for sparse in (False, s.is_moe))
+    logprob_work = fwd_layer + c["moe dispatch"] + (logits_bytes(p, training=False) if last else 0.0)
     notes = []
     if p.engine == "vllm" and p.colocate:
         engine = p.gpu_memory_utilization * p.gpu_mem_gib * GiB
@@ -386,7 +469,8 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
     resident = c["actor weights"] + c["actor grads"] + c["optimizer"] + c["critic"]
     ref_res = c["reference"] if p.ref_resident else 0.0
     phases = {
-        "train": resident + ref_res + act + c["logits + loss"] + c["grad transient"] + c["overhead"],
+        "train": resident + ref_res + act + c["logits + loss"] + c["grad transient"] + c["moe dispatch"]
+        + c["overhead"],
         "logprob": resident + c["reference"] + logprob_work + c["overhead"],
         "rollout": resident + ref_res + engine + c["overhead"],
     }
@@ -409,10 +493,10 @@ def candidates(p: PlanInputs, gpus_per_node: int = 8):
     s = p.shape
     out = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp:
+        if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp or (p.etp > 1 and p.etp != tp):
             continue
         for pp in range(1, s.num_layers + 1):
-            if s.num_layers % pp or p.gpus % (tp * pp):
+            if s.num_layers % pp or p.gpus % (tp * pp) or p.gpus % (p.etp * p.ep * pp):
                 continue
             for rc in RECOMPUTE:
                 if rc == "selective" and p.flash_attention:
@@ -448,14 +532,17 @@ def suggest(p: PlanInputs, limit: int = 3, gpus_per_node: int = 8) -> list[Memor
 def layout(p: PlanInputs) -> str:
     vpp = f" VPP={p.vpp}" if p.vpp else ""
     sp = " SP" if p.sequence_parallel and p.tp > 1 else ""
-    return f"TP={p.tp} PP={p.pp}{vpp} DP={p.dp}{sp} recompute={p.recompute}"
+    ep = f" EP={p.ep} ETP={p.etp}" if p.shape.is_moe else ""
+    return f"TP={p.tp} PP={p.pp}{vpp}{ep} DP={p.dp}{sp} recompute={p.recompute}"
 
 
 def format_plan(plan: MemoryPlan) -> str:
     p = plan.inputs
     s = p.shape
+    experts = (f", {s.num_experts} experts top-{s.moe_top_k} (ffn {s.moe_ffn_hidden_size}), "
+               f"{active_params(s) / 1e9:.2f}B active" if s.is_moe else "")
     lines = [f"model: {total_params(s) / 1e9:.2f}B params, {s.num_layers} layers, hidden {s.hidden_size}, "
-             f"{s.num_heads} heads ({s.num_kv_heads} KV), ffn {s.ffn_hidden_size}, vocab {s.vocab_size}",
+             f"{s.num_heads} heads ({s.num_kv_heads} KV), ffn {s.ffn_hidden_size}, vocab {s.vocab_size}{experts}",
              f"layout: {layout(p)} on {p.gpus} GPUs x {p.gpu_mem_gib:g} GiB; {p.dtype}; "
              f"micro-batch {p.micro_batch} x {p.seq_len} tokens, {p.num_microbatches} micro-batches/step/rank; "
              f"loss path {p.loss_path}",
