@@ -103,11 +103,12 @@ def rloo_advantage(token_rewards: torch.Tensor, response_mask: torch.Tensor,
 
 @register_advantage_estimator("reinforce_plus_plus")
 @torch.no_grad()
-def reinforce_pp_advantage(token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0):
+def reinforce_pp_advantage(token_rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0,
+                           dp_group=None):
     """REINFORCE++: discounted return G_t = r_t + gamma * G_{t+1}, whitened over valid tokens.
 
-    Whitening is over the whole batch: masked mean, unbiased masked variance, 1e-8 added
-    to the variance. Returns are the raw discounted returns.
+    Whitening is over the whole (global, with `dp_group`) batch: masked mean, unbiased masked
+    variance, 1e-8 added to the variance. Returns are the raw discounted returns.
     """
     _check_inputs(token_rewards, response_mask)
     valid = _valid(response_mask, token_rewards)
@@ -117,18 +118,18 @@ def reinforce_pp_advantage(token_rewards: torch.Tensor, response_mask: torch.Ten
         m = valid[:, t]
         running = m * (token_rewards[:, t] + gamma * running) + (1 - m) * running
         returns[:, t] = running
-    adv = masked_whiten(returns, valid) * valid
+    adv = masked_whiten(returns, valid, group=dp_group) * valid
     return adv, returns * valid
 
 
 @register_advantage_estimator("gae")
 @torch.no_grad()
 def gae_advantage(token_rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
-                  gamma: float, lam: float):
+                  gamma: float, lam: float, dp_group=None):
     """GAE(gamma, lambda): delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}.
 
     V after the last valid token is 0. Returns are A_t + V_t before whitening; advantages
-    are then whitened over the valid tokens of the batch (as TRL/verl).
+    are then whitened over the valid tokens of the (global, with `dp_group`) batch (as TRL/verl).
     """
     _check_inputs(token_rewards, response_mask, values=values)
     valid = _valid(response_mask, token_rewards)
@@ -142,7 +143,7 @@ def gae_advantage(token_rewards: torch.Tensor, values: torch.Tensor, response_ma
         next_value = m * values[:, t] + (1 - m) * next_value
         adv[:, t] = last_gae
     returns = (adv + values) * valid
-    return masked_whiten(adv, valid) * valid, returns
+    return masked_whiten(adv, valid, group=dp_group) * valid, returns
 
 
 @torch.no_grad()

@@ -29,14 +29,35 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, group=None) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the valid tokens of the whole batch (as verl/TRL).
 
     Mean and unbiased variance use the valid tokens (mask > 0); the mean is added back
     when `shift_mean` is False. A batch with fewer than two valid tokens has variance 0.
+    `group`: a process group whose ranks each hold part of the batch (data parallelism);
+    the statistics are then those of the union (sums all-reduced), identical on every rank.
     """
     valid = (mask > 0).to(x.dtype)
-    mean = masked_mean(x, valid)
-    var = masked_var(x, valid, unbiased=True)
+    if group is None:
+        mean = masked_mean(x, valid)
+        var = masked_var(x, valid, unbiased=True)
+    else:
+        mean, var = _global_mean_var(x, valid, group)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
+
+
+def _global_mean_var(x: torch.Tensor, valid: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance over the valid elements of every rank of `group`, in float64
+    (sum, sum of squares, count all-reduced; on the GPU when NCCL needs device tensors)."""
+    import torch.distributed as dist
+
+    xd, vd = x.double(), valid.double()
+    stats = torch.stack([(xd * vd).sum(), (xd * xd * vd).sum(), vd.sum()])
+    if torch.cuda.is_available():
+        stats = stats.cuda()
+    dist.all_reduce(stats, group=group)
+    total, total_sq, n = stats.cpu().unbind(0)
+    mean = total / n.clamp(min=1)
+    var = torch.where(n > 1, (total_sq - n * mean * mean) / (n - 1).clamp(min=1), torch.zeros_like(n))
+    return mean.to(x.dtype), var.clamp(min=0).to(x.dtype)

@@ -42,8 +42,10 @@ AGG_MODES = Registry("loss aggregation mode")
 KL_CONTROLLERS = Registry("kl controller")
 
 # The one call signature every registered advantage estimator accepts (keywords only).
+# `dp_group`: the data-parallel process group (None: this batch is the whole batch), for the
+# estimators whose statistics span the batch (whitening), so DP ranks whiten globally.
 ESTIMATOR_ARGS = ("token_rewards", "response_mask", "group_index", "values",
-                  "gamma", "lam", "norm_by_std", "eps")
+                  "gamma", "lam", "norm_by_std", "eps", "dp_group")
 
 
 def register_advantage_estimator(*names: str) -> Callable[[Callable], Callable]:
@@ -69,10 +71,10 @@ def register_advantage_estimator(*names: str) -> Callable[[Callable], Callable]:
                             f"the uniform signature {ESTIMATOR_ARGS}")
 
         def estimator(*, token_rewards, response_mask, group_index=None, values=None,
-                      gamma=None, lam=None, norm_by_std=None, eps=None):
+                      gamma=None, lam=None, norm_by_std=None, eps=None, dp_group=None):
             given = dict(token_rewards=token_rewards, response_mask=response_mask,
                          group_index=group_index, values=values, gamma=gamma, lam=lam,
-                         norm_by_std=norm_by_std, eps=eps)
+                         norm_by_std=norm_by_std, eps=eps, dp_group=dp_group)
             kwargs = {}
             for pname, p in params.items():
                 if given[pname] is not None:

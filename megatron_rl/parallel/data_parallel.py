@@ -26,6 +26,16 @@ def dp_rank_size() -> tuple[int, int]:
     return mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
 
 
+def dp_group():
+    """Megatron's data-parallel process group, or None when there is no data parallelism
+    (what batch-wide statistics such as advantage whitening reduce over)."""
+    _, size = dp_rank_size()
+    if size == 1:
+        return None
+    from megatron.core import parallel_state as mpu
+    return mpu.get_data_parallel_group()
+
+
 def shard_for_dp(items: Sequence[T], what: str = "data.train_batch_size") -> list[T]:
     """This DP rank's contiguous slice of `items`; the length must divide by the DP size."""
     rank, size = dp_rank_size()

@@ -9,7 +9,7 @@ import torch
 
 from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
-from megatron_rl.parallel.data_parallel import dp_mean, dp_mean_count
+from megatron_rl.parallel.data_parallel import dp_group, dp_mean, dp_mean_count
 from megatron_rl.rollout.protocol import SamplingParams
 
 
@@ -115,7 +115,7 @@ def advantages(tr, batch: Batch) -> dict[str, float]:
     estimator = get_advantage_estimator(a.adv_estimator)
     adv, ret = estimator(token_rewards=token_rewards, response_mask=mask, group_index=batch.field("group"),
                          values=batch.get("values"), gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_by_std,
-                         eps=a.adv_eps)
+                         eps=a.adv_eps, dp_group=dp_group())
     batch["advantages"], batch["returns"] = adv, ret
     valid = mask > 0
     metrics["critic/advantages_mean"] = adv[valid].mean().item() if valid.any() else 0.0
