@@ -5,7 +5,9 @@ sample fields the rest of the step carries: `uid` (`file:line`, stable across
 runs and shuffles; the file's name, or its path where two files share a name),
 `messages` (the chat turns), `prompt_text` (what the model sees), `teacher_response`
 when configured, and every other field of the record unchanged (`ground_truth`,
-`data_source`, ...). A record's own `uid` field is replaced.
+`data_source`, ...). A record's own `uid` field is replaced. verl's schema needs no keys:
+`ground_truth` comes from `reward_model.ground_truth` when the record has no top-level
+one, and multi-modal columns are refused by name (`data/verl_schema.py`).
 
 Prompts are tokenized on access, so a large dataset opens fast; only
 `filter_overlong_prompts` tokenizes everything up front (it must know the lengths).
@@ -20,6 +22,7 @@ from typing import Any
 from megatron_rl.data.config import DataConfig
 from megatron_rl.data.prompts import encode_prompt, render_prompt, to_messages, truncate
 from megatron_rl.data.readers import DataError, Record, read_records
+from megatron_rl.data.verl_schema import check_record, verl_fields
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ class RLDataset:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.records = read_records(list(files))
+        for r in self.records:
+            check_record(r)
         names = Counter(Path(r.path).name for r in {r.path: r for r in self.records}.values())
         self._short = {r.path: (Path(r.path).name if names[Path(r.path).name] == 1 else r.path)
                        for r in self.records}
@@ -65,7 +70,7 @@ class RLDataset:
         cfg = self.cfg
         messages, ids, text = self._encode(record)
         ids = truncate(ids, cfg.max_prompt_length, cfg.truncation, record.where)
-        sample = {k: v for k, v in record.fields.items() if k != cfg.prompt_key}
+        sample = {k: v for k, v in verl_fields(record).items() if k != cfg.prompt_key}
         sample.update(uid=self.uid(record), messages=messages, prompt_text=text, prompt_ids=ids)
         if cfg.teacher_response_key is not None:
             key = cfg.teacher_response_key

@@ -21,6 +21,7 @@ from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, r
 from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer, resolve_old_logprob,
                                      resolve_rollout_offload)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
+from megatron_rl.plan.sampling import SamplingPlan, resolve_sampling
 
 FUSED_LOSS = {"auto": None, "on": "triton", "off": "torch"}   # actor.fused_loss -> kernels backend name
 
@@ -61,6 +62,7 @@ class RunPlan:
     old_logprob: OldLogprobPlan = OldLogprobPlan("recompute", "default")
     memory: MemoryEstimate | None = None
     notes: tuple[str, ...] = field(default=())
+    sampling: SamplingPlan | None = None   # DAPO options (plan/sampling.py)
 
     def role(self, name: str) -> RolePlan:
         for r in self.roles:
@@ -155,7 +157,8 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     plan = RunPlan(recipe=recipe(cfg), layout=layout, model=model, batch=batch, roles=roles,
                    loss_backend=loss_backend(cfg.actor.fused_loss, device), token_weights_apply_to=_apply_to(cfg),
                    rollout=resolve_rollout(cfg, layout, batch),
-                   old_logprob=resolve_old_logprob(cfg, batch, recipe(cfg)), notes=tuple(_notes(cfg, layout, model, batch)))
+                   old_logprob=resolve_old_logprob(cfg, batch, recipe(cfg)), notes=tuple(_notes(cfg, layout, model, batch)),
+                   sampling=resolve_sampling(cfg, batch, recipe(cfg)))
     if shp is not None and device == "cuda":
         plan = dataclasses.replace(plan, memory=estimate_memory(plan, gpu_mem_gib, overhead_gib))
     return plan

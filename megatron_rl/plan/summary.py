@@ -38,6 +38,9 @@ def format_summary(plan) -> str:
                     + f"; training state during rollout: offload {plan.rollout.offload_during_rollout}"),
         ("old log-probs", f"{plan.old_logprob.source} ({plan.old_logprob.reason})"),
     ]
+    if plan.sampling is not None:
+        from megatron_rl.plan.sampling import sampling_line
+        rows.append(("sampling", sampling_line(plan.sampling)))
     width = max(len(k) for k, _ in rows)
     lines = ["run plan", "--------"] + [f"{k:<{width}}  {v}" for k, v in rows]
     lines += ["", "| role          | trainable | placement    | micro | mini (per rank) | opt steps/rollout | LR horizon |",

@@ -4,6 +4,11 @@
     result = manager.score(responses, samples)        # or manager.score_batch(batch, responses)
     result.scores, result.extras, result.token_weights, result.metrics
 
+A dict return's extra keys are per-sample info and, where numeric (bool/int/float), metrics
+`reward_extra/<key>/mean` over the samples that returned them (verl's reward_extra_info).
+Rows routed to a reward model (verl's `reward_model.style: model`, `data.verl_schema.route_of`)
+are refused here until the reward-model role scores them.
+
 A failing or timed-out call gets `fallback_score`, is counted (`reward/failures`,
 `reward/timeouts`) and logged with the sample's uid; the step goes on. A NaN or
 infinite score is a bug, not bad luck: it raises with the uid.
@@ -21,6 +26,7 @@ from megatron_rl.rewards.config import RewardConfig
 from megatron_rl.rewards.loader import load_function
 from megatron_rl.rewards.pool import FAIL, OK, TIMEOUT, WorkerPool
 from megatron_rl.rewards.registry import REWARDS, call_reward, get_reward
+from megatron_rl.rewards.verl_default import NAME as VERL_DEFAULT, check_source
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,15 @@ class RewardManager:
         self.pool = WorkerPool(cfg.executor, cfg.num_workers, cfg.timeout_s, cfg.mp_start_method,
                                initializer=_init_worker,
                                initargs=(dict(cfg.custom_functions), _registering_modules()))
+        from megatron_rl.rewards.combine import EXTERNAL, check_combine
+        check_combine(cfg)
+        for name in cfg.combine:
+            if name not in EXTERNAL:
+                get_reward(name)
+        self.judge = None
+        if cfg.judge.url:
+            from megatron_rl.rewards.judge import Judge
+            self.judge = Judge(cfg.judge)
 
     def reward_name(self, sample: dict[str, Any]) -> str:
         cfg = self.cfg
@@ -96,10 +111,21 @@ class RewardManager:
             kwargs.setdefault("pattern", self.cfg.format_pattern)
         return kwargs
 
-    def score(self, responses: Sequence[str], samples: Sequence[dict[str, Any]]) -> RewardResult:
+    def score(self, responses: Sequence[str], samples: Sequence[dict[str, Any]],
+              model_scorer=None) -> RewardResult:
+        """`model_scorer(rows) -> [float]` scores rows with the reward model (the role, built
+        by the trainer); `reward.combine` or `reward_model.style: model` rows use rewards/combine.py."""
         if len(responses) != len(samples):
             raise ValueError(f"{len(responses)} responses for {len(samples)} samples")
-        names = [self.reward_name(s) for s in samples]
+        from megatron_rl.rewards.combine import needs_components, score_components
+        if needs_components(self.cfg, samples, model_scorer):
+            return score_components(self, responses, samples, model_scorer)
+        return self.score_rules(responses, samples, [self.reward_name(s) for s in samples])
+
+    def score_rules(self, responses: Sequence[str], samples: Sequence[dict[str, Any]],
+                    names: Sequence[str]) -> RewardResult:
+        """Each row by the rule reward `names[i]`."""
+        check_routable(names, samples)
         tasks = [(n, r, s, self.kwargs_for(n)) for n, r, s in zip(names, responses, samples)]
         outcomes = self.pool.map(_score_one, tasks)
 
@@ -119,17 +145,23 @@ class RewardManager:
             extras.append(extra)
             weights.append(tw)
         metrics = _metrics(scores, names, samples)
+        metrics.update(extra_metrics(extras))
         metrics.update({"reward/failures": Summed(failures), "reward/timeouts": Summed(timeouts)})
         return RewardResult(scores, extras, weights, names, metrics)
 
-    def score_batch(self, batch, responses: Sequence[str]) -> RewardResult:
+    def score_batch(self, batch, responses: Sequence[str], reward_model=None) -> RewardResult:
         """Score a rolled-out `Batch`: sets `token_rewards` [B, R] (the score on the last
         response token), `token_weights` when any reward returned them (1.0 elsewhere),
-        and `score`/`reward_extras` in each sample record."""
+        and `score`/`reward_extras` in each sample record. `reward_model`: the frozen
+        reward-model role (rewards/reward_model.py), which scores the rows routed to it."""
         from megatron_rl.algos.token_weights import align_token_weights
         from megatron_rl.rewards.token_rewards import to_token_rewards
 
-        result = self.score(responses, batch.samples)
+        scorer = None
+        if reward_model is not None:
+            def scorer(rows):
+                return reward_model.score_rows(batch, rows, responses)
+        result = self.score(responses, batch.samples, scorer)
         mask = batch["response_mask"]
         batch["token_rewards"] = to_token_rewards(result.scores, mask)
         if any(w is not None for w in result.token_weights):
@@ -170,6 +202,32 @@ def _unpack(value: Any, name: str, uid: str) -> tuple[float, dict[str, Any], Any
     if not math.isfinite(score):
         raise ValueError(f"reward '{name}' returned {score} for sample {uid}")
     return score, extra, token_weights
+
+
+def check_routable(names: Sequence[str], samples: Sequence[dict[str, Any]]) -> None:
+    """Before any call: a row for a reward model, or a data_source `verl_default` has no
+    rule for, is an error naming the sample (not a fallback score that hides it)."""
+    from megatron_rl.data.verl_schema import route_of
+
+    for name, sample in zip(names, samples):
+        uid = sample.get("uid", "?")
+        if route_of(sample) == "model":
+            raise ValueError(f"sample {uid}: reward_model.style is 'model' (verl's reward-model rows); scoring "
+                             f"them with a reward model is not wired into the rule reward manager yet: set the "
+                             f"rows' reward_model.style to 'rule' or drop them")
+        if name == VERL_DEFAULT:
+            check_source(sample.get("data_source"), uid)
+
+
+def extra_metrics(extras: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """`reward_extra/<key>/mean` of each numeric extra key, count-aware (a key only some
+    samples return is the mean over those)."""
+    values: dict[str, list[float]] = {}
+    for extra in extras:
+        for k, v in extra.items():
+            if isinstance(v, (bool, int, float)) and math.isfinite(float(v)):
+                values.setdefault(k, []).append(float(v))
+    return {f"reward_extra/{k}/mean": MeanOver.of(v) for k, v in values.items()}
 
 
 def _first_nonfinite(rows, samples) -> str:

@@ -5,9 +5,12 @@ dataset record (`ground_truth`, `data_source`, `uid`, ...), `kwargs` come from
 `reward.kwargs.<name>` in the config. A dict return holds `score` plus extras
 (`token_weights`, anything else is kept as per-sample info).
 
-verl-style functions `compute_score(data_source, solution_str, ground_truth, extra_info)`
-are accepted as they are (recognised by the `solution_str` parameter), so rewards
-written for verl can be named in `reward.custom_functions` unchanged.
+verl-style functions `compute_score(data_source, solution_str, ground_truth, extra_info=None)`
+are accepted as they are (recognised by the `solution_str` parameter) and get exactly what
+verl's reward manager passes: the row's `data_source`, the decoded response, the row's
+ground truth (`reward_model.ground_truth` for verl parquet, see data/verl_schema.py) and
+the row's own `extra_info` dict (None when the row has none). Rewards written for verl
+can be named in `reward.custom_functions` unchanged.
 """
 from __future__ import annotations
 
@@ -45,13 +48,18 @@ def get_reward(name: str) -> RewardFn:
     return REWARDS.lookup(name)
 
 
+def is_verl_signature(params) -> bool:
+    """verl's `compute_score(data_source, solution_str, ground_truth, extra_info=None)`."""
+    return "solution_str" in params
+
+
 def call_reward(fn: RewardFn, response: str, sample: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     """Call `fn` in our convention or verl's."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = {}
-    if "solution_str" in params:
+    if is_verl_signature(params):
         return fn(data_source=sample.get("data_source"), solution_str=response,
-                  ground_truth=sample.get("ground_truth"), extra_info=sample, **kwargs)
+                  ground_truth=sample.get("ground_truth"), extra_info=sample.get("extra_info"), **kwargs)
     return fn(response, sample, **kwargs)
