@@ -96,7 +96,9 @@ class GADTrainer(Trainer):
         for _ in range(1000):
             prompts, n = split_missing_teacher(self.data.next_batch(), teacher_key(self.cfg), g.skip_missing_teacher)
             skipped += n
-            if len(prompts):
+            # Redraw in lockstep: every DP rank keeps its sampler at the same position, so all
+            # redraw when any rank's shard has no teacher response.
+            if dp_mean([float(len(prompts) > 0)]) == 1.0:
                 return prompts, skipped
         raise DataError("gad: 1000 batches in a row without a teacher response; check gad.teacher_key")
 
