@@ -148,6 +148,15 @@ class TrainerConfig:
     num_threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
     final_validation: bool = True     # validate after the last step (false: benchmarks)
     save_final: bool = True           # checkpoint after the last step (false: benchmarks)
+    # step guard: optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer
+    # state untouched, counted in actor/skipped_steps); this many in a row stop the run
+    max_bad_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_bad_steps < 1:
+            raise ValueError(f"trainer.max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.keep_last < 0:
+            raise ValueError(f"trainer.keep_last must be >= 0 (0: keep every checkpoint), got {self.keep_last}")
 
 
 @dataclass

@@ -121,7 +121,7 @@ class StrengthPredictorTrainer:
         if not f.exists():
             raise FileNotFoundError(f"{f}: not a strength-predictor checkpoint (trainer.resume={ckpt_dir}); "
                                     f"an LLM-training checkpoint cannot resume predictor training")
-        self.load_state_dict(torch.load(f, weights_only=False))
+        self.load_state_dict(torch.load(f, weights_only=True))    # tensors and primitives only: no pickled objects
 
 
 def _average_grads_over_dp(module: torch.nn.Module) -> None:

@@ -1,18 +1,24 @@
 """Run checkpoints: one manager saves every role, the trainer state (step, sampler, KL
-controller, ...) and each rank's RNG together, atomically.
+controller, ...) and each rank's RNG together, atomically and verifiably.
 
 Layout of `RUN_DIR/checkpoints/step_N/`: each role writes its own files (the actor: a
 Megatron distributed checkpoint, loadable at any TP/PP, plus `rank{r}.pt` with its
 optimizer and LR schedule; critic / discriminator: `{name}_rank{r}.pt`; the strength
-predictor: `predictor.pt`), `rng_rank{r}.pt` holds each rank's RNG, and
-`trainer_state.json` the trainer state. Everything is written into `step_N.tmp` and
-renamed when complete, so a crash never leaves a half checkpoint that `resume: auto`
-would pick; the last `keep_last` are kept.
+predictor: `predictor.pt`), `rng_rank{r}.pt` holds each rank's RNG, `trainer_state.json`
+the trainer state and `manifest.json` (trainer/manifest.py) every file's size and CRC32 and
+the run plan. Everything is written into `step_N.tmp`, fsync'ed, the manifest written last,
+and the directory renamed when complete; `resume: auto` takes the newest checkpoint that
+passes its manifest check and names the file of each one it skips. The last `keep_last`
+are kept (>= 2 leaves a fallback when the newest is damaged).
+
+Loading never unpickles arbitrary objects: `.pt` files hold tensors, primitives and
+containers only and are read with `torch.load(weights_only=True)`; small state is JSON.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Mapping
@@ -21,9 +27,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.models.loading import load_mcore_checkpoint, save_mcore_checkpoint
+from megatron_rl.trainer.faults import disk_full_now, fault_point
+from megatron_rl.trainer.manifest import CheckpointCorrupt, checksum_files, fsync_dir, verify_checkpoint, \
+    write_manifest
 from megatron_rl.trainer.roles import Role
 
 LATEST = "latest"
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def rank() -> int:
@@ -44,12 +54,19 @@ def rank_file(ckpt_dir: Path, name: str) -> Path:
     return Path(ckpt_dir) / f"{name}_rank{rank():05d}.pt"
 
 
-class CheckpointManager:
-    """Saves and restores every role plus the trainer state of one run directory."""
+def load_tensors(path: Path) -> dict:
+    """A `.pt` file of tensors / primitives / containers; refuses pickled objects (weights_only)."""
+    return torch.load(path, weights_only=True, map_location="cpu")
 
-    def __init__(self, run_dir, keep_last: int = 2):
+
+class CheckpointManager:
+    """Saves and restores every role plus the trainer state of one run directory. `plan`: the
+    run plan's `to_dict()`, recorded in each manifest."""
+
+    def __init__(self, run_dir, keep_last: int = 2, plan: dict | None = None):
         self.root = checkpoint_root(run_dir)
         self.keep_last = keep_last
+        self.plan = plan
 
     def save(self, step: int, roles: Mapping[str, Role], trainer_state: dict) -> Path:
         final, tmp = self.root / f"step_{step:06d}", self.root / f"step_{step:06d}.tmp"
@@ -58,16 +75,30 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        for name, role in roles.items():
-            role.save_checkpoint(tmp, name)
-        rng = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda_rng"] = torch.cuda.get_rng_state()
-        torch.save(rng, rank_file(tmp, "rng"))
-        barrier()
+        try:
+            for name, role in roles.items():
+                role.save_checkpoint(tmp, name)
+            rng = {"torch_rng": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda_rng"] = torch.cuda.get_rng_state()
+            torch.save(rng, rank_file(tmp, "rng"))
+            if rank() == 0:
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+            barrier()
+            fault_point("save_write")
+            disk_full_now(str(tmp))
+            files = checksum_files(tmp)             # collective; fsyncs every file
+            if rank() == 0:
+                write_manifest(tmp, files, step, self.plan)
+        except OSError as e:                        # a full disk: free what this save took, keep the last one
+            if rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(e.errno, f"checkpoint save of step {step} into {tmp} failed ({e}); the previous "
+                                   f"checkpoint is intact") from e
         if rank() == 0:
-            publish(self.root, tmp, final, step, trainer_state, self.keep_last)
+            publish(self.root, tmp, final, self.keep_last)
         barrier()
+        fault_point("saved")
         return final
 
     def find(self, resume: str) -> Path | None:
@@ -79,48 +110,93 @@ class CheckpointManager:
             role.load_checkpoint(path, name)
         f = rank_file(path, "rng")
         if f.exists():
-            rng = torch.load(f, weights_only=True)
+            rng = load_tensors(f)
             torch.set_rng_state(rng["torch_rng"])
             if torch.cuda.is_available() and "cuda_rng" in rng:
                 torch.cuda.set_rng_state(rng["cuda_rng"])
         return json.loads((path / "trainer_state.json").read_text())
 
 
-def publish(root: Path, tmp: Path, final: Path, step: int, trainer_state: dict, keep_last: int) -> None:
-    """Rank 0, once every file is in `tmp`: write the trainer state, rename `tmp` to `final`,
-    point `latest` at it (itself tmp + rename) and prune old steps. A crash before the
-    rename leaves the previous checkpoint as `latest`."""
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+def publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0, once `tmp` is complete (manifest included): rename it to `final`, point `latest`
+    at it and prune old steps. A crash before the rename leaves the previous checkpoint in
+    place. Re-saving an existing step first moves `latest` to the newest other checkpoint, so
+    `latest` never names a directory that is being deleted."""
+    doomed = final.with_name(final.name + ".old")
     if final.exists():
-        shutil.rmtree(final)
+        if _read_latest(root) == final.name:
+            others = [p for p in complete_steps(root) if p != final]
+            _point_latest(root, others[0].name if others else None)
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(final, doomed)
     os.replace(tmp, final)
-    latest_tmp = root / (LATEST + ".tmp")
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / LATEST)
+    fsync_dir(root)
+    fault_point("save_renamed")
+    _point_latest(root, final.name)
+    shutil.rmtree(doomed, ignore_errors=True)
     _prune(root, keep_last)
 
 
+def _read_latest(root: Path) -> str | None:
+    p = root / LATEST
+    return p.read_text().strip() if p.exists() else None
+
+
+def _point_latest(root: Path, name: str | None) -> None:
+    """`latest` := name (tmp + fsync + rename), or removed when None."""
+    if name is None:
+        (root / LATEST).unlink(missing_ok=True)
+        return
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    fsync_dir(root)
+
+
+def complete_steps(root: Path) -> list[Path]:
+    """Renamed (complete-looking) `step_N` directories, newest first; `.tmp` / `.old` excluded."""
+    if not root.exists():
+        return []
+    steps = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(steps, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)), reverse=True)
+
+
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))
-    for p in done[:-keep_last] if keep_last > 0 else []:
+    for p in complete_steps(root)[keep_last:] if keep_last > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob("step_*.old"):
         shutil.rmtree(p, ignore_errors=True)
 
 
 def find_checkpoint(run_dir, resume: str) -> Path | None:
-    """`auto`: the latest complete checkpoint of the run, if any; `none`; or a path."""
+    """`none`; a path (it must pass its manifest check); or `auto`: the newest checkpoint of
+    the run that passes its check, each skipped one reported with the file that failed.
+    Collective when distributed (ranks share the checksum work)."""
     if resume == "none":
         return None
     if resume != "auto":
         p = Path(resume)
         if not (p / "trainer_state.json").exists():
             raise FileNotFoundError(f"trainer.resume={resume}: not a complete checkpoint (no trainer_state.json)")
+        verify_checkpoint(p)
         return p
     root = checkpoint_root(run_dir)
-    latest = root / LATEST
-    if latest.exists():
-        p = root / latest.read_text().strip()
-        if (p / "trainer_state.json").exists():
-            return p
+    skipped = []
+    for p in complete_steps(root):
+        try:
+            verify_checkpoint(p)
+        except CheckpointCorrupt as e:
+            skipped.append(str(e))
+            if rank() == 0:
+                print(f"checkpoint {p.name} skipped: {e}", flush=True)
+            continue
+        return p
+    if skipped:
+        raise CheckpointCorrupt(f"trainer.resume=auto: every checkpoint under {root} failed its check "
+                                f"({'; '.join(skipped)}); set trainer.resume=none to start over")
     return None
 
 
@@ -128,7 +204,7 @@ def find_checkpoint(run_dir, resume: str) -> Path | None:
 
 def save_policy(actor, tmp: Path) -> None:
     """The actor's weights as a Megatron distributed checkpoint (any TP/PP can load it)
-    and this rank's optimizer + LR schedule as `rank{r}.pt`."""
+    and this rank's optimizer + LR schedule as `rank{r}.pt` (tensors and primitives only)."""
     save_mcore_checkpoint(actor.chunks, tmp)
     state = {"optimizer": actor.optimizer.state_dict(), "scheduler": actor.scheduler.state_dict()}
     torch.save(state, tmp / f"rank{rank():05d}.pt")
@@ -139,6 +215,6 @@ def load_policy(actor, path: Path) -> None:
     f = path / f"rank{rank():05d}.pt"
     if not f.exists():
         raise FileNotFoundError(f"{f}: no optimizer state for rank {rank()} (resume needs the same world size)")
-    state = torch.load(f, weights_only=False)
+    state = load_tensors(f)
     actor.optimizer.load_state_dict(state["optimizer"])
     actor.scheduler.load_state_dict(state["scheduler"])

@@ -16,7 +16,9 @@ from megatron_rl.parallel.data_parallel import reduce_metrics
 from megatron_rl.trainer import phases
 from megatron_rl.trainer.bootstrap import RunContext
 from megatron_rl.trainer.checkpoint import CheckpointManager
+from megatron_rl.trainer.faults import fault_point
 from megatron_rl.trainer.roles import Roles
+from megatron_rl.trainer.update_steps import BadStepGuard
 
 
 @dataclass
@@ -29,13 +31,16 @@ class RecipeLoop(RunContext):
     engine: object = None           # rollout.RolloutEngine
     step: int = 0
     val_before: float | None = None
+    bad_steps: BadStepGuard = None  # trainer.max_bad_steps: skipped optimizer steps in a row
 
     @property
     def checkpoints(self) -> CheckpointManager:
-        return CheckpointManager(self.cfg.logging.run_dir, self.cfg.trainer.keep_last)
+        return CheckpointManager(self.cfg.logging.run_dir, self.cfg.trainer.keep_last,
+                                 plan=self.plan.to_dict() if self.plan is not None else None)
 
     def fit(self) -> tuple[float | None, float]:
         t = self.cfg.trainer
+        self.bad_steps = self.bad_steps or BadStepGuard(t.max_bad_steps)
         self.resume()
         if self.val_before is None and t.val_before_train:
             val = self.validate()
@@ -45,7 +50,9 @@ class RecipeLoop(RunContext):
         while self.step < t.total_steps:
             self.step += 1
             last = self.step == t.total_steps
+            fault_point("step")
             metrics = self.train_step(self.step)
+            self.bad_steps.update(metrics, self.step)
             if (t.val_every and self.step % t.val_every == 0 and not last) or (last and t.final_validation):
                 metrics.update(self.validate())
             self.logger.log(metrics, step=self.step)
@@ -66,12 +73,15 @@ class RecipeLoop(RunContext):
         return {k: v for k, v in self.roles.present().items() if k != "reference"}
 
     def trainer_state(self) -> dict:
-        return {"data": self.data.state_dict(), "val_before": self.val_before}
+        return {"data": self.data.state_dict(), "val_before": self.val_before,
+                "bad_steps_in_a_row": self.bad_steps.in_a_row if self.bad_steps else 0}
 
     def load_trainer_state(self, state: dict) -> None:
         self.step = state["step"]
         self.data.load_state_dict(state["data"])
         self.val_before = state.get("val_before")
+        if self.bad_steps is not None:
+            self.bad_steps.in_a_row = int(state.get("bad_steps_in_a_row", 0))
 
     def save(self) -> None:
         self.checkpoints.save(self.step, self.checkpoint_roles(), self.trainer_state())

@@ -132,6 +132,7 @@ def update_actor(tr, batch: Batch, step: int) -> dict[str, float]:
     for k in steps[0]:
         vals = [s[k] for s in steps]
         out[f"actor/{k}"] = sum(vals) / len(vals)
+    out["actor/skipped_steps"] = float(sum(s.get("skipped", 0.0) for s in steps))   # step guard (update_steps)
     return out
 
 

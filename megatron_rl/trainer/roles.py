@@ -42,7 +42,7 @@ class PerRankCheckpoint:
         if not f.exists():
             raise FileNotFoundError(f"{f}: checkpoint has no {name} state for rank {rank()} "
                                     f"(saved by a run without this role, or at another world size?)")
-        self.load_state_dict(torch.load(f, weights_only=False))
+        self.load_state_dict(torch.load(f, weights_only=True))    # tensors and primitives only: no pickled objects
 
 
 class Offloadable:

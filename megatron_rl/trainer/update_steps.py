@@ -3,12 +3,14 @@ shuffled mini-batch passes, micro-batch loss shares, and one Megatron step."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.trainer.faults import fault_point, nan_loss_now
 
 
 def minibatch_passes(batch: Batch, mini_batch_size: int, epochs: int, seed: int,
@@ -75,15 +77,88 @@ def weighted_mean(res: list[dict]) -> dict[str, float]:
 
 def optimizer_step(ddp, optimizer, scheduler, mbs: list[dict], forward_fn, loss_fn) -> tuple[list[dict], dict]:
     """Zero grads, forward/backward every micro-batch through the schedule, step optimizer and
-    scheduler. Returns (per-micro-batch loss infos, {grad_norm, update_ok, lr}). `ddp`: one
-    DDP wrapper or the list of a chunked (`model.vpp`) model's."""
+    scheduler. Returns (per-micro-batch loss infos, {grad_norm, update_ok, skipped, lr}). `ddp`:
+    one DDP wrapper or the list of a chunked (`model.vpp`) model's.
+
+    Step guard: a non-finite loss or gradient on any rank skips the step on every rank, so
+    weights, optimizer state and LR schedule stay untouched (Megatron checks only fp16 runs with
+    a grad scaler; in bf16 / fp32 it would clip by a NaN norm and poison Adam's moments). The
+    scheduler steps only after a successful update, as in Megatron-LM's training loop."""
     chunks = list(ddp) if isinstance(ddp, (list, tuple)) else [ddp]
     for d in chunks:
         d.zero_grad_buffer()
     optimizer.zero_grad()
-    res = run_microbatches(chunks, mbs, forward_fn, loss_fn, forward_only=False)
+    poison = nan_loss_now()
+    loss_bad: list[torch.Tensor] = []
+
+    def guarded_loss(mb, output):
+        loss, info = loss_fn(mb, output)
+        if poison:
+            loss = loss * float("nan")
+        loss_bad.append(~torch.isfinite(loss.detach()).all())
+        return loss, info
+
+    res = run_microbatches(chunks, mbs, forward_fn, guarded_loss, forward_only=False)
+    fault_point("update")
+    if not step_is_finite(chunks, loss_bad):
+        _back_off_loss_scale(optimizer)
+        for d in chunks:
+            d.zero_grad_buffer()
+        optimizer.zero_grad()
+        return res, {"grad_norm": float("nan"), "update_ok": 0.0, "skipped": 1.0,
+                     "lr": optimizer.param_groups[0]["lr"]}
     ok, grad_norm, _ = optimizer.step()
-    if scheduler is not None:
+    if ok and scheduler is not None:
         scheduler.step(increment=1)
     return res, {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                 "update_ok": float(bool(ok)), "lr": optimizer.param_groups[0]["lr"]}
+                 "update_ok": float(bool(ok)), "skipped": float(not ok), "lr": optimizer.param_groups[0]["lr"]}
+
+
+def step_is_finite(chunks: list, loss_bad: list[torch.Tensor]) -> bool:
+    """True when every rank's losses and DDP-reduced gradients are finite (one all-reduce)."""
+    params = [p for d in chunks for p in d.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for b in loss_bad:
+        bad |= b.to(device)
+    for p in params:
+        g = getattr(p, "main_grad", None)
+        g = p.grad if g is None else g
+        if g is not None:
+            bad |= ~torch.isfinite(g).all()
+    flag = bad.float().reshape(1)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())
+
+
+def _back_off_loss_scale(optimizer) -> None:
+    """fp16: tell the grad scaler a step overflowed, as Megatron's own skip does."""
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        scaler = getattr(opt, "grad_scaler", None)
+        if scaler is not None:
+            scaler.update(True)
+
+
+@dataclass
+class BadStepGuard:
+    """Counts optimizer steps skipped in a row (`trainer.max_bad_steps`) and stops the run past
+    the limit. Fed each rollout step's metrics: `{prefix}/skipped_steps` of
+    `{prefix}/optimizer_steps`; a rollout step with any successful update resets the count."""
+    max_bad_steps: int
+    in_a_row: int = 0
+
+    def update(self, metrics: dict, step: int, prefix: str = "actor") -> None:
+        skipped = int(metrics.get(f"{prefix}/skipped_steps", 0))
+        total = int(metrics.get(f"{prefix}/optimizer_steps", skipped))
+        self.in_a_row = self.in_a_row + skipped if skipped and skipped >= total else 0
+        if self.in_a_row >= self.max_bad_steps:
+            raise NonFiniteStepsError(
+                f"trainer.max_bad_steps={self.max_bad_steps}: {self.in_a_row} {prefix} optimizer steps in a row had "
+                f"a non-finite loss or gradient (the last at rollout step {step}) and were skipped; stopping rather "
+                f"than training on NaNs. Lower {prefix}.optim.lr, check rewards and advantages, or resume from an "
+                f"earlier checkpoint (trainer.resume=PATH).")
+
+
+class NonFiniteStepsError(RuntimeError):
+    """Too many consecutive optimizer steps were skipped for non-finite values."""
