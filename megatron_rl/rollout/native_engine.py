@@ -10,6 +10,11 @@ serves every chunk (it is keyed by global layer number). Sampling is seeded per 
 so a resumed run draws the same tokens. `ignore_eos` runs every response to
 `max_new_tokens`; `min_new_tokens` keeps EOS out of the draw (and stop strings unchecked)
 before that many tokens.
+
+Mixture-of-experts models under expert parallelism exchange tokens between the ranks of
+the expert group (alltoall) in every forward, so those ranks must run the same number of
+forwards: a rank whose responses are all done keeps stepping (feeding padding) until the
+whole group is done (`_group_done`), and every rank must get the same number of chunks.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class NativeEngine:
         self.steering = steering            # a steering controller or None
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.lockstep_group = lockstep_group(self.arch)
 
     # --- protocol -------------------------------------------------------------------
     def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
@@ -48,6 +54,7 @@ class NativeEngine:
         parts = []
         device = next(self.core.parameters()).device
         gen = torch.Generator(device=device).manual_seed(sampling.seed if sampling.seed is not None else 0)
+        self._check_same_chunk_count(len(expanded), device)
         for start in range(0, len(expanded), self.max_batch_size):
             chunk = expanded.select(range(start, min(start + self.max_batch_size, len(expanded))))
             parts.append(self._generate_chunk(chunk, sampling, gen))
@@ -97,7 +104,7 @@ class NativeEngine:
                     done = done | torch.isin(tok, torch.tensor(self.eos_ids))
                 if stop_texts and t + 1 >= sp.min_new_tokens:
                     done = done | self._hit_stop(tokens[:, : t + 1], done, stop_texts)
-                if bool(done.all()) or t == sp.max_new_tokens - 1:
+                if t == sp.max_new_tokens - 1 or self._group_done(done, device):
                     break
                 kv_mask = torch.cat([kv_mask, torch.ones(b, 1, dtype=kv_mask.dtype, device=device)], 1)
                 self._set_steering_positions(chunk, torch.ones(b, 1, dtype=torch.bool))
@@ -118,6 +125,27 @@ class NativeEngine:
             if k not in out.tensors and not k.startswith("response"):
                 out[k] = v
         return out
+
+    def _group_done(self, done: torch.Tensor, device) -> bool:
+        """All of this rank's responses are done, and (under expert parallelism) every rank's."""
+        if self.lockstep_group is None:
+            return bool(done.all())
+        pending = torch.tensor([int(not bool(done.all()))], dtype=torch.long, device=device)
+        dist.all_reduce(pending, group=self.lockstep_group)
+        return pending.item() == 0
+
+    def _check_same_chunk_count(self, rows: int, device) -> None:
+        """Under expert parallelism every rank of the group must generate as many chunks
+        (of `max_batch_size` rows); else the alltoall of the extra chunks would wait forever."""
+        if self.lockstep_group is None:
+            return
+        chunks = -(-rows // self.max_batch_size)
+        both = torch.tensor([chunks, -chunks], dtype=torch.long, device=device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.lockstep_group)
+        if both[0].item() != -both[1].item():
+            raise ValueError(f"native engine under model.ep > 1: ranks of the expert-parallel group have between "
+                             f"{-both[1].item()} and {both[0].item()} chunks of max_batch_size={self.max_batch_size} "
+                             f"rows (this rank: {rows} rows); every rank must generate the same number of rows")
 
     def _set_training(self, mode: bool) -> None:
         for c in self.chunks:
@@ -179,6 +207,18 @@ class NativeEngine:
             return
         self.steering.set_strengths(chunk["steer_strengths"] if "steer_strengths" in chunk else None)
         self.steering.set_positions(is_generated)
+
+
+def lockstep_group(arch):
+    """The process group whose ranks must run every forward together: Megatron's expert
+    tensor x model parallel group (the token dispatcher's) for an MoE model spread over
+    more than one rank of it, else None."""
+    if arch is None or not getattr(arch, "is_moe", False):
+        return None
+    from megatron.core import parallel_state as mpu
+    if mpu.get_expert_tensor_and_model_parallel_world_size() == 1:
+        return None
+    return mpu.get_expert_tensor_and_model_parallel_group()
 
 
 def eos_token_ids(tokenizer) -> list[int]:
