@@ -6,8 +6,7 @@
 
 A dict return's extra keys are per-sample info and, where numeric (bool/int/float), metrics
 `reward_extra/<key>/mean` over the samples that returned them (verl's reward_extra_info).
-Rows routed to a reward model (verl's `reward_model.style: model`, `data.verl_schema.route_of`)
-are refused here until the reward-model role scores them.
+Rows routed to a reward model (verl's `reward_model.style: model`) go through rewards/combine.py.
 
 A failing or timed-out call gets `fallback_score`, is counted (`reward/failures`,
 `reward/timeouts`) and logged with the sample's uid; the step goes on. A NaN or
@@ -205,18 +204,12 @@ def _unpack(value: Any, name: str, uid: str) -> tuple[float, dict[str, Any], Any
 
 
 def check_routable(names: Sequence[str], samples: Sequence[dict[str, Any]]) -> None:
-    """Before any call: a row for a reward model, or a data_source `verl_default` has no
-    rule for, is an error naming the sample (not a fallback score that hides it)."""
-    from megatron_rl.data.verl_schema import route_of
-
+    """Before any call: a data_source `verl_default` has no rule for is an error naming the
+    sample (not a fallback score that hides it). Model-routed rows never get here
+    (rewards/combine.py sends them to the reward model or judge)."""
     for name, sample in zip(names, samples):
-        uid = sample.get("uid", "?")
-        if route_of(sample) == "model":
-            raise ValueError(f"sample {uid}: reward_model.style is 'model' (verl's reward-model rows); scoring "
-                             f"them with a reward model is not wired into the rule reward manager yet: set the "
-                             f"rows' reward_model.style to 'rule' or drop them")
         if name == VERL_DEFAULT:
-            check_source(sample.get("data_source"), uid)
+            check_source(sample.get("data_source"), sample.get("uid", "?"))
 
 
 def extra_metrics(extras: Sequence[dict[str, Any]]) -> dict[str, float]:

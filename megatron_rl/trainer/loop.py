@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from megatron_rl.parallel.data_parallel import reduce_metrics
-from megatron_rl.trainer import phases
+from megatron_rl.trainer import dynamic_sampling, phases
 from megatron_rl.trainer.bootstrap import RunContext
 from megatron_rl.trainer.checkpoint import CheckpointManager
 from megatron_rl.trainer.faults import fault_point
@@ -133,14 +133,8 @@ class Trainer(RecipeLoop):
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.time()
         metrics: dict[str, float] = {}
-        prompts = self.data.next_batch()
-        metrics.update(self.offload_training_state())       # actor.offload_during_rollout: the engine's GPU
-        with self.logger.timer("rollout"):
-            batch = phases.rollout(self, prompts, step)
-        metrics.update(self.onload_training_state())
-        metrics.update(getattr(self.engine, "last_metrics", None) or {})   # e.g. agent/* from the tool loop
-        with self.logger.timer("reward"):
-            metrics.update(phases.rewards(self, batch))
+        batch, generated = dynamic_sampling.collect(self, step)   # rollout_round once, or until groups suffice
+        metrics.update(generated)
         if self.plan.old_logprob.separate_pass or self.plan.old_logprob.source == "rollout":
             with self.logger.timer("logprob"):
                 metrics.update(phases.logprobs(self, batch))
@@ -168,6 +162,19 @@ class Trainer(RecipeLoop):
         metrics = reduce_metrics(metrics)
         metrics.update(self.step_metrics(batch, t0))
         return metrics
+
+    def rollout_round(self, step: int, round_: int = 0):
+        """One generation round: prompts -> (offload) rollout (onload) -> rewards; (batch, metrics)."""
+        metrics: dict[str, float] = {}
+        prompts = self.data.next_batch()
+        metrics.update(self.offload_training_state())       # actor.offload_during_rollout: the engine's GPU
+        with self.logger.timer("rollout"):
+            batch = phases.rollout(self, prompts, step, round_)
+        metrics.update(self.onload_training_state())
+        metrics.update(getattr(self.engine, "last_metrics", None) or {})   # e.g. agent/* from the tool loop
+        with self.logger.timer("reward"):
+            metrics.update(phases.rewards(self, batch))
+        return batch, metrics
 
     def validate(self) -> dict[str, float]:
         return {"val/reward": phases.validate(self)}

@@ -5,12 +5,15 @@ rollout -> rewards -> old/ref log-probs -> advantages -> update. `Trainer` in
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
 from megatron_rl.parallel.data_parallel import dp_group, dp_mean, dp_mean_count
 from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.trainer.length_shaping import apply_length_shaping
 
 
 def sampling_params(cfg, step: int, validation: bool = False) -> SamplingParams:
@@ -26,8 +29,12 @@ def sampling_params(cfg, step: int, validation: bool = False) -> SamplingParams:
                           min_new_tokens=r.min_new_tokens)
 
 
-def rollout(tr, prompts: Batch, step: int) -> Batch:
-    batch = tr.engine.generate(prompts, sampling_params(tr.cfg, step))
+def rollout(tr, prompts: Batch, step: int, round_: int = 0) -> Batch:
+    """`round_` > 0: a further generation round of the step (dynamic sampling), its own seed."""
+    sp = sampling_params(tr.cfg, step)
+    if round_:
+        sp = dataclasses.replace(sp, seed=sp.seed + 1_000_003 * round_)
+    batch = tr.engine.generate(prompts, sp)
     if "group" not in batch.samples[0]:
         raise RuntimeError("rollout engine did not set sample['group']")
     return batch
@@ -54,6 +61,7 @@ def rewards(tr, batch: Batch) -> dict[str, float]:
                "reward/min": scores.min().item(), "response_length/mean": lengths.mean().item(),
                "response_length/max": lengths.max().item()}
     metrics.update(result.metrics)
+    metrics.update(apply_length_shaping(tr.cfg, tr.tokenizer, batch, result.scores))   # DAPO overlong / truncation
     return metrics
 
 
