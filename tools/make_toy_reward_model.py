@@ -10,7 +10,9 @@ read at the last token, as the reward model will be.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,6 +28,9 @@ def make_toy_reward_model(out: str, tokenizer_dir: str, token: str, *, steps: in
         raise ValueError(f"--token {token!r} is not one token of {tokenizer_dir}'s vocabulary")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     vocab = len(tok)
+    model_cfg = Path(tokenizer_dir) / "config.json"     # a policy directory: cover every id it can emit
+    if model_cfg.exists():
+        vocab = max(vocab, json.loads(model_cfg.read_text()).get("vocab_size", 0))
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                                    max_position_embeddings=128, num_labels=1, pad_token_id=pad,

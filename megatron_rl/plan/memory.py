@@ -26,6 +26,9 @@ imports), so it runs on a laptop for a 70B plan. Every term is bytes on the wors
 - grad transient:  the largest weight's bf16 `.grad`, alive until DDP's hook folds it into
                    the fp32 main grad (no gradient-accumulation fusion);
 - reference, critic: weights (resident unless offloaded); the critic also grads + optimizer;
+- reward model:    its own shape's weights (resident unless offloaded; a scalar head, no LM
+                   head) and, in its own `reward` phase, one layer's forward working set of a
+                   `reward.model.micro_batch_size` micro-batch (no-grad: layers do not pile up);
 - rollout engine:  colocated vLLM reserves `gpu_memory_utilization` x GPU memory while it
                    generates (asleep during training); the native engine reuses the actor
                    and adds a KV cache of 2 * layers/PP * kv_heads/TP * head_dim * tokens * 2 B;
@@ -156,6 +159,9 @@ class PlanInputs:
     gpu_memory_utilization: float = 0.5
     rollout_seqs: int = 1              # concurrent sequences per DP rank (native engine KV)
     overhead_gib: float = 2.5
+    rm_shape: Shape | None = None      # reward model (reward.model.path), None: no reward model
+    rm_resident: bool = False
+    rm_micro_batch: int = 1
 
     @property
     def dp(self) -> int:
@@ -213,6 +219,11 @@ def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs
         gpu_memory_utilization=plan.rollout.gpu_memory_utilization or 0.0,
         rollout_seqs=plan.rollout.samples_per_dp_rank,
     )
+    if plan.has_role("reward_model"):
+        rm = plan.role("reward_model")
+        if rm.shape is None:
+            raise ValueError(f"memory plan: the reward model's shape is {rm.shape_source}")
+        kw.update(rm_shape=rm.shape, rm_resident=rm.placement == "gpu", rm_micro_batch=rm.micro_batch_size)
     kw.update(overrides)
     return PlanInputs(**kw)
 
@@ -418,6 +429,7 @@ def _static(p: PlanInputs, stage: str) -> dict[str, float]:
         out["critic"] = (c + e) * (ab + grad_b) + c * dense_opt + e * expert_opt
     else:
         out["critic"] = 0.0
+    out["reward model"] = stage_params(p.rm_shape, p.tp, p.pp, stage, scalar_head=True) * ab if p.rm_shape else 0.0
     return out
 
 
@@ -468,12 +480,22 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
     c["overhead"] = p.overhead_gib * GiB
     resident = c["actor weights"] + c["actor grads"] + c["optimizer"] + c["critic"]
     ref_res = c["reference"] if p.ref_resident else 0.0
+    ref_res += c["reward model"] if p.rm_resident else 0.0     # both: weights on the GPU between passes
     phases = {
         "train": resident + ref_res + act + c["logits + loss"] + c["grad transient"] + c["moe dispatch"]
         + c["overhead"],
         "logprob": resident + c["reference"] + logprob_work + c["overhead"],
         "rollout": resident + ref_res + engine + c["overhead"],
     }
+    if p.rm_shape is not None:
+        rm_work = layer_activation_bytes(p.rm_shape, p.seq_len, p.rm_micro_batch, p.tp, sp,
+                                         scores=not p.flash_attention, dropout=False, fused_swiglu=p.fused_swiglu,
+                                         act_bytes=ab) + p.seq_len * p.rm_micro_batch * p.rm_shape.hidden_size * 4
+        c["reward model pass"] = rm_work
+        phases["reward"] = (resident + ref_res + (0.0 if p.rm_resident else c["reward model"]) + rm_work
+                            + c["overhead"])
+        if not p.rm_resident:
+            notes.append("reward model: offloaded to CPU, on the GPU only for its scoring pass")
     if p.ref_enable and not p.ref_resident:
         notes.append("reference: offloaded to CPU, on the GPU only for its log-prob pass")
     notes.append(f"overhead: {p.overhead_gib} GiB for CUDA context, cuBLAS/NCCL workspaces and fragmentation "

@@ -7,13 +7,56 @@
 - discriminator: `gad.enable`; `gad.d_updates` whole-batch optimizer steps per rollout,
   none after `gad.freeze_discriminator_after`.
 - predictor: `steering.enable and steering.predictor.enable`; one step per rollout.
+- reward_model: `reward.model.path` (GRPO/PPO recipes); frozen, its own shape (read from
+  its config.json for the memory planner), `reward.model.offload` on GPU only.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from megatron_rl.plan.batch import BatchPlan, RolePlan, split_mini_batch
 from megatron_rl.plan.layout import Layout, PlanError
+
+
+@dataclass(frozen=True)
+class RewardModelRolePlan(RolePlan):
+    """The reward model's role with its own shape (None where its config.json is not here)."""
+    shape: object = None               # plan.memory.Shape
+    shape_source: str = ""
+
+
+def reward_model_role(cfg, layout: Layout) -> RewardModelRolePlan | None:
+    rm = cfg.reward.model
+    if not rm.path:
+        return None
+    if recipe(cfg) not in ("grpo", "ppo"):
+        raise PlanError(f"reward.model.path with the {recipe(cfg)} recipe: the reward model scores the "
+                        f"GRPO/PPO reward phase only; unset reward.model.path")
+    if layout.vpp is not None:
+        raise PlanError(f"reward.model.path with model.vpp={layout.vpp}: the reward model runs on one model "
+                        f"chunk; use model.vpp=null")
+    shape, source = reward_model_shape(rm.path)
+    off = bool(rm.offload and layout.device == "cuda")
+    return RewardModelRolePlan("reward_model", "reward_model", trainable=False, offload=off,
+                               placement=_placement(layout, off), micro_batch_size=rm.micro_batch_size,
+                               mini_batch_samples=0, mini_batch_samples_per_rank=0, optimizer_steps_per_rollout=0,
+                               lr_horizon_steps=0, shape=shape, shape_source=source)
+
+
+def reward_model_shape(path: str):
+    """(memory-planner Shape | None, source) of a sequence-classification checkpoint."""
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").exists():
+        return None, f"unknown: reward.model.path {path!r} has no config.json here"
+    from megatron_rl.models.hf_config import arch_from_hf_config
+    from megatron_rl.plan.memory import shape_from_arch
+    from megatron_rl.rewards.reward_model import trunk_hf_config
+    try:
+        return shape_from_arch(arch_from_hf_config(trunk_hf_config(path))), f"hf checkpoint {path}"
+    except ValueError as e:
+        raise PlanError(f"reward.model.path: {e}") from None
 
 
 def reference_needed(cfg) -> bool:
@@ -118,4 +161,7 @@ def resolve_roles(cfg, layout: Layout, batch: BatchPlan) -> tuple[RolePlan, ...]
                               placement=_placement(layout, False), micro_batch_size=batch.samples_per_dp_rank,
                               mini_batch_samples=samples, mini_batch_samples_per_rank=samples // dp,
                               optimizer_steps_per_rollout=1, lr_horizon_steps=cfg.trainer.total_steps))
+    rm = reward_model_role(cfg, layout)
+    if rm is not None:
+        roles.append(rm)
     return tuple(roles)

@@ -73,6 +73,9 @@ class RewardModel:
         self.path = str(path)
         self.mbs = micro_batch_size
         self.offloader = None
+        self.template = "auto"              # reward.model.template; set by build_reward_model
+        self.normalize = "none"             # reward.model.normalize
+        self.policy_tokenizer = None
         if offload:
             from megatron_rl.models.offload import WeightOffloader
             self.offloader = WeightOffloader(chunks)
@@ -132,6 +135,25 @@ class RewardModel:
         s = torch.cat([r["s"] for r in res])[:n] if res else None
         return broadcast_from_last_stage(s, (n,))
 
+    def score_rows(self, batch, rows: Sequence[int], responses: Sequence[str]) -> list[float]:
+        """Scores of `batch` rows `rows` (a rolled-out Batch; `responses` its decoded texts):
+        the policy's ids as they are (`template: tokens`) or re-rendered in this model's
+        tokenizer; z-scored over every DP rank's rows with `normalize: batch` (call on every
+        rank, even with no rows)."""
+        rows = list(rows)
+        template = resolve_template(self.template, self.tokenizer, self.policy_tokenizer)
+        if template == "tokens":
+            ids, am = policy_inputs(batch, rows)
+        else:
+            samples = [batch.samples[i] for i in rows]
+            ids, am = self.render([s.get("messages") or [{"role": "user", "content": s.get("prompt_text", "")}]
+                                   for s in samples], [s.get("prompt_text", "") for s in samples],
+                                  [responses[i] for i in rows], template)
+        scores = self.score(ids, am) if rows else torch.zeros(0)
+        if self.normalize == "batch":
+            scores = dp_zscore(scores)
+        return scores.tolist()
+
     def render(self, messages: Sequence[list[dict]], prompt_texts: Sequence[str], responses: Sequence[str],
                template: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (ids, mask) of prompt + response in this model's tokenizer:
@@ -151,6 +173,38 @@ class RewardModel:
             else:
                 raise ValueError(f"reward.model.template must be one of {TEMPLATES} to render, got {template!r}")
         return pad_right(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+
+
+def policy_inputs(batch, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt ++ response ids of `rows` and their real-token mask (left-padded prompt,
+    right-padded response: the score is read at the last real token either way)."""
+    t = torch.as_tensor(list(rows), dtype=torch.long)
+    resp_attn = batch.get("response_attention_mask")
+    if resp_attn is None:
+        resp_attn = (batch["response_mask"] > 0).long()
+    ids = torch.cat([batch["prompt_ids"][t], batch["response_ids"][t]], 1)
+    am = torch.cat([batch["prompt_mask"][t].long(), resp_attn[t].long()], 1)
+    return ids, am
+
+
+def dp_zscore(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(s - mean) / std over the scores of every data-parallel rank (one all-reduce)."""
+    import torch.distributed as dist
+
+    stats = torch.tensor([scores.sum().item(), (scores.double() ** 2).sum().item(), float(scores.numel())],
+                         dtype=torch.float64)
+    if dist.is_initialized():
+        from megatron.core import parallel_state as mpu
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        stats = stats.to(dev)
+        dist.all_reduce(stats, group=mpu.get_data_parallel_group())
+        stats = stats.cpu()
+    total, sq, n = stats.tolist()
+    if n == 0:
+        return scores
+    mean = total / n
+    std = max(sq / n - mean * mean, 0.0) ** 0.5
+    return ((scores.double() - mean) / (std + eps)).float()
 
 
 def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,3 +273,15 @@ def load_reward_model(path: str | os.PathLike, *, micro_batch_size: int = 4, dty
         import transformers
         tok = transformers.AutoTokenizer.from_pretrained(path)
     return RewardModel(chunks, tok, str(path), micro_batch_size=micro_batch_size, offload=offload)
+
+
+def build_reward_model(cfg, policy_tokenizer, *, dtype: str = "float32", layer_spec: str = "auto",
+                       offload: bool | None = None) -> RewardModel:
+    """The role from `reward.model` (a `RewardModelConfig`); `offload` as the run plan placed it
+    (default `cfg.offload`). The template is resolved here, so a `tokens` template whose
+    vocabulary differs fails at start-up."""
+    rm = load_reward_model(cfg.path, micro_batch_size=cfg.micro_batch_size, dtype=dtype, layer_spec=layer_spec,
+                           offload=cfg.offload if offload is None else offload)
+    rm.template, rm.normalize, rm.policy_tokenizer = cfg.template, cfg.normalize, policy_tokenizer
+    resolve_template(cfg.template, rm.tokenizer, policy_tokenizer)
+    return rm

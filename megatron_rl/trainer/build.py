@@ -149,7 +149,21 @@ def build_policy_roles(cfg: Config, plan):
     if plan.has_role("critic"):
         from megatron_rl.trainer.critic import build_critic
         roles.critic = build_critic(cfg, plan.role("critic").lr_horizon_steps)
+    if plan.has_role("reward_model"):
+        roles.reward_model = build_reward_model_role(cfg, plan)
     return roles
+
+
+def build_reward_model_role(cfg: Config, plan):
+    """`reward.model`: the frozen sequence-classification reward model, placed as the plan says;
+    the policy's tokenizer decides whether its inputs are re-rendered (`reward.model.template`)."""
+    import transformers
+
+    from megatron_rl.rewards.reward_model import build_reward_model
+
+    policy_tok = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
+    return build_reward_model(cfg.reward.model, policy_tok, dtype=cfg.model.dtype, layer_spec=cfg.model.layer_spec,
+                              offload=plan.role("reward_model").offload)
 
 
 def build_kl_controller(cfg: Config):

@@ -54,7 +54,7 @@ def rewards(tr, batch: Batch) -> dict[str, float]:
     texts = decode_responses(tr.tokenizer, batch)
     for s, t in zip(batch.samples, texts):
         s["response_text"] = t
-    result = tr.rewards.score_batch(batch, texts)
+    result = tr.rewards.score_batch(batch, texts, reward_model=tr.roles.reward_model)
     scores = torch.tensor(result.scores, dtype=torch.float32)
     lengths = batch["response_mask"].sum(-1)
     metrics = {"reward/mean": scores.mean().item(), "reward/max": scores.max().item(),
@@ -149,6 +149,7 @@ def validate(tr) -> float:
     scores = []
     for prompts in tr.data.val_batches():
         batch = tr.engine.generate(prompts, sampling_params(tr.cfg, 0, validation=True))
-        result = tr.rewards.score(decode_responses(tr.tokenizer, batch), batch.samples)
+        result = tr.rewards.score_batch(batch, decode_responses(tr.tokenizer, batch),
+                                        reward_model=tr.roles.reward_model)
         scores += result.scores
     return dp_mean(scores)

@@ -81,6 +81,7 @@ class Roles:
     critic: object = None           # trainer.critic.Critic
     discriminator: object = None    # trainer.discriminator.Discriminator
     predictor: object = None        # steering.predictor_trainer.StrengthPredictorTrainer
+    reward_model: object = None     # rewards.reward_model.RewardModel (frozen; no checkpoint state)
 
     def present(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
