@@ -90,6 +90,20 @@ def _serve(sub):
     return serve
 
 
+@command("serve", "serve a checkpoint behind an OpenAI-compatible API (native engine, loopback by default)")
+def _serve_model(sub):
+    sub.add_argument("--model", required=True, help="HF directory or megatron-rl checkpoint")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--host", default="127.0.0.1", help="listen address (default loopback: no authentication)")
+    sub.add_argument("--dtype", default="float32")
+
+    def run(args):
+        from megatron_rl.serve.app import serve
+        serve(args.model, host=args.host, port=args.port, dtype=args.dtype)
+        return 0
+    return run
+
+
 @command("check-logits", "compare Megatron and HF transformers logits of a checkpoint")
 def _check(sub):
     sub.add_argument("--model", required=True, help="HF directory")

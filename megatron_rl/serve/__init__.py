@@ -1,0 +1,1 @@
+"""`megatron-rl serve`: a checkpoint behind an OpenAI-compatible API (`app.py`)."""
