@@ -15,6 +15,7 @@ from megatron_rl.algos import actor_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.kernels import token_logprob_entropy
 from megatron_rl.models.forward import gpt_forward
+from megatron_rl.models.moe_metrics import MoEMetrics
 from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
@@ -51,6 +52,7 @@ class Policy(Offloadable):
         self.backend = fused_backend
         self.max_tokens = max_tokens_per_microbatch
         self.steering = None      # a SteeringController attached to this model, or None
+        self.moe_metrics = MoEMetrics.attach(self.chunks)   # None for dense models (models/moe_metrics.py)
 
     def _forward(self, m, mb):
         """The model forward; under the same per-sample SAE steering as the rollout, so
