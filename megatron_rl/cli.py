@@ -51,6 +51,24 @@ def _plan(sub):
     return run
 
 
+@command("import-config", "translate a verl PPO/GRPO config (+ its launch overrides) into ours: "
+                          "megatron-rl import-config --from verl FILE.yaml [key=value ...] --out OUT.yaml")
+def _import_config(sub):
+    sub.add_argument("--from", dest="source", choices=("verl",), required=True, help="the other framework")
+    sub.add_argument("file", help="its config YAML")
+    sub.add_argument("overrides", nargs="*", help="its dotted launch overrides, e.g. actor_rollout_ref.rollout.n=8")
+    sub.add_argument("--out", required=True, help="our YAML to write")
+
+    def run(args):
+        from megatron_rl.config.verl_import import import_config
+        t = import_config(args.file, args.overrides, args.out)
+        print(f"wrote {args.out}")
+        if t.notes or t.untranslated:
+            print(t.report())
+        return 0
+    return run
+
+
 @command("convert", "convert checkpoints: hf-to-mcore | mcore-to-hf")
 def _convert(sub):
     conv = sub.add_subparsers(dest="direction", required=True)
