@@ -1,5 +1,9 @@
-"""Inputs for Megatron GPTModel forward passes from padded token batches."""
+"""Inputs for Megatron GPTModel forward passes from padded token batches, and a forward
+that stops at the final hidden states (value heads, attention rows)."""
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -32,3 +36,27 @@ def gpt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         position_ids = position_ids_from_mask(attention_mask)
     mask = causal_padding_mask(attention_mask) if not bool(attention_mask.all()) else None
     return model(input_ids, position_ids, mask)
+
+
+@contextmanager
+def final_hidden_states(gpt) -> Iterator[dict | None]:
+    """Within the scope, a forward of `gpt` (the bare GPTModel) on the last pipeline stage
+    leaves its final hidden states `[s, b, h]` (after the final norm) in the yielded dict
+    under "hidden", and its output layer projects only the first position: callers that
+    read hidden states (value heads, attention rows) skip the `[s, b, vocab]` projection
+    without changing the model. A forward pre-hook on `output_layer` does it (torch's API;
+    Megatron-Core 0.16 `GPTModel` has no switch for it). None on other stages."""
+    if not gpt.post_process:
+        yield None
+        return
+    captured: dict = {}
+
+    def keep_hidden(module, args, kwargs):
+        captured["hidden"] = args[0]
+        return (args[0][:1],) + tuple(args[1:]), kwargs
+
+    handle = gpt.output_layer.register_forward_pre_hook(keep_hidden, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()

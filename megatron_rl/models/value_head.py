@@ -1,17 +1,14 @@
 """A scalar head on a GPTModel trunk (critic, reward model, GAD discriminator).
 
-The head reads the final-layernorm hidden state; the LM head is skipped by running
-the last pipeline stage with `post_process` off for the call (Megatron-Core 0.16
-`GPTModel.forward` then returns the decoder output `[s, b, h]`, which already went
-through the final layernorm: that norm belongs to the decoder block).
+The head reads the final-layernorm hidden state `[s, b, h]` of the last stage, taken with
+`models.forward.final_hidden_states` (the LM head then projects one position only; the
+model itself is never switched to another mode).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from megatron_rl.models.forward import gpt_forward
+from megatron_rl.models.forward import final_hidden_states, gpt_forward
 from megatron_rl.models.loading import unwrap
 
 
@@ -40,16 +37,6 @@ def attach_value_head(model, seed: int = 0) -> ValueHead | None:
     return head
 
 
-@contextlib.contextmanager
-def _without_lm_head(gpt):
-    was = gpt.post_process
-    gpt.post_process = False
-    try:
-        yield
-    finally:
-        gpt.post_process = was
-
-
 def value_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-position values `[b, s]` float32 on the last stage; the stage's hidden
     states on others (what the pipeline schedule sends on)."""
@@ -57,9 +44,9 @@ def value_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     head = getattr(gpt, "value_head", None)
     if head is None:
         return gpt_forward(model, input_ids, attention_mask)
-    with _without_lm_head(gpt):
-        hidden = gpt_forward(model, input_ids, attention_mask)      # [s, b, h]
-    return head(hidden.float()).squeeze(-1).transpose(0, 1)          # [b, s]
+    with final_hidden_states(gpt) as out:
+        gpt_forward(model, input_ids, attention_mask)
+    return head(out["hidden"].float()).squeeze(-1).transpose(0, 1)   # [s, b, h] -> [b, s]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_rl.models.forward import final_hidden_states
+
 
 def unwrap(model):
     """The GPTModel inside DDP / Float16Module wrappers."""
@@ -112,19 +114,6 @@ def capture_rows(model, layer_numbers: list[int], prompt_len: int, row_chunk: in
             h.remove()
 
 
-@contextmanager
-def _hidden_output(model):
-    """Stop the last stage before the output layer: rows need no logits (saves the
-    `[b, s, vocab]` projection)."""
-    m = unwrap(model)
-    post = m.post_process
-    m.post_process = False
-    try:
-        yield
-    finally:
-        m.post_process = post
-
-
 def _model_parallel_group():
     from megatron.core import parallel_state as mpu
 
@@ -151,7 +140,8 @@ def attention_rows(model, mb: dict[str, torch.Tensor], layer_numbers: list[int],
     b, s = mb["input_ids"].shape
     was_training = m.training
     m.eval()
-    with capture_rows(m, layer_numbers, prompt_len, row_chunk) as found, _hidden_output(m):
+    # rows need no logits: final_hidden_states skips the [b, s, vocab] projection
+    with capture_rows(m, layer_numbers, prompt_len, row_chunk) as found, final_hidden_states(m):
         run_microbatches([model], [mb], forward_fn, lambda _mb, out: (out.sum() * 0, {}), forward_only=True)
     m.train(was_training)
     stacked = torch.zeros(len(layer_numbers), b, s - prompt_len, prompt_len, dtype=torch.float32,
