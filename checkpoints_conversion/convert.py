@@ -1,9 +1,12 @@
 """HF safetensors <-> Megatron-Core distributed checkpoints.
 
-hf-to-mcore: `tp*pp` CPU processes (gloo) each build their model chunk, read only the
+hf-to-mcore: `tp*pp*ep` CPU processes (gloo) each build their model chunk, read only the
 HF tensors it needs (memory-mapped safetensors, one at a time) and keep only their
 shard, then write a Megatron `dist_checkpointing` checkpoint together. The result
-loads at any TP/PP. Host memory holds the model once, split over the processes.
+loads at any TP/PP/EP. Host memory holds the model once, split over the processes,
+except that under `--ep N` (mixture-of-experts checkpoints: each of the N expert-parallel
+ranks holds num_experts / N experts, split over `--etp` ranks) the dense weights are
+replicated on the N data-parallel ranks that EP is carved from.
 
 mcore-to-hf: one process loads the checkpoint at TP=1/PP=1 and streams tensors to
 safetensors shards one parameter at a time (never a second full copy).
@@ -31,7 +34,7 @@ def _progress(total, desc, enabled=True):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
 
 
-def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, tp, pp, dtype):
+def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, tp, pp, dtype, ep=1, etp=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     from megatron_rl.models.loading import iter_local_params, save_mcore_checkpoint
@@ -40,7 +43,7 @@ def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, tp, pp, dtype):
     from megatron_rl.models.loading import load_hf_weights
     from megatron_rl.parallel import destroy_distributed, init_distributed
 
-    init_distributed(tp=tp, pp=pp, backend="gloo")
+    init_distributed(tp=tp, pp=pp, ep=ep, etp=etp, backend="gloo")
     arch = arch_from_hf_config(hf_dir)
     model = build_model(arch, dtype=dtype, layer_spec="local")
     reader = HFTensorReader(hf_dir)
@@ -49,26 +52,35 @@ def _hf_to_mcore_worker(rank, world, port, hf_dir, out_dir, tp, pp, dtype):
     load_hf_weights(model, reader, arch)
     bar.update(n)
     bar.close()
-    save_mcore_checkpoint(model, out_dir, arch, extra_meta={"source": str(hf_dir), "saved_tp": tp, "saved_pp": pp})
+    save_mcore_checkpoint(model, out_dir, arch, extra_meta={"source": str(hf_dir), "saved_tp": tp, "saved_pp": pp,
+                                                            "saved_ep": ep})
     destroy_distributed()
 
 
-def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Path:
+def hf_to_mcore(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype: str = "float32", ep: int = 1,
+                etp: int | None = None) -> Path:
     hf_dir, out = Path(hf_dir), Path(out_dir)
     arch = arch_from_hf_config(hf_dir)          # fails early, naming the bad field
     if arch.num_layers % pp:
         raise ValueError(f"--pp {pp} does not divide num_hidden_layers={arch.num_layers}")
     if arch.num_kv_heads % tp:
         raise ValueError(f"--tp {tp} does not divide num_key_value_heads={arch.num_kv_heads}")
+    etp_ = tp if etp is None else etp
+    if ep > 1 and not arch.is_moe:
+        raise ValueError(f"--ep {ep}: {hf_dir} is a dense model (no experts); use --ep 1")
+    if arch.is_moe and arch.num_experts % ep:
+        raise ValueError(f"--ep {ep} does not divide num_experts={arch.num_experts}")
+    if tp % etp_:           # the tp*pp*ep processes must divide by Megatron's etp*ep*pp expert grid
+        raise ValueError(f"--etp {etp_} does not divide --tp {tp}")
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    world = tp * pp
+    world = tp * pp * ep
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_hf_to_mcore_worker, args=(world, port, str(hf_dir), str(tmp), tp, pp, dtype),
+    mp.start_processes(_hf_to_mcore_worker, args=(world, port, str(hf_dir), str(tmp), tp, pp, dtype, ep, etp),
                        nprocs=world, start_method="spawn", join=True)
     copy_tokenizer_files(hf_dir, tmp)
     shutil.copy2(hf_dir / "config.json", tmp / HF_CONFIG_COPY)
@@ -121,8 +133,8 @@ def mcore_to_hf(mcore_dir, out_dir, dtype: str | None = None, max_shard_gb: floa
 
 def main_hf_to_mcore(args) -> None:
     t0 = time.time()
-    out = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
-    print(f"wrote Megatron checkpoint {out} (saved at tp={args.tp} pp={args.pp}, loadable at any) "
+    out = hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, ep=args.ep, etp=args.etp)
+    print(f"wrote Megatron checkpoint {out} (saved at tp={args.tp} pp={args.pp} ep={args.ep}, loadable at any) "
           f"in {time.time() - t0:.1f}s")
 
 

@@ -77,6 +77,8 @@ def _convert(sub):
     a.add_argument("--out", required=True)
     a.add_argument("--tp", type=int, default=1)
     a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--ep", type=int, default=1, help="expert parallel ranks (MoE checkpoints: experts split over them)")
+    a.add_argument("--etp", type=int, default=None, help="expert tensor parallel ranks (default: --tp)")
     a.add_argument("--dtype", default="float32")
     b = conv.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF safetensors dir")
     b.add_argument("--mcore-dir", required=True)
