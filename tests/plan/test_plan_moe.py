@@ -78,3 +78,13 @@ def test_etp_tp_split_routed_activations():
     one = mp.layer_activation_bytes(TINY, 10, 1, 2, False, etp=1, **base)
     two = mp.layer_activation_bytes(TINY, 10, 1, 2, False, etp=2, **base)
     assert two - one == 10 * 4 * 8 * 2 * (2 - 1) / 2                                     # copies term only
+
+
+@pytest.mark.parametrize("name,world,gpu_mem,ep", [("qwen3_8b_grpo.yaml", 8, 80, 1),
+                                                   ("qwen3_30b_a3b_grpo.yaml", 8, 141, 8),
+                                                   ("qwen3_235b_a22b_grpo.yaml", 64, 141, 32)])
+def test_qwen3_configs_plan_and_fit_their_cluster(name, world, gpu_mem, ep):
+    from pathlib import Path
+    cfg = load_experiment_config(Path(__file__).resolve().parents[2] / "configs" / name)
+    p = resolve_plan(cfg, world_size=world, device="cuda", gpu_mem_gib=gpu_mem)
+    assert p.layout.ep == ep and p.model.shape is not None and p.memory.fits, p.summary()
