@@ -21,8 +21,9 @@ ROUTES = ("rule", "model")
 
 
 def route_of(sample: dict[str, Any]) -> str:
-    """"rule" or "model": verl's `reward_model.style` (rows without one are rule-scored).
-    The reward-model role reads this to pick its rows; the rule manager refuses "model" rows."""
+    """"rule" or "model": verl's `reward_model.style` (rows without one are rule-scored);
+    an unknown style is an error. "model" rows go to the reward model or judge
+    (rewards/combine.py)."""
     rm = sample.get("reward_model")
     style = rm.get("style") if isinstance(rm, dict) else None
     if style is None:
