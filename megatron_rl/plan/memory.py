@@ -515,7 +515,7 @@ def candidates(p: PlanInputs, gpus_per_node: int = 8):
     s = p.shape
     out = []
     for tp in (1, 2, 4, 8):
-        if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp or (p.etp > 1 and p.etp != tp):
+        if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp:
             continue
         for pp in range(1, s.num_layers + 1):
             if s.num_layers % pp or p.gpus % (tp * pp) or p.gpus % (p.etp * p.ep * pp):
