@@ -30,11 +30,15 @@ class AgentConfig:
     retries: int = 2
     backoff_s: float = 0.5
 
-    # Sandboxed tools: `python` runs code in `python -I -S` with these limits; every tool's
+    # Sandboxed tools: `python` runs code in `python -I -S` inside an OS sandbox
+    # (agent/tools/sandbox.py: no network, read-only but for its temp dir) with these limits; every tool's
     # observation is cut to `max_tool_output_chars` characters before tokenization.
     python_timeout_s: float = 5.0
     python_memory_mb: int = 512
     max_tool_output_chars: int = 2000
+    # No OS sandbox on the machine (bubblewrap / unprivileged unshare): the python tool refuses to
+    # start unless this is true (then it runs with the limits above only: network and files reachable).
+    allow_unsandboxed_python: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.tools, str):
