@@ -239,12 +239,7 @@ def load_checkpoint(path: str | os.PathLike, dtype="float32", layer_spec: str = 
 
     Call `megatron_rl.parallel.init_distributed(...)` first.
     """
-    from megatron_rl.models.provider import build_model
+    from megatron_rl.models.provider import check_single_chunk
 
-    kind, arch = read_checkpoint_arch(path)
-    model = build_model(arch, dtype=dtype, layer_spec=layer_spec, **build_kwargs)
-    if kind == "hf":
-        load_hf_weights(model, path, arch)
-    else:
-        load_mcore_checkpoint(model, path)
-    return model
+    check_single_chunk()
+    return load_model_chunks(path, dtype=dtype, layer_spec=layer_spec, **build_kwargs)[0]

@@ -118,14 +118,20 @@ def build_model(arch: ModelArch, dtype="float32", layer_spec: str = "local", *,
     or, through `megatron_rl.models.forward`, `[batch, seq, vocab/tp]`. Under `model.vpp`
     use `build_model_chunks` (every chunk, one shared config).
     """
+    if vp_stage is None:
+        check_single_chunk()
+    return _build_gpt(arch, transformer_config(arch, dtype, **config_overrides), layer_spec, vp_stage)
+
+
+def check_single_chunk() -> None:
+    """Refuse, naming `model.vpp`, a one-chunk build when this rank holds several chunks."""
     from megatron.core import parallel_state as mpu
 
     vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
-    if vpp is not None and vp_stage is None:
+    if vpp is not None:
         raise ValueError(f"model.vpp={vpp}: this rank holds {vpp} model chunks; build them with "
                          "models.provider.build_model_chunks / models.loading.load_model_chunks "
                          "(this role supports one chunk only: set model.vpp=null)")
-    return _build_gpt(arch, transformer_config(arch, dtype, **config_overrides), layer_spec, vp_stage)
 
 
 def _build_gpt(arch: ModelArch, cfg, layer_spec: str, vp_stage: int | None):
