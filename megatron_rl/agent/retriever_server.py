@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -119,12 +120,51 @@ class BM25Index:
         return out
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on one /retrieve request; past them the server answers 4xx and keeps serving."""
+    max_body_bytes: int = 8 << 20
+    max_queries: int = 4096
+    max_query_chars: int = 4096
+    max_topk: int = 100
+    read_timeout_s: float = 30.0        # a client that stalls mid-request is dropped
+
+
+class BadRequest(ValueError):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse_request(body: bytes, default_topk: int, limits: RequestLimits) -> tuple[list[str], int, bool]:
+    """(queries, topk, return_scores) of a /retrieve body, or `BadRequest` naming the field."""
+    req = json.loads(body or b"{}")
+    if not isinstance(req, dict):
+        raise BadRequest(400, "the body must be a JSON object with 'queries'")
+    queries = req["queries"]
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise BadRequest(400, "'queries' must be a list of strings")
+    if len(queries) > limits.max_queries:
+        raise BadRequest(413, f"{len(queries)} queries exceed the limit of {limits.max_queries}")
+    longest = max((len(q) for q in queries), default=0)
+    if longest > limits.max_query_chars:
+        raise BadRequest(413, f"a query of {longest} characters exceeds the limit of {limits.max_query_chars}")
+    topk = req.get("topk")
+    topk = default_topk if topk is None or topk == 0 else topk      # 0 / absent: the server's default
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= limits.max_topk:
+        raise BadRequest(400, f"'topk' must be an integer in [1, {limits.max_topk}], got {topk!r}")
+    return queries, topk, bool(req.get("return_scores", False))
+
+
 def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 8000,
-                default_topk: int = 3, max_queries: int = 4096) -> ThreadingHTTPServer:
+                default_topk: int = 3, max_queries: int = 4096,
+                limits: RequestLimits | None = None) -> ThreadingHTTPServer:
     """An HTTP server over `index` (not started: call `serve_forever()`; port 0 = any free)."""
+    limits = limits or RequestLimits(max_queries=max_queries)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = limits.read_timeout_s
 
         def log_message(self, fmt, *args):   # one line per request is noise at RL rates
             pass
@@ -134,6 +174,9 @@ def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 8000,
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if code >= 400:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(body)
 
@@ -144,21 +187,33 @@ def make_server(index: BM25Index, host: str = "127.0.0.1", port: int = 8000,
             else:
                 self._reply(404, {"error": f"no route GET {self.path}; use GET /health or POST /retrieve"})
 
+        def _body(self) -> bytes:
+            """The request body, its size checked before a byte is read."""
+            try:
+                n = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise BadRequest(411, "a Content-Length header (an integer) is required") from None
+            if n < 0:
+                raise BadRequest(400, f"Content-Length {n} is negative")
+            if n > limits.max_body_bytes:
+                raise BadRequest(413, f"a body of {n} bytes exceeds the limit of {limits.max_body_bytes}")
+            return self.rfile.read(n)
+
         def do_POST(self):
             if self.path.rstrip("/") != "/retrieve":
                 self._reply(404, {"error": f"no route POST {self.path}; use POST /retrieve"})
                 return
             try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                queries = req["queries"]
-                if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
-                    raise ValueError("'queries' must be a list of strings")
-                if len(queries) > max_queries:
-                    raise ValueError(f"{len(queries)} queries exceed the limit of {max_queries}")
-                topk = int(req.get("topk") or default_topk)
-                result = index.search(queries, topk, bool(req.get("return_scores", False)))
+                queries, topk, scores = parse_request(self._body(), default_topk, limits)
+                result = index.search(queries, topk, scores)
+            except BadRequest as e:
+                self._reply(e.code, {"error": f"bad /retrieve request: {e}"})
+                return
             except (ValueError, KeyError, TypeError) as e:
                 self._reply(400, {"error": f"bad /retrieve request: {type(e).__name__}: {e}"})
+                return
+            except Exception as e:           # a search failure costs this request, not the server
+                self._reply(500, {"error": f"retrieval failed: {type(e).__name__}: {e}"})
                 return
             self._reply(200, {"result": result})
 
