@@ -6,6 +6,9 @@ timeout. Its worker is stuck: a process pool is killed and restarted (the other
 in-flight calls are resubmitted); a thread cannot be killed, so it is abandoned to
 finish on its own and a fresh thread pool takes the new calls (and, being
 non-daemon, delays interpreter exit until it returns).
+
+Worker processes die with the trainer: each asks the kernel for SIGKILL when its parent
+dies (Linux `prctl(PR_SET_PDEATHSIG)`), so a SIGKILLed or pre-empted trainer leaves none.
 """
 from __future__ import annotations
 
@@ -29,6 +32,29 @@ def guarded(fn: Callable, *args) -> tuple[str, Any]:
         return FAIL, f"{type(e).__name__}: {e}"
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (and exit now if it already has).
+    Elsewhere a no-op: the pool's own shutdown is the only cleanup."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:          # the parent died before the prctl
+        os._exit(1)
+
+
+def _init_worker(parent_pid: int, initializer: Callable | None, initargs: tuple) -> None:
+    die_with_parent(parent_pid)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def _worker_pid() -> int:
     time.sleep(0.05)   # so that one fast worker cannot answer for a slow-starting one
     return os.getpid()
@@ -50,7 +76,7 @@ class WorkerPool:
             if self.kind == "process":
                 self._executor = ProcessPoolExecutor(
                     self.num_workers, mp_context=multiprocessing.get_context(self.mp_start_method),
-                    initializer=self.initializer, initargs=self.initargs)
+                    initializer=_init_worker, initargs=(os.getpid(), self.initializer, self.initargs))
                 self._wait_for_workers(self._executor)
             else:
                 self._executor = ThreadPoolExecutor(self.num_workers, thread_name_prefix="reward")
