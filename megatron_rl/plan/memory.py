@@ -158,6 +158,7 @@ class PlanInputs:
     colocate: bool = True
     gpu_memory_utilization: float = 0.5
     rollout_seqs: int = 1              # concurrent sequences per DP rank (native engine KV)
+    rollout_offload: str = "none"      # actor.offload_during_rollout: none | state | state_and_weights
     overhead_gib: float = 2.5
     rm_shape: Shape | None = None      # reward model (reward.model.path), None: no reward model
     rm_resident: bool = False
@@ -217,7 +218,7 @@ def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs
         critic_enable=plan.has_role("critic") or plan.has_role("discriminator"),
         engine=plan.rollout.engine, colocate=plan.rollout.placement == "colocated",
         gpu_memory_utilization=plan.rollout.gpu_memory_utilization or 0.0,
-        rollout_seqs=plan.rollout.samples_per_dp_rank,
+        rollout_seqs=plan.rollout.samples_per_dp_rank, rollout_offload=plan.rollout.offload_during_rollout,
     )
     if plan.has_role("reward_model"):
         rm = plan.role("reward_model")
@@ -226,6 +227,18 @@ def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs
         kw.update(rm_shape=rm.shape, rm_resident=rm.placement == "gpu", rm_micro_batch=rm.micro_batch_size)
     kw.update(overrides)
     return PlanInputs(**kw)
+
+
+def rollout_resident(c: dict, p: PlanInputs) -> float:
+    """The actor's (and critic's) bytes left on the GPU while the engine generates:
+    `actor.offload_during_rollout` moves gradients + optimizer state (`state`) and also the
+    weights (`state_and_weights`) to host memory for the rollout (models/offload.py)."""
+    kept = c["actor weights"] + c["actor grads"] + c["optimizer"] + c["critic"]
+    if p.rollout_offload in ("state", "state_and_weights"):
+        kept -= c["actor grads"] + c["optimizer"]
+    if p.rollout_offload == "state_and_weights":
+        kept -= c["actor weights"]
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +498,7 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
         "train": resident + ref_res + act + c["logits + loss"] + c["grad transient"] + c["moe dispatch"]
         + c["overhead"],
         "logprob": resident + c["reference"] + logprob_work + c["overhead"],
-        "rollout": resident + ref_res + engine + c["overhead"],
+        "rollout": rollout_resident(c, p) + ref_res + engine + c["overhead"],
     }
     if p.rm_shape is not None:
         rm_work = layer_activation_bytes(p.rm_shape, p.seq_len, p.rm_micro_batch, p.tp, sp,

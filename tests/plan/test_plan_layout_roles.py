@@ -138,3 +138,16 @@ def test_vpp_refuses_micro_batch_counts_the_interleaved_schedule_cannot_run():
     with pytest.raises(PlanError, match=r"actor.max_tokens_per_microbatch > 0"):
         plan("model.pp=2", "model.vpp=2", "actor.max_tokens_per_microbatch=4096", world_size=2)
     assert plan("model.pp=2", "model.vpp=2", "actor.micro_batch_size=4", world_size=2).layout.vpp == 2
+
+
+def test_rollout_phase_memory_counts_the_training_state_offload():
+    """actor.offload_during_rollout: the rollout phase holds no gradients / optimizer state
+    (`state`), and no actor weights either (`state_and_weights`)."""
+    base = ["rollout.engine=vllm", "model.dtype=bfloat16"]
+    est = {mode: mp.estimate_stage(mp.inputs_from_plan(plan(*base, f"actor.offload_during_rollout={mode}",
+                                                            device="cuda", shape="llama3-8b")), "last")
+           for mode in ("none", "state", "state_and_weights")}
+    c = est["none"].components
+    none, state, both = (est[m].phases["rollout"] for m in ("none", "state", "state_and_weights"))
+    assert none - state == pytest.approx(c["actor grads"] + c["optimizer"])
+    assert state - both == pytest.approx(c["actor weights"])
