@@ -298,3 +298,31 @@ class TrainingStateOffloader(_Offloadable):
             self._grads_freed = 0
         self.last = MoveStats(stats.bytes_copied, stats.bytes_freed, time.perf_counter() - t0)
         return self.last
+
+
+class Offloadable:
+    """`offload()` / `onload()` for a role that holds `self.offloader` (a
+    `models.offload` offloader, or None: nothing to move), and `onloaded()` for a
+    scope that needs the role on its device."""
+
+    offloader = None
+
+    def offload(self) -> None:
+        if self.offloader is not None:
+            self.offloader.offload()
+
+    def onload(self) -> None:
+        if self.offloader is not None:
+            self.offloader.onload()
+
+    @contextlib.contextmanager
+    def onloaded(self) -> Iterator[None]:
+        """The role on its device for the scope; back where it was afterwards."""
+        was = self.offloader is not None and self.offloader.is_offloaded
+        if was:
+            self.onload()
+        try:
+            yield
+        finally:
+            if was:
+                self.offload()

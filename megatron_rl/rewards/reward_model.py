@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_rl.models.offload import Offloadable
+
 SEQ_CLS_ARCHITECTURES = {"LlamaForSequenceClassification": "LlamaForCausalLM",
                          "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
                          "Qwen3ForSequenceClassification": "Qwen3ForCausalLM"}
@@ -60,7 +62,7 @@ def _microbatches(ids: torch.Tensor, am: torch.Tensor, mbs: int, device) -> list
     return out
 
 
-class RewardModel:
+class RewardModel(Offloadable):
     """Frozen trunk + score head. `offload()` / `onload()` move the weights to host memory
     between passes (`reward.model.offload`); `score` onloads for its pass when needed.
     Frozen and rebuilt from its path, it has no checkpoint state."""
@@ -82,14 +84,6 @@ class RewardModel:
             self.offloader.offload()
 
     # --- lifecycle (trainer/roles.py Role) ---------------------------------------------
-    def offload(self) -> None:
-        if self.offloader is not None:
-            self.offloader.offload()
-
-    def onload(self) -> None:
-        if self.offloader is not None:
-            self.offloader.onload()
-
     def state_dict(self) -> dict:
         return {}
 
@@ -117,9 +111,7 @@ class RewardModel:
         n = input_ids.shape[0]
         if n == 0:
             return torch.zeros(0)
-        was_offloaded = self.offloader is not None and self.offloader.is_offloaded
-        self.onload()
-        try:
+        with self.onloaded():
             device = next(self.chunks[0].parameters()).device
             mbs = _microbatches(input_ids.long(), attention_mask.long(), self.mbs, device)
 
@@ -129,9 +121,6 @@ class RewardModel:
 
             res = run_microbatches(self.chunks, mbs, lambda m, mb: value_forward(m, mb["input_ids"], mb["attention_mask"]),
                                    last, forward_only=True)
-        finally:
-            if was_offloaded:
-                self.offload()
         s = torch.cat([r["s"] for r in res])[:n] if res else None
         return broadcast_from_last_stage(s, (n,))
 

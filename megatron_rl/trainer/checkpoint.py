@@ -203,11 +203,15 @@ def find_checkpoint(run_dir, resume: str) -> Path | None:
 # --- the actor's files: a Megatron distributed checkpoint + per-rank optimizer -----------
 
 def save_policy(actor, tmp: Path) -> None:
-    """The actor's weights as a Megatron distributed checkpoint (any TP/PP can load it)
-    and this rank's optimizer + LR schedule as `rank{r}.pt` (tensors and primitives only)."""
+    """The actor's weights as a Megatron distributed checkpoint (any TP/PP can load it),
+    this rank's optimizer + LR schedule as `rank{r}.pt` (tensors and primitives only), and,
+    under Megatron's distributed optimizer (whose `state_dict()` leaves out the fp32 master
+    params and Adam moments), its parameter state gathered per model-parallel rank."""
     save_mcore_checkpoint(actor.chunks, tmp)
     state = {"optimizer": actor.optimizer.state_dict(), "scheduler": actor.scheduler.state_dict()}
     torch.save(state, tmp / f"rank{rank():05d}.pt")
+    if uses_distributed_optimizer(actor.optimizer):
+        actor.optimizer.save_parameter_state(str(tmp / distributed_optimizer_file()))
 
 
 def load_policy(actor, path: Path) -> None:
@@ -218,3 +222,44 @@ def load_policy(actor, path: Path) -> None:
     state = load_tensors(f)
     actor.optimizer.load_state_dict(state["optimizer"])
     actor.scheduler.load_state_dict(state["scheduler"])
+    if uses_distributed_optimizer(actor.optimizer):
+        param_state = path / distributed_optimizer_file()
+        if not param_state.exists():
+            raise FileNotFoundError(f"{param_state}: no distributed-optimizer parameter state (fp32 master "
+                                    f"params, Adam moments); the checkpoint was written without it")
+        load_distributed_parameter_state(actor.optimizer, param_state)
+
+
+def load_distributed_parameter_state(optimizer, path: Path) -> None:
+    """`optimizer.load_parameter_state(path)`, working around Megatron-Core 0.16.1 with torch's
+    Adam (no TE / Apex optimizer): `load_state_dict` leaves a per-parameter `step` tensor in the
+    inner optimizer's state, which `load_parameter_state` then expects in the file (KeyError
+    'step'; the file holds param / exp_avg / exp_avg_sq). `step` is set aside for the call."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    held = [(st, st.pop("step")) for o in parts if getattr(o, "optimizer", None) is not None
+            for st in o.optimizer.state.values() if "step" in st]
+    try:
+        with torch.no_grad():          # it copies into the fp32 master params (leaves that require grad)
+            optimizer.load_parameter_state(str(path))
+    finally:
+        for st, step in held:
+            st["step"] = step
+
+
+def uses_distributed_optimizer(optimizer) -> bool:
+    """Whether any of Megatron's (chained) optimizers shards its state over DP."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(isinstance(o, DistributedOptimizer) for o in parts)
+
+
+def distributed_optimizer_file() -> str:
+    """One file per model-parallel rank: DP rank 0 of each TP x PP (x EP) position writes it
+    (`save_parameter_state` gathers the shards over the DP group)."""
+    from megatron.core import parallel_state as mpu
+
+    parts = [f"tp{mpu.get_tensor_model_parallel_rank()}", f"pp{mpu.get_pipeline_model_parallel_rank()}"]
+    if mpu.get_expert_model_parallel_world_size() > 1:
+        parts.append(f"ep{mpu.get_expert_model_parallel_rank()}")
+    return f"distopt_{'_'.join(parts)}.pt"

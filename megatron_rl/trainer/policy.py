@@ -16,12 +16,12 @@ from megatron_rl.data.batch import Batch
 from megatron_rl.kernels import token_logprob_entropy
 from megatron_rl.models.forward import gpt_forward
 from megatron_rl.models.moe_metrics import MoEMetrics
+from megatron_rl.models.offload import Offloadable
 from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
                                             move_microbatch, response_logits, scatter_rows)
 from megatron_rl.parallel.pipeline import broadcast_from_last_stage, broadcast_metrics, tp_group
-from megatron_rl.trainer.roles import Offloadable
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
 

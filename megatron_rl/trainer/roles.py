@@ -9,10 +9,9 @@ on every role it is given, so a new role is saved by listing it in `Roles`.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -43,34 +42,6 @@ class PerRankCheckpoint:
             raise FileNotFoundError(f"{f}: checkpoint has no {name} state for rank {rank()} "
                                     f"(saved by a run without this role, or at another world size?)")
         self.load_state_dict(torch.load(f, weights_only=True))    # tensors and primitives only: no pickled objects
-
-
-class Offloadable:
-    """`offload()` / `onload()` for a role that holds `self.offloader` (a
-    `models.offload` offloader, or None: nothing to move), and `onloaded()` for a
-    scope that needs the role on its device."""
-
-    offloader = None
-
-    def offload(self) -> None:
-        if self.offloader is not None:
-            self.offloader.offload()
-
-    def onload(self) -> None:
-        if self.offloader is not None:
-            self.offloader.onload()
-
-    @contextlib.contextmanager
-    def onloaded(self) -> Iterator[None]:
-        """The role on its device for the scope; back where it was afterwards."""
-        was = self.offloader is not None and self.offloader.is_offloaded
-        if was:
-            self.onload()
-        try:
-            yield
-        finally:
-            if was:
-                self.offload()
 
 
 @dataclass

@@ -5,7 +5,8 @@ from __future__ import annotations
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.value_head import value_forward
 from megatron_rl.trainer.microbatch import make_microbatches
-from megatron_rl.trainer.roles import Offloadable, PerRankCheckpoint
+from megatron_rl.models.offload import Offloadable
+from megatron_rl.trainer.roles import PerRankCheckpoint
 
 
 class ValueModel(Offloadable, PerRankCheckpoint):
