@@ -13,7 +13,7 @@ from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
 from megatron_rl.parallel.data_parallel import dp_group, dp_mean, dp_mean_count
 from megatron_rl.rollout.protocol import SamplingParams
-from megatron_rl.trainer.length_shaping import apply_length_shaping
+from megatron_rl.rewards.length_shaping import apply_length_shaping
 
 
 def sampling_params(cfg, step: int, validation: bool = False) -> SamplingParams:

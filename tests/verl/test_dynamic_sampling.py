@@ -7,7 +7,7 @@ import torch
 from megatron_rl.data.batch import Batch
 from megatron_rl.plan.sampling import SamplingPlan
 from megatron_rl.trainer import dynamic_sampling
-from megatron_rl.trainer.length_shaping import mask_truncated, shape_overlong, truncated_rows
+from megatron_rl.rewards.length_shaping import mask_truncated, shape_overlong, truncated_rows
 from tests.helpers import run_multiproc
 
 EOS, PAD = 2, 1
