@@ -4,6 +4,7 @@ and a server that goes away and comes back is survived."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -59,9 +60,13 @@ RESPONSES = ["4", "four", "yes", "2 plus 2", "no", "4 4"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    model = make_tiny_hf(d / "model", "llama", tie=True)
-    write_tokenizer(model)
+    """A tiny random Llama; `MRL_JUDGE_MODEL=DIR` serves that model instead (e.g. the demo
+    SmolLM2-135M-Instruct, `python tools/fetch_demo_model.py`) for the manual run."""
+    model = os.environ.get("MRL_JUDGE_MODEL")
+    if not model:
+        d = tmp_path_factory.mktemp("serve")
+        model = make_tiny_hf(d / "model", "llama", tie=True)
+        write_tokenizer(model)
     port = free_port()
     proc = start(model, port)
     yield model, port, proc
