@@ -40,11 +40,10 @@ class MoEMetrics:
         """Hooks on every router of this rank's chunks; None for a dense model."""
         from megatron.core.transformer.moe.router import TopKRouter
 
-        routers = [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
-        cfg = chunks[0].config
-        if not cfg.num_moe_experts:
+        if not chunks[0].arch.is_moe:
             return None
-        return cls(routers, cfg)
+        routers = [m for c in chunks for m in c.modules() if isinstance(m, TopKRouter)]
+        return cls(routers, chunks[0].config)
 
     def _count(self, router, inputs, output) -> None:
         if not (router.training and torch.is_grad_enabled()):

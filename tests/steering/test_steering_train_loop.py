@@ -134,7 +134,9 @@ def test_resume_continues_exactly(toy):
     assert train_main(None, base + ["trainer.total_steps=6", "trainer.save_every=3"]) == 0
     straight = rows(run_dir)
     pred_straight = torch.load(run_dir / "checkpoints" / "step_000006" / "predictor.pt", weights_only=False)
-    (run_dir / "checkpoints" / "latest").write_text("step_000003")     # as if the run died after step 3
+    import shutil
+    shutil.rmtree(run_dir / "checkpoints" / "step_000006")             # as if the run died after step 3
+    (run_dir / "checkpoints" / "latest").write_text("step_000003")
     (run_dir / "metrics.jsonl").unlink()
     assert train_main(None, base + ["trainer.total_steps=6", "trainer.save_every=3"]) == 0
     resumed = rows(run_dir)

@@ -199,7 +199,7 @@ def test_packed_stream_shape_follows_parallelism(tp, pp, sp, expected):
 def test_steered_actor_forward_refuses_packing():
     from megatron_rl.trainer.policy import Policy
 
-    policy = Policy(SimpleNamespace(arch=SimpleNamespace(vocab_size=96)), micro_batch_size=2,
+    policy = Policy(SimpleNamespace(arch=SimpleNamespace(vocab_size=96, is_moe=False)), micro_batch_size=2,
                     max_tokens_per_microbatch=BUDGET)
     policy.steering = object()          # a steering controller that steers the actor's forwards
     with pytest.raises(ValueError, match="actor.max_tokens_per_microbatch > 0 .* steering.logprob_mode=rollout_is"):

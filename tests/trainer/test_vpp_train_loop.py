@@ -38,7 +38,8 @@ def test_vpp_trains_resumes_and_matches_pp1(tiny_run, tmp_path):
         assert abs(a[0][k] - b[0][k]) < 1e-5, k                # same rollout, same update at step 1
     plan = json.loads((vpp / "plan.json").read_text())
     assert plan["layout"]["vpp"] == 2 and plan["layout"]["pp"] == 2
-    (vpp / "checkpoints" / "latest").write_text("step_000001")    # as if the run died after step 1
+    shutil.rmtree(vpp / "checkpoints" / "step_000002")             # as if the run died after step 1
+    (vpp / "checkpoints" / "latest").write_text("step_000001")
     (vpp / "metrics.jsonl").unlink()
     run_multiproc(_train, 2, (base + ["model.pp=2", "model.vpp=2", f"logging.run_dir={vpp}"],))
     resumed = _rows(vpp)
