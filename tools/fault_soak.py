@@ -149,12 +149,17 @@ def tiny_setup(workdir: Path, steps: int) -> tuple[list[str], Path]:
     return overrides, workdir
 
 
+KILLED: list[int] = []      # SIGKILLs delivered by the last `soak` (a scheduled point may not be reached)
+
+
 def soak(kills: list[str], steps: int, workdir: Path, log=print) -> list[str]:
-    """Reference run + killed run in `workdir`; the mismatches (empty: identical)."""
+    """Reference run + killed run in `workdir`; the mismatches (empty: identical). The number
+    of kills actually delivered is left in `KILLED[0]`."""
     overrides, _ = tiny_setup(workdir, steps)
     ref_dir, run_dir = workdir / "reference", workdir / "killed"
     train_subprocess(overrides + [f"logging.run_dir={ref_dir}", "trainer.resume=none"])
-    run_with_kills(overrides + [f"logging.run_dir={run_dir}"], kills, log)
+    codes = run_with_kills(overrides + [f"logging.run_dir={run_dir}"], kills, log)
+    KILLED[:] = [sum(rc == -9 for rc in codes)]
     return compare(read_metrics(ref_dir), read_metrics(run_dir))
 
 
@@ -164,13 +169,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--max-hit", type=int, default=3, help="a kill point fires at its n-th hit, n in 1..max-hit; "
+                   "1 kills each process at its first hit (most kills per step)")
     a = p.parse_args(argv)
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="fault_soak_"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    kills = random_kills(a.kills, a.seed)
+    kills = random_kills(a.kills, a.seed, a.max_hit)
     bad = soak(kills, a.steps, workdir)
-    print(f"{len(kills)} kill points, {a.steps} steps, {time.time() - t0:.0f}s: "
+    print(f"{KILLED[0]} SIGKILLs delivered ({len(kills)} scheduled), {a.steps} steps, {time.time() - t0:.0f}s: "
           f"{'IDENTICAL per-step metrics' if not bad else f'{len(bad)} MISMATCHES'} (workdir {workdir})")
     for line in bad[:20]:
         print("  " + line)

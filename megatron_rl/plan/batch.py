@@ -56,9 +56,8 @@ class RolePlan:
 
 
 def response_tokens(cfg) -> int:
-    agent = getattr(cfg, "agent", None)
-    if agent is not None and getattr(agent, "enable", False):
-        return agent.max_response_length
+    if cfg.agent.enable:
+        return cfg.agent.max_response_length
     return cfg.rollout.max_new_tokens
 
 
@@ -96,7 +95,7 @@ def actor_sft_steps(cfg) -> int:
 
 
 def _gad(cfg) -> bool:
-    return bool(getattr(getattr(cfg, "gad", None), "enable", False))
+    return bool(cfg.gad.enable)
 
 
 def resolve_batch(cfg, layout: Layout, actor_trainable: bool) -> BatchPlan:

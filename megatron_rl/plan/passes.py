@@ -47,9 +47,9 @@ def resolve_old_logprob(cfg, batch: BatchPlan, recipe: str) -> OldLogprobPlan:
                     f"({batch.mini_batches_per_epoch} mini-batches x {batch.ppo_epochs} epochs)")
     if cfg.algos.use_kl_in_reward:
         keep.append("algos.use_kl_in_reward (the KL penalty needs old log-probs before the advantages)")
-    if getattr(cfg.steering, "enable", False):
+    if cfg.steering.enable:
         keep.append("steering.enable (steered recompute / rollout IS weights)")
-    if getattr(cfg.token_weights, "source", "none") != "none":
+    if cfg.token_weights.source != "none":
         keep.append(f"token_weights.source={cfg.token_weights.source}")
     if keep:
         return OldLogprobPlan("recompute", "separate pass: " + "; ".join(keep))

@@ -110,9 +110,8 @@ def resolve_rollout(cfg, layout: Layout, batch: BatchPlan) -> RolloutPlan:
 
 
 def _apply_to(cfg) -> str:
-    tw = getattr(cfg, "token_weights", None)
-    if tw is not None and getattr(tw, "source", "none") != "none":
-        return tw.apply_to
+    if cfg.token_weights.source != "none":
+        return cfg.token_weights.apply_to
     return cfg.algos.token_weights_apply_to
 
 

@@ -29,7 +29,7 @@ class SamplingPlan:
 
 def resolve_sampling(cfg, batch: BatchPlan, recipe: str) -> SamplingPlan:
     ds, ov, a = cfg.algos.dynamic_sampling, cfg.reward.overlong, cfg.algos
-    agent = bool(getattr(getattr(cfg, "agent", None), "enable", False))
+    agent = bool(cfg.agent.enable)
     shaping = ov.buffer_len > 0 or a.mask_truncated
     if (ds.enable or shaping) and recipe not in ("grpo", "ppo"):
         raise PlanError(f"algos.dynamic_sampling / reward.overlong / algos.mask_truncated apply to the grpo/ppo "
