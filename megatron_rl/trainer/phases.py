@@ -11,6 +11,7 @@ import torch
 
 from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
+from megatron_rl.logging.values import MeanOver
 from megatron_rl.parallel.data_parallel import dp_group, dp_mean, dp_mean_count
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rewards.length_shaping import apply_length_shaping
@@ -57,8 +58,9 @@ def rewards(tr, batch: Batch) -> dict[str, float]:
     result = tr.rewards.score_batch(batch, texts, reward_model=tr.roles.reward_model)
     scores = torch.tensor(result.scores, dtype=torch.float32)
     lengths = batch["response_mask"].sum(-1)
-    metrics = {"reward/mean": scores.mean().item(), "reward/max": scores.max().item(),
-               "reward/min": scores.min().item(), "response_length/mean": lengths.mean().item(),
+    n = len(batch)          # count-aware means: exact over DP ranks that hold different numbers of rows
+    metrics = {"reward/mean": MeanOver(scores.mean().item(), n), "reward/max": scores.max().item(),
+               "reward/min": scores.min().item(), "response_length/mean": MeanOver(lengths.mean().item(), n),
                "response_length/max": lengths.max().item()}
     metrics.update(result.metrics)
     metrics.update(apply_length_shaping(tr.cfg, tr.tokenizer, batch, result.scores))   # DAPO overlong / truncation
