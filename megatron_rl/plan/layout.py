@@ -86,6 +86,8 @@ def check_expert_parallel(m, world_size: int, shape: Shape | None) -> None:
     if world_size % (etp * ep * m.pp):
         raise PlanError(f"world size {world_size} is not divisible by model.etp * model.ep * model.pp = "
                         f"{etp} * {ep} * {m.pp} = {etp * ep * m.pp} (Megatron's expert grid)")
+    if shape is not None and not shape.is_moe:
+        check_no_moe_options(m.moe)
     if shape is None or (ep == 1 and etp == 1):
         return
     if not shape.is_moe:
@@ -96,6 +98,19 @@ def check_expert_parallel(m, world_size: int, shape: Shape | None) -> None:
         raise PlanError(f"model.ep={ep}: num_experts={shape.num_experts} is not divisible by it")
     if shape.moe_ffn_hidden_size % etp:
         raise PlanError(f"model.etp={etp}: moe_ffn_hidden_size={shape.moe_ffn_hidden_size} is not divisible by it")
+
+
+def check_no_moe_options(moe) -> None:
+    """`model.moe.*` set away from its defaults on a dense model would change nothing: refused."""
+    from dataclasses import fields
+
+    from megatron_rl.models.moe_config import MoEConfig
+
+    default = MoEConfig()
+    changed = [f.name for f in fields(moe) if getattr(moe, f.name) != getattr(default, f.name)]
+    if changed:
+        raise PlanError(f"model.moe.{changed[0]}={getattr(moe, changed[0])!r}: the model is dense (no experts), "
+                        f"so the model.moe section has no effect; remove it")
 
 
 def check_context_parallel(cp: int) -> None:

@@ -88,3 +88,12 @@ def test_qwen3_configs_plan_and_fit_their_cluster(name, world, gpu_mem, ep):
     cfg = load_experiment_config(Path(__file__).resolve().parents[2] / "configs" / name)
     p = resolve_plan(cfg, world_size=world, device="cuda", gpu_mem_gib=gpu_mem)
     assert p.layout.ep == ep and p.model.shape is not None and p.memory.fits, p.summary()
+
+
+def test_moe_options_on_a_dense_model_are_refused_by_name():
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import PlanError, resolve_plan
+
+    cfg = load_experiment_config(None, ["model.moe.aux_loss_coef=0.01"])
+    with pytest.raises(PlanError, match=r"model.moe.aux_loss_coef=0.01: the model is dense"):
+        resolve_plan(cfg, world_size=1, device="cuda", shape="llama3-8b")
