@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.gpu_trainer_smoke import LLAMA_1B, ROOT, WORDS, assets  # noqa: E402
+from tools.gpu_trainer_smoke import LLAMA_1B, ROOT, WORDS, assets, base_overrides, fit  # noqa: E402
 
 RM_SHAPES = {"smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                   num_key_value_heads=3),
@@ -42,9 +42,6 @@ def reward_model(name: str, policy: Path) -> Path:
 
 
 def main() -> int:
-    from megatron_rl.config import load_experiment_config
-    from megatron_rl.trainer.main import build_trainer
-
     if not torch.cuda.is_available():
         print("needs CUDA")
         return 1
@@ -53,20 +50,9 @@ def main() -> int:
     print("|---|---:|" + "---:|" * (len(PHASES) + 1))
     for name in RM_SHAPES:
         run_dir = ROOT / f"run_rm_{name}"
-        overrides = [f"model.path={model}", "model.dtype=bfloat16", "model.layer_spec=sdpa",
-                     f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]",
-                     "data.train_batch_size=16", "data.max_prompt_length=16", "rollout.n=8",
-                     "rollout.max_new_tokens=64", "actor.micro_batch_size=16", "reward.num_workers=0",
-                     f"reward.model.path={reward_model(name, model)}", "reward.model.micro_batch_size=32",
-                     "reward.model.template=tokens", "reward.combine={model: 1.0, gsm8k: 0.0}", f"logging.run_dir={run_dir}",
-                     "logging.sinks=[jsonl]", "trainer.total_steps=3", "trainer.val_before_train=false",
-                     "trainer.final_validation=false", "trainer.save_final=false", "trainer.resume=none"]
-        tr = build_trainer(load_experiment_config(None, overrides))
-        try:
-            tr.fit()
-        finally:
-            tr.logger.close()
-            tr.rewards.close()
+        tr = fit(base_overrides(model, data, run_dir) + [
+            f"reward.model.path={reward_model(name, model)}", "reward.model.micro_batch_size=32",
+            "reward.model.template=tokens", "reward.combine={model: 1.0, gsm8k: 0.0}"])
         for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()):
             cells = [f"{r[k]:.3f}" if k in r else "-" for k in PHASES + ("reward/mean",)]
             print(f"| {name} | {r['step']} | " + " | ".join(cells) + " |")

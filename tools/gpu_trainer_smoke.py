@@ -35,25 +35,36 @@ def assets() -> tuple[Path, Path]:
     return model, data
 
 
-def run(model: Path, data: Path, offload: bool) -> dict:
+def base_overrides(model: Path, data: Path, run_dir: Path) -> list[str]:
+    """The smoke run's config: the ~1B policy, bf16, sdpa, native engine, 16 prompts x n=8 x 64
+    tokens, 3 steps, no validation or final checkpoint."""
+    return [f"model.path={model}", "model.dtype=bfloat16", "model.layer_spec=sdpa",
+            f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]",
+            "data.train_batch_size=16", "data.max_prompt_length=16", "rollout.n=8", "rollout.max_new_tokens=64",
+            "actor.micro_batch_size=16", "reward.num_workers=0", f"logging.run_dir={run_dir}",
+            "logging.sinks=[jsonl]", "trainer.total_steps=3", "trainer.val_before_train=false",
+            "trainer.final_validation=false", "trainer.save_final=false", "trainer.resume=none"]
+
+
+def fit(overrides: list[str]):
+    """Build the GRPO recipe from `overrides`, train, close its logger and reward pool."""
     from megatron_rl.config import load_experiment_config
     from megatron_rl.trainer.main import build_trainer
 
-    run_dir = ROOT / f"run_offload{int(offload)}"
-    overrides = [f"model.path={model}", "model.dtype=bfloat16", "model.layer_spec=sdpa",
-                 f"data.train_files=[{data / 'train.jsonl'}]", f"data.val_files=[{data / 'val.jsonl'}]",
-                 "data.train_batch_size=16", "data.max_prompt_length=16", "rollout.n=8", "rollout.max_new_tokens=64",
-                 "actor.micro_batch_size=16", "algos.use_kl_loss=true", f"ref.offload={str(offload).lower()}",
-                 "reward.name=gsm8k", "reward.num_workers=0", f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]",
-                 "trainer.total_steps=3", "trainer.val_before_train=false", "trainer.final_validation=false",
-                 "trainer.save_final=false", "trainer.resume=none"]
-    torch.cuda.reset_peak_memory_stats()
     tr = build_trainer(load_experiment_config(None, overrides))
     try:
         tr.fit()
     finally:
         tr.logger.close()
         tr.rewards.close()
+    return tr
+
+
+def run(model: Path, data: Path, offload: bool) -> dict:
+    run_dir = ROOT / f"run_offload{int(offload)}"
+    torch.cuda.reset_peak_memory_stats()
+    tr = fit(base_overrides(model, data, run_dir) + ["algos.use_kl_loss=true", f"ref.offload={str(offload).lower()}",
+                                                    "reward.name=gsm8k"])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     ref_bytes = sum(p.untyped_storage().nbytes() for c in tr.reference.chunks for p in c.parameters()
                     if p.is_cuda)
