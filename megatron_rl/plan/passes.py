@@ -62,10 +62,14 @@ def resolve_rollout_offload(cfg, device: str) -> str:
     """`actor.offload_during_rollout`, defaulted and checked against the engine."""
     r = cfg.rollout
     mode = cfg.actor.offload_during_rollout
+    frozen_actor = cfg.steering.enable and cfg.steering.predictor.enable     # the predictor recipe
     if mode is None:
-        return "state" if (r.engine == "vllm" and r.colocate) else "none"
+        return "state" if (r.engine == "vllm" and r.colocate and not frozen_actor) else "none"
     if mode not in OFFLOAD_MODES:
         raise PlanError(f"actor.offload_during_rollout must be one of {'|'.join(OFFLOAD_MODES)}, got {mode!r}")
+    if mode != "none" and frozen_actor:
+        raise PlanError(f"actor.offload_during_rollout={mode} with steering.predictor.enable: the LLM is frozen "
+                        "(no gradients or optimizer state to move); use none")
     if mode == "state_and_weights" and r.engine == "native":
         raise PlanError("actor.offload_during_rollout=state_and_weights with rollout.engine=native: the native "
                         "engine generates with the actor's own weights; use state or none")

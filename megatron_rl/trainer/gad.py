@@ -117,8 +117,10 @@ class GADTrainer(Trainer):
         self.skipped_no_teacher += skipped
         # each DP rank skips within its own shard: the global count is the sum over ranks
         metrics = {"gad/skipped_no_teacher": Summed(self.skipped_no_teacher), "gad/warmup": float(warmup)}
+        metrics.update(self.offload_training_state())       # actor.offload_during_rollout, as in Trainer
         with self.logger.timer("rollout"):
             batch = phases.rollout(self, prompts, step)
+        metrics.update(self.onload_training_state())
         teachers = self.teacher_batch(prompts)
         attn = batch.get("response_attention_mask", batch["response_mask"]).float()
         students = scoring_batch(batch, batch["response_ids"], attn)

@@ -151,3 +151,16 @@ def test_rollout_phase_memory_counts_the_training_state_offload():
     none, state, both = (est[m].phases["rollout"] for m in ("none", "state", "state_and_weights"))
     assert none - state == pytest.approx(c["actor grads"] + c["optimizer"])
     assert state - both == pytest.approx(c["actor weights"])
+
+
+def test_offload_during_rollout_is_refused_for_the_frozen_predictor_llm():
+    from types import SimpleNamespace as NS
+
+    from megatron_rl.plan.passes import resolve_rollout_offload
+
+    def cfg(mode):
+        return NS(rollout=NS(engine="vllm", colocate=True), actor=NS(offload_during_rollout=mode),
+                  steering=NS(enable=True, predictor=NS(enable=True)))
+    assert resolve_rollout_offload(cfg(None), "cuda") == "none"          # nothing to move: the LLM is frozen
+    with pytest.raises(PlanError, match=r"actor.offload_during_rollout=state with steering.predictor.enable"):
+        resolve_rollout_offload(cfg("state"), "cuda")
