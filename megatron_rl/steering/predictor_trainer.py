@@ -68,9 +68,15 @@ class StrengthPredictorTrainer:
         grad_norm = None
         if self.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.predictor.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.steps += 1
+        # a non-finite gradient (identical on every DP rank after the averaging) skips the step:
+        # weights and Adam state stay as they were; the trainer counts it (trainer.max_bad_steps)
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in self.predictor.parameters() if p.grad is not None)
+        if finite:
+            self.optimizer.step()
+            self.steps += 1
         metrics = self.metrics(strengths, rewards)
+        metrics["steering/optimizer_steps"] = 1.0
+        metrics["steering/skipped_steps"] = float(not finite)
         metrics["steering/predictor_loss"] = float(loss.detach())
         if grad_norm is not None:
             metrics["steering/predictor_grad_norm"] = float(grad_norm)

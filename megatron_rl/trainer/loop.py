@@ -32,6 +32,7 @@ class RecipeLoop(RunContext):
     step: int = 0
     val_before: float | None = None
     bad_steps: BadStepGuard = None  # trainer.max_bad_steps: skipped optimizer steps in a row
+    guarded_metrics = "actor"       # whose `{prefix}/skipped_steps` the guard counts (class attribute)
 
     @property
     def checkpoints(self) -> CheckpointManager:
@@ -52,7 +53,7 @@ class RecipeLoop(RunContext):
             last = self.step == t.total_steps
             fault_point("step")
             metrics = self.train_step(self.step)
-            self.bad_steps.update(metrics, self.step)
+            self.bad_steps.update(metrics, self.step, self.guarded_metrics)
             if (t.val_every and self.step % t.val_every == 0 and not last) or (last and t.final_validation):
                 metrics.update(self.validate())
             self.logger.log(metrics, step=self.step)

@@ -34,6 +34,7 @@ from megatron_rl.trainer.loop import RecipeLoop
 class PredictorTrainer(RecipeLoop):
     """Roles: `actor` is the frozen LLM (its model carries `steering`), `predictor` the
     strength predictor (the only trained role, the only one checkpointed)."""
+    guarded_metrics = "steering"    # trainer.max_bad_steps counts the predictor's skipped steps
 
     @property
     def llm(self):

@@ -136,3 +136,19 @@ def test_one_step_on_tiny_megatron_model_with_steered_reward(tiny_model):
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in llm_before.items())
     assert all(p.grad is None for p in tiny_model.parameters())
     assert set(metrics) >= {"steering/strength_mean/0", "steering/strength_std/0", "steering/reward_mean"}
+
+
+def test_non_finite_gradient_skips_the_step_and_is_counted():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    pred = StrengthPredictor(8, 1, hidden=16)
+    trainer = StrengthPredictorTrainer(pred, lr=1e-2)
+    before = {k: v.clone() for k, v in pred.state_dict().items()}
+    s, _ = pred.sample(x, n=2)
+    bad = x.clone()
+    bad[1, 0] = float("nan")                       # a non-finite prompt representation
+    metrics = trainer.step(bad, s, torch.arange(8.0), group_index(4, 2))
+    assert metrics["steering/skipped_steps"] == 1.0 and trainer.steps == 0
+    assert all(torch.equal(v, pred.state_dict()[k]) for k, v in before.items())
+    metrics = trainer.step(x, s, torch.arange(8.0), group_index(4, 2))
+    assert metrics["steering/skipped_steps"] == 0.0 and trainer.steps == 1
