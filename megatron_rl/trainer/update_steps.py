@@ -10,6 +10,7 @@ import torch
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.schedule import run_microbatches
+from megatron_rl.parallel.data_parallel import dp_mean
 from megatron_rl.trainer.faults import fault_point, nan_loss_now
 
 
@@ -39,24 +40,10 @@ def microbatch_weights(mbs: list[dict], agg_mode: str, token_weights_apply_to: s
                   else float(mb["response_mask"].sum()) for mb in mbs]
     else:
         counts = [float((mb["response_mask"].sum(-1) > 0).sum()) for mb in mbs]
-    total = dp_mean_total(sum(counts))
+    # DDP averages the ranks' gradients: dividing by the DP-mean count (not this rank's) makes the
+    # update the global batch's token-mean loss even when ranks hold different numbers of tokens
+    total = dp_mean([sum(counts)])
     return [c / total if total > 0 else 0.0 for c in counts]
-
-
-def dp_mean_total(total: float) -> float:
-    """The mean over DP ranks of each rank's token (or sequence) count. DDP averages the
-    ranks' gradients, so dividing by this rather than the rank's own count makes the update
-    the global batch's token-mean loss even when ranks hold different numbers of tokens."""
-    from megatron_rl.parallel.data_parallel import dp_rank_size
-
-    _, size = dp_rank_size()
-    if size == 1:
-        return total
-    from megatron.core import parallel_state as mpu
-
-    t = torch.tensor([total], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t, group=mpu.get_data_parallel_group())
-    return float(t.item()) / size
 
 
 def set_loss_scales(mbs: list[dict], agg_mode: str, token_weights_apply_to: str = "pg") -> None:
