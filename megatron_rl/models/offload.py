@@ -307,13 +307,11 @@ class Offloadable:
 
     offloader = None
 
-    def offload(self) -> None:
-        if self.offloader is not None:
-            self.offloader.offload()
+    def offload(self) -> "MoveStats | None":
+        return self.offloader.offload() if self.offloader is not None else None
 
-    def onload(self) -> None:
-        if self.offloader is not None:
-            self.offloader.onload()
+    def onload(self) -> "MoveStats | None":
+        return self.offloader.onload() if self.offloader is not None else None
 
     @contextlib.contextmanager
     def onloaded(self) -> Iterator[None]:

@@ -97,14 +97,21 @@ def build_trained(cfg: Config, path: str, optim: OptimConfig, horizon_steps: int
 
 
 def build_actor(cfg: Config, plan):
-    """The trained policy (`model.path`, `actor.*`), its LR schedule over the plan's horizon."""
+    """The trained policy (`model.path`, `actor.*`), its LR schedule over the plan's horizon;
+    its `offloader` moves the training state (and by option the weights) to host memory
+    while the engine generates, as `actor.offload_during_rollout` resolved in the plan."""
     from megatron_rl.trainer.policy import Policy
 
     t = build_trained(cfg, cfg.model.path, cfg.actor.optim, plan.role("actor").lr_horizon_steps)
-    return Policy(t.model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
-                  optimizer=t.optimizer, scheduler=t.scheduler, ddp_model=t.ddp,
-                  fused_backend=plan.loss_backend,
-                  max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+    actor = Policy(t.model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
+                   optimizer=t.optimizer, scheduler=t.scheduler, ddp_model=t.ddp,
+                   fused_backend=plan.loss_backend,
+                   max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+    mode = plan.rollout.offload_during_rollout
+    if mode != "none":
+        from megatron_rl.models.offload import TrainingStateOffloader
+        actor.offloader = TrainingStateOffloader(t.ddp, t.optimizer, offload_weights=mode == "state_and_weights")
+    return actor
 
 
 def build_frozen_policy(cfg: Config, plan, *, offload: bool = False):

@@ -117,7 +117,6 @@ class Trainer(RecipeLoop):
     (token weights) -> update -> weight sync."""
     kl_ctrl: object = None                  # algos.kl controller
     token_weights: object = None            # callable(trainer, batch) -> metrics; sets batch["token_weights"]
-    _state_offloader: object = None         # models.offload.TrainingStateOffloader, built on first use
 
     @property
     def actor(self):
@@ -181,32 +180,19 @@ class Trainer(RecipeLoop):
         return {"val/reward": phases.validate(self)}
 
     # --- the actor's training state while the engine generates (actor.offload_during_rollout) ---
-    def training_state_offloader(self):
-        """A `TrainingStateOffloader` of the actor (built once), or None when the plan keeps the
-        state resident."""
-        mode = self.plan.rollout.offload_during_rollout
-        if mode == "none" or self.actor is None or self.actor.optimizer is None:
-            return None
-        if self._state_offloader is None:
-            from megatron_rl.models.offload import TrainingStateOffloader
-            self._state_offloader = TrainingStateOffloader(self.actor.ddp_chunks, self.actor.optimizer,
-                                                           offload_weights=mode == "state_and_weights")
-        return self._state_offloader
-
     def offload_training_state(self) -> dict[str, float]:
-        off = self.training_state_offloader()
-        if off is None:
+        """The actor role's offloader (trainer/build.py builds one when the plan says so)."""
+        if self.actor is None or self.actor.offloader is None:
             return {}
         with self.logger.timer("offload"):
-            stats = off.offload()
+            stats = self.actor.offload()
         return {"perf/offload_freed_gib": stats.bytes_freed / 2**30}
 
     def onload_training_state(self) -> dict[str, float]:
-        off = self.training_state_offloader()
-        if off is None:
+        if self.actor is None or self.actor.offloader is None:
             return {}
         with self.logger.timer("onload"):
-            off.onload()
+            self.actor.onload()
         return {}
 
     def trainer_state(self) -> dict:
