@@ -116,8 +116,16 @@ class RolloutConfig:
     val_greedy: bool = True           # validation decodes greedily; false: samples at val_temperature (> 0)
     val_temperature: float = 0.0
     logprob_mode: str = "recompute"   # recompute | rollout (use the engine's log-probs)
+    # The engine's per-token log-probs of the sampled tokens (`rollout_logprob`): auto = only when something
+    # reads them (logprob_mode rollout, steering IS weights, off-policy correction); always = also for the
+    # `rollout/logprob_diff` metric; never. Asking vLLM for them slows generation (issue #20: 1.4-1.7x).
+    engine_logprobs: str = "auto"     # auto | always | never
     gpu_memory_utilization: float = 0.5   # vLLM
-    colocate: bool = True             # false (disaggregated engine GPUs) is refused: not implemented yet
+    colocate: bool = True             # false is refused: use rollout.placement: disaggregated
+    # colocated: the engine shares the trainer ranks; disaggregated: the last `num_ranks` ranks of the
+    # torchrun world run the engine (its TP = num_ranks), the others train (docs/ASYNC.md)
+    placement: str = "colocated"      # colocated | disaggregated
+    num_ranks: int = 0                # rollout ranks under placement: disaggregated
     weight_sync_bucket_mb: int = 256
     vllm: VLLMConfig = field(default_factory=VLLMConfig)   # engine: vllm only (megatron_rl/rollout/vllm_config.py)
 
@@ -151,6 +159,7 @@ class TrainerConfig:
     # step guard: optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer
     # state untouched, counted in actor/skipped_steps); this many in a row stop the run
     max_bad_steps: int = 5
+    async_: AsyncConfig = field(default_factory=AsyncConfig)   # YAML `trainer.async` (async_rl/config.py)
 
     def __post_init__(self) -> None:
         if self.max_bad_steps < 1:

@@ -6,7 +6,9 @@
   PPO ratio is exactly 1 and the gradient the same, so `auto` skips that pass (verl and
   TRL do the same). The pass stays where something reads `old_logprob` before the
   update (KL-in-reward, steering's recompute / IS weights, token-weight sources, GAD) or
-  where the update takes several optimizer steps (the policy moves between them).
+  where the update takes several optimizer steps (the policy moves between them), and always
+  under `algos.off_policy.correction` (old against rollout log-probs; refused with
+  `rollout.logprob_mode: rollout`, which has no separate old log-probs).
 - Training state during rollout (`actor.offload_during_rollout`): a colocated vLLM engine
   needs the GPU while it generates; the actor's grad buffers and optimizer state (and, by
   option, its weights) move to host memory for the rollout (models/offload.py).
@@ -35,6 +37,9 @@ def resolve_old_logprob(cfg, batch: BatchPlan, recipe: str) -> OldLogprobPlan:
     mode = cfg.actor.recompute_old_logprob
     if mode not in ("auto", "always"):
         raise PlanError(f"actor.recompute_old_logprob must be auto|always, got {mode!r}")
+    off = cfg.algos.off_policy
+    if off.enabled:
+        return _off_policy_old_logprob(cfg, off.correction)
     if cfg.rollout.logprob_mode == "rollout":
         return OldLogprobPlan("rollout", "rollout.logprob_mode=rollout: the engine's log-probs")
     if mode == "always":
@@ -56,6 +61,51 @@ def resolve_old_logprob(cfg, batch: BatchPlan, recipe: str) -> OldLogprobPlan:
     return OldLogprobPlan("update_forward", "on-policy (1 optimizer step per rollout): the update's own forward, "
                                             "detached; no rollout/logprob_diff "
                                             "(actor.recompute_old_logprob=always keeps it)")
+
+
+def engine_logprob_readers(cfg) -> list[str]:
+    """What reads the engine's `rollout_logprob` before or in the update."""
+    readers = []
+    if cfg.rollout.logprob_mode == "rollout":
+        readers.append("rollout.logprob_mode=rollout")
+    if cfg.steering.enable and getattr(cfg.steering, "logprob_mode", "") == "rollout_is":
+        readers.append("steering.logprob_mode=rollout_is")
+    off_policy = getattr(cfg.algos, "off_policy", None)
+    if off_policy is not None and getattr(off_policy, "correction", "none") != "none":
+        readers.append(f"algos.off_policy.correction={off_policy.correction}")
+    return readers
+
+
+def resolve_engine_logprobs(cfg) -> dict:
+    """`rollout.engine_logprobs` -> whether the engine returns per-token log-probs, and why."""
+    mode = cfg.rollout.engine_logprobs
+    if mode not in ("auto", "always", "never"):
+        raise PlanError(f"rollout.engine_logprobs must be auto|always|never, got {mode!r}")
+    readers = engine_logprob_readers(cfg)
+    if mode == "never" and readers:
+        raise PlanError(f"rollout.engine_logprobs=never, but {', '.join(readers)} reads the engine's log-probs; "
+                        "use auto")
+    if mode == "always":
+        return {"engine_logprobs": True, "engine_logprobs_reason": "rollout.engine_logprobs=always "
+                                                                   "(rollout/logprob_diff is logged)"}
+    if readers:
+        return {"engine_logprobs": True, "engine_logprobs_reason": "read by " + ", ".join(readers)}
+    return {"engine_logprobs": False, "engine_logprobs_reason": f"rollout.engine_logprobs={mode}: nothing reads them "
+                                                                "(no rollout/logprob_diff; `always` logs it)"}
+
+
+def _off_policy_old_logprob(cfg, correction: str) -> OldLogprobPlan:
+    """An off-policy correction compares the trainer's old log-probs with the engine's
+    `rollout_logprob` (every engine returns them): both must exist, so the pass is forced."""
+    key = f"algos.off_policy.correction={correction}"
+    if cfg.rollout.logprob_mode == "rollout":
+        raise PlanError(f"{key} with rollout.logprob_mode=rollout: the correction weighs the trainer's old "
+                        "log-probs against the rollout's, and that mode uses the rollout's as the old ones "
+                        "(every ratio would be 1); set rollout.logprob_mode=recompute or correction=none")
+    if cfg.steering.enable and cfg.steering.logprob_mode == "rollout_is":
+        raise PlanError(f"{key} with steering.logprob_mode=rollout_is: both fold the same ratio "
+                        "exp(old - rollout) into token_weights (it would be applied twice); keep one")
+    return OldLogprobPlan("recompute", f"separate pass: {key} (old log-probs against the rollout's)")
 
 
 def resolve_rollout_offload(cfg, device: str) -> str:

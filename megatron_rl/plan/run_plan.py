@@ -18,8 +18,8 @@ from pathlib import Path
 
 from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
 from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
-from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer, resolve_old_logprob,
-                                     resolve_rollout_offload)
+from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer, resolve_engine_logprobs,
+                                     resolve_old_logprob, resolve_rollout_offload)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
 from megatron_rl.plan.sampling import SamplingPlan, resolve_sampling
 
@@ -34,6 +34,8 @@ class RolloutPlan:
     max_new_tokens: int
     gpu_memory_utilization: float | None   # vLLM only
     offload_during_rollout: str = "none"   # none | state | state_and_weights (actor.offload_during_rollout)
+    engine_logprobs: bool = True           # the engine returns rollout_logprob (rollout.engine_logprobs)
+    engine_logprobs_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def resolve_rollout(cfg, layout: Layout, batch: BatchPlan) -> RolloutPlan:
     return RolloutPlan(engine=r.engine, placement="colocated", samples_per_dp_rank=batch.samples_per_dp_rank,
                        max_new_tokens=r.max_new_tokens,
                        gpu_memory_utilization=r.gpu_memory_utilization if r.engine == "vllm" else None,
-                       offload_during_rollout=resolve_rollout_offload(cfg, layout.device))
+                       offload_during_rollout=resolve_rollout_offload(cfg, layout.device),
+                       **resolve_engine_logprobs(cfg))
 
 
 def _apply_to(cfg) -> str:

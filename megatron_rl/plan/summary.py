@@ -37,6 +37,8 @@ def format_summary(plan) -> str:
                        if plan.rollout.gpu_memory_utilization is not None else "")
                     + f"; training state during rollout: offload {plan.rollout.offload_during_rollout}"),
         ("old log-probs", f"{plan.old_logprob.source} ({plan.old_logprob.reason})"),
+        ("engine log-probs", f"{'yes' if plan.rollout.engine_logprobs else 'no'} "
+                             f"({plan.rollout.engine_logprobs_reason})"),
     ]
     if plan.sampling is not None:
         from megatron_rl.plan.sampling import sampling_line

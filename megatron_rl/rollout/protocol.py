@@ -34,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False   # EOS does not end a response (fixed-length rollouts); stop strings still do
     min_new_tokens: int = 0    # EOS and stop strings are suppressed before this many tokens
+    logprobs: bool = True      # return `rollout_logprob` (vLLM computes them at a cost; the native engine always can)
 
 
 @runtime_checkable

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 @dataclass
 class VLLMConfig:
     """Engine start-up (passed to `vllm.LLM`): tensor_parallel_size is vLLM's own TP,
-    independent of the actor's; enforce_eager=True is the verified default and the
-    only mode for clamp steering (forward hooks; CUDA graphs would skip hooks registered
-    after capture); enforce_eager=False keeps torch.compile + CUDA graphs, with additive
-    steering built into the model (steering/vllm_graph.py); dtype "" = the actor's
-    `model.dtype`."""
+    independent of the actor's; enforce_eager None (default) = CUDA graphs + torch.compile
+    (False) unless clamp steering needs eager mode (forward hooks; CUDA graphs would skip
+    hooks registered after capture); with False, additive steering is built into the model
+    (steering/vllm_graph.py); dtype "" = the actor's `model.dtype`."""
 
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None
     dtype: str = ""
     max_model_len: int = 0                  # 0: prompt + max_new_tokens of the rollout config, at least 512
     enable_prefix_caching: bool = True

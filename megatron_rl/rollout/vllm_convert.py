@@ -16,15 +16,20 @@ def vllm_sampling_kwargs(sp: SamplingParams, seed: int | None = None,
                          stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams`.
 
-    logprobs=0 returns the sampled token's log-prob only; stop strings stay in the
+    logprobs=0 returns the sampled token's log-prob only, as flat lists
+    (`flat_logprobs`: a constant number of Python objects per request instead of one dict
+    per token, which is most of the cost of asking); `sp.logprobs` False asks for none.
+    Stop strings stay in the
     text (`include_stop_str_in_output`) as in the native engine; top_k=0 is vLLM's "off"
     (our -1); greedy is temperature 0; `ignore_eos` / `min_new_tokens` map to vLLM's
     `ignore_eos` / `min_tokens`.
     """
-    kw: dict[str, Any] = dict(n=sp.n, max_tokens=sp.max_new_tokens, logprobs=0, seed=seed,
+    kw: dict[str, Any] = dict(n=sp.n, max_tokens=sp.max_new_tokens, seed=seed,
                               stop=list(sp.stop) or None, include_stop_str_in_output=True,
                               detokenize=bool(sp.stop), skip_special_tokens=False,
                               stop_token_ids=list(stop_token_ids) or None)
+    if sp.logprobs:
+        kw.update(logprobs=0, flat_logprobs=True)
     if sp.ignore_eos:
         kw["ignore_eos"] = True
     if sp.min_new_tokens:
@@ -71,6 +76,8 @@ def token_logprobs(completion) -> list[float]:
     ids, lps = list(completion.token_ids), completion.logprobs
     if lps is None:
         raise RuntimeError("vLLM returned no log-probs for a completion: SamplingParams.logprobs must be 0")
+    if hasattr(lps, "start_indices"):          # vLLM's FlatLogprobs: one flat list per field
+        return _flat_token_logprobs(ids, lps)
     if len(lps) != len(ids):
         raise RuntimeError(f"vLLM returned {len(lps)} log-prob entries for {len(ids)} tokens")
     out = []
@@ -82,9 +89,26 @@ def token_logprobs(completion) -> list[float]:
     return out
 
 
-def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int) -> Batch:
+def _flat_token_logprobs(ids: list[int], flat) -> list[float]:
+    if len(flat.start_indices) != len(ids):
+        raise RuntimeError(f"vLLM returned {len(flat.start_indices)} log-prob positions for {len(ids)} tokens")
+    out = []
+    for t, tok in enumerate(ids):
+        lo, hi = flat.start_indices[t], flat.end_indices[t]
+        for j in range(lo, hi):
+            if flat.token_ids[j] == tok:
+                out.append(float(flat.logprobs[j]))
+                break
+        else:
+            raise RuntimeError(f"vLLM log-probs at position {t} lack the sampled token {tok} "
+                               f"(keys {flat.token_ids[lo:hi][:4]})")
+    return out
+
+
+def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int, logprobs: bool = True) -> Batch:
     """`outputs[i]` (a `RequestOutput` with `n` completions) for prompt row i -> a Batch with
-    n adjacent rows per prompt in the native engine's layout (see `rollout/protocol.py`)."""
+    n adjacent rows per prompt in the native engine's layout (see `rollout/protocol.py`);
+    without `logprobs` (not asked for) the batch has no `rollout_logprob`."""
     if len(outputs) != len(batch):
         raise ValueError(f"{len(outputs)} vLLM outputs for {len(batch)} prompts")
     expanded = batch.repeat_interleave(n) if n > 1 else batch.select(range(len(batch)))
@@ -96,7 +120,7 @@ def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int) -> Ba
             raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected n={n}")
         for j, c in enumerate(comps):
             seqs.append(list(c.token_ids))
-            lps.append(token_logprobs(c))
+            lps.append(token_logprobs(c) if logprobs else [])
             s = expanded.samples[i * n + j]
             s.setdefault("group", s.get("uid", i))
             s["finish_reason"] = getattr(c, "finish_reason", None)
@@ -108,9 +132,11 @@ def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int) -> Ba
         logprob[r, :len(lp)] = torch.tensor(lp)
     lengths = torch.tensor([len(s) for s in seqs])
     mask = (torch.arange(width)[None] < lengths[:, None]).float()
-    out = Batch({"prompt_ids": expanded["prompt_ids"], "prompt_mask": expanded["prompt_mask"],
-                 "response_ids": ids, "response_mask": mask, "response_attention_mask": mask.long(),
-                 "rollout_logprob": logprob * mask}, expanded.samples)
+    tensors = {"prompt_ids": expanded["prompt_ids"], "prompt_mask": expanded["prompt_mask"],
+               "response_ids": ids, "response_mask": mask, "response_attention_mask": mask.long()}
+    if logprobs:
+        tensors["rollout_logprob"] = logprob * mask
+    out = Batch(tensors, expanded.samples)
     for k, v in expanded.tensors.items():
         if k not in out.tensors and not k.startswith("response"):
             out[k] = v

@@ -22,6 +22,7 @@ torch.compile stay on. Requests are generated in one call per distinct strength 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -86,6 +87,12 @@ class VLLMEngine:
         if isinstance(v, dict):
             v = VLLMConfig(**v)
         v = spmd_defaults(v)
+        steer = getattr(cfg, "steering", None)
+        steering = steering_intervention(steer) if getattr(steer, "enable", False) else None
+        if v.enforce_eager is None:      # CUDA graphs unless a non-additive steering mode needs hooks
+            from megatron_rl.steering.vllm_hooks import ADDITIVE
+
+            v = dataclasses.replace(v, enforce_eager=steering is not None and steering[0].name not in ADDITIVE)
         if r.colocate:   # the engine core in this process: weight buckets and steering state pass by reference
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         dtype = v.dtype or cfg.model.dtype
@@ -97,8 +104,6 @@ class VLLMEngine:
                       logprobs_mode=v.logprobs_mode, generation_config="vllm")
         if v.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = v.distributed_executor_backend
-        steer = getattr(cfg, "steering", None)
-        steering = steering_intervention(steer) if getattr(steer, "enable", False) else None
         if steering is not None and not v.enforce_eager:
             from megatron_rl.steering.vllm_graph import graph_overrides, register_steered_arch
 
@@ -167,7 +172,7 @@ class VLLMEngine:
             res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
             for i, o in zip(idx, res):
                 outputs[i] = o
-        out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id)
+        out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs)
         if self.colocate and self.cfg.sleep_level:
             self.sleep()
         return out
@@ -301,8 +306,6 @@ def spmd_layout_error(dp_ranks: list[int], vllm_tp: int) -> str | None:
 def spmd_defaults(v: VLLMConfig) -> VLLMConfig:
     """Inside a torchrun world (world size > 1) the only vLLM executor that fits is
     `external_launcher` (one vLLM rank per trainer rank, SPMD); pick it and check the layout."""
-    import dataclasses
-
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

@@ -17,22 +17,25 @@ from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rewards.length_shaping import apply_length_shaping
 
 
-def sampling_params(cfg, step: int, validation: bool = False) -> SamplingParams:
+def sampling_params(cfg, step: int, validation: bool = False, plan=None) -> SamplingParams:
     """Training rollouts, or validation's (greedy by default; `ignore_eos` / `min_new_tokens`,
-    benchmark knobs, apply to training rollouts only)."""
+    benchmark knobs, apply to training rollouts only). The engine's log-probs are asked for
+    only where the plan says something reads them (`rollout.engine_logprobs`)."""
     r = cfg.rollout
     if validation:
         return SamplingParams(temperature=r.val_temperature or 1.0, greedy=r.val_greedy or r.val_temperature == 0.0,
-                              n=1, max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=cfg.trainer.seed)
+                              n=1, max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=cfg.trainer.seed,
+                              logprobs=False)
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, n=r.n,
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop),
                           seed=cfg.trainer.seed * 100003 + step, ignore_eos=r.ignore_eos,
-                          min_new_tokens=r.min_new_tokens)
+                          min_new_tokens=r.min_new_tokens,
+                          logprobs=plan.rollout.engine_logprobs if plan is not None else True)
 
 
 def rollout(tr, prompts: Batch, step: int, round_: int = 0) -> Batch:
     """`round_` > 0: a further generation round of the step (dynamic sampling), its own seed."""
-    sp = sampling_params(tr.cfg, step)
+    sp = sampling_params(tr.cfg, step, plan=tr.plan)
     if round_:
         sp = dataclasses.replace(sp, seed=sp.seed + 1_000_003 * round_)
     batch = tr.engine.generate(prompts, sp)
@@ -83,6 +86,8 @@ def logprobs(tr, batch: Batch) -> dict[str, float]:
     steer = tr.cfg.steering
     if steer.enable and steer.logprob_mode == "rollout_is":
         metrics.update(_rollout_is_weights(batch, steer.rollout_is_cap))
+    if tr.cfg.algos.off_policy.enabled:
+        metrics.update(_off_policy_weights(batch, tr.cfg.algos.off_policy))
     return metrics
 
 
@@ -103,9 +108,33 @@ def _rollout_is_weights(batch: Batch, cap: float) -> dict[str, float]:
     mask = batch["response_mask"].float()
     w = truncated_is_weights(batch["old_logprob"], batch["rollout_logprob"], mask, cap)
     batch["rollout_is_weights"] = w
+    _fold_token_weights(batch, w)
+    return is_metrics(w, batch["old_logprob"], batch["rollout_logprob"], mask, cap)
+
+
+def _off_policy_weights(batch: Batch, cfg) -> dict[str, float]:
+    """`algos.off_policy.correction` (tis | mis): the weights of algos/off_policy.py, from the
+    recomputed `old_logprob` against the engine's `rollout_logprob`, folded into `token_weights`."""
+    from megatron_rl.algos.off_policy import off_policy_weights
+
+    if "rollout_logprob" not in batch:
+        raise RuntimeError(f"algos.off_policy.correction={cfg.correction} needs the engine's rollout_logprob "
+                           "in the batch; the rollout engine returned none")
+    out = off_policy_weights(cfg, batch["old_logprob"], batch["rollout_logprob"], batch["response_mask"])
+    _fold_token_weights(batch, out.weights)
+    st = out.stats
+    metrics = {"off_policy/is_weight_mean": MeanOver(st.weight_mean, st.tokens),
+               "off_policy/is_weight_max": st.weight_max,
+               "off_policy/masked_frac": MeanOver(st.masked_frac, st.tokens)}
+    if cfg.correction == "tis":
+        metrics["off_policy/truncated_frac"] = MeanOver(st.truncated_frac, st.tokens)
+    return metrics
+
+
+def _fold_token_weights(batch: Batch, w: torch.Tensor) -> None:
+    """Multiply `w` [B, R] into `token_weights` (set to `w` when there were none)."""
     tw = batch.get("token_weights")
     batch["token_weights"] = w if tw is None else tw.float() * w
-    return is_metrics(w, batch["old_logprob"], batch["rollout_logprob"], mask, cap)
 
 
 def advantages(tr, batch: Batch) -> dict[str, float]:

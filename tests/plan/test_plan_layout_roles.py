@@ -164,3 +164,20 @@ def test_offload_during_rollout_is_refused_for_the_frozen_predictor_llm():
     assert resolve_rollout_offload(cfg(None), "cuda") == "none"          # nothing to move: the LLM is frozen
     with pytest.raises(PlanError, match=r"actor.offload_during_rollout=state with steering.predictor.enable"):
         resolve_rollout_offload(cfg("state"), "cuda")
+
+
+def test_plan_engine_logprobs_only_when_read():
+    """rollout.engine_logprobs: auto asks the engine only when something reads rollout_logprob."""
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import PlanError, resolve_plan
+
+    def plan(*over):
+        return resolve_plan(load_experiment_config(None, list(over)), world_size=1, device="cpu").rollout
+
+    assert plan().engine_logprobs is False
+    assert plan("rollout.logprob_mode=rollout").engine_logprobs is True
+    assert plan("rollout.engine_logprobs=always").engine_logprobs is True
+    with pytest.raises(PlanError, match="rollout.engine_logprobs=never, but rollout.logprob_mode=rollout"):
+        plan("rollout.engine_logprobs=never", "rollout.logprob_mode=rollout")
+    with pytest.raises(PlanError, match="auto\\|always\\|never"):
+        plan("rollout.engine_logprobs=sometimes")

@@ -28,14 +28,33 @@ def _completion(index, tokens, lps):
 def test_rollout_sampling_kwargs_sampled():
     kw = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, n=4, max_new_tokens=32,
                                              stop=["###"]), seed=11, stop_token_ids=[2, 5])
-    assert kw == dict(n=4, max_tokens=32, logprobs=0, seed=11, stop=["###"], include_stop_str_in_output=True,
-                      detokenize=True, skip_special_tokens=False, stop_token_ids=[2, 5], temperature=0.7,
-                      top_p=0.9, top_k=0)
+    assert kw == dict(n=4, max_tokens=32, logprobs=0, flat_logprobs=True, seed=11, stop=["###"],
+                      include_stop_str_in_output=True, detokenize=True, skip_special_tokens=False,
+                      stop_token_ids=[2, 5], temperature=0.7, top_p=0.9, top_k=0)
+    none = vllm_sampling_kwargs(SamplingParams(n=4, max_new_tokens=32, logprobs=False), seed=11)
+    assert "logprobs" not in none and "flat_logprobs" not in none    # not asked: vLLM computes none
 
 
 def test_rollout_sampling_kwargs_greedy_is_temperature_zero():
     kw = vllm_sampling_kwargs(SamplingParams(greedy=True, temperature=0.7, top_k=5, max_new_tokens=8))
     assert (kw["temperature"], kw["top_k"], kw["top_p"], kw["stop"], kw["detokenize"]) == (0.0, 0, 1.0, None, False)
+
+
+def test_rollout_outputs_without_logprobs_have_no_rollout_logprob():
+    outs = [types.SimpleNamespace(outputs=[types.SimpleNamespace(index=0, token_ids=[3, 4], finish_reason="stop",
+                                                                 logprobs=None)]) for _ in range(3)]
+    out = outputs_to_batch(_prompts(), outs, n=1, pad_id=1, logprobs=False)
+    assert "rollout_logprob" not in out and out["response_ids"].tolist() == [[3, 4]] * 3
+
+
+def test_rollout_flat_logprobs_read_like_dicts():
+    """vLLM's FlatLogprobs (flat_logprobs=True) give the same values as the per-token dicts."""
+    flat = types.SimpleNamespace(start_indices=[0, 2, 3], end_indices=[2, 3, 5], token_ids=[99, 3, 4, 7, 2],
+                                 logprobs=[-0.1, -1.0, -2.0, -0.3, -0.5])
+    assert token_logprobs(types.SimpleNamespace(token_ids=[3, 4, 2], logprobs=flat)) == [-1.0, -2.0, -0.5]
+    bad = types.SimpleNamespace(token_ids=[3, 5, 2], logprobs=flat)
+    with pytest.raises(RuntimeError, match="position 1 lack the sampled token 5"):
+        token_logprobs(bad)
 
 
 def test_rollout_request_seeds_leave_room_for_n_children():
