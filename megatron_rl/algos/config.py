@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from megatron_rl.algos.registry import (ADVANTAGE_ESTIMATORS, AGG_MODES, KL_CONTROLLERS, POLICY_LOSSES,
                                         Registry)
+from megatron_rl.algos.off_policy import OffPolicyConfig
 from megatron_rl.algos.token_weights import APPLY_TO
 
 
@@ -71,6 +72,10 @@ class AlgosConfig:
     # after rewards and advantages' group statistics have seen them), and dynamic sampling.
     mask_truncated: bool = False
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+
+    # Off-policy correction of rollouts whose behaviour policy is not the trainer's (FP8 / async
+    # engines): truncated IS (tis) or band masking (mis) folded into token_weights (algos/off_policy.py).
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
 
     def __post_init__(self) -> None:
         _check_name("algos.adv_estimator", self.adv_estimator, ADVANTAGE_ESTIMATORS)

@@ -11,6 +11,7 @@ the truncated IS ratio pi_old(a_t) / pi_steered(a_t), as verl's `rollout_is` (to
 truncate mode, `rollout_is_threshold`, default 2.0) does for its rollout/trainer mismatch. The
 cap bounds the variance a strongly steered token would otherwise add; the weight carries no
 gradient. `recompute` (the default) instead treats steering as part of the trained policy.
+The weights are `algos.off_policy`'s truncated IS (algos/off_policy.py), not a copy of it.
 """
 from __future__ import annotations
 
@@ -18,17 +19,15 @@ from contextlib import contextmanager
 
 import torch
 
+from megatron_rl.algos import off_policy
+
 
 def truncated_is_weights(old_logprob: torch.Tensor, rollout_logprob: torch.Tensor, mask: torch.Tensor,
                          cap: float) -> torch.Tensor:
-    """`[B, R]` weights `min(exp(old - rollout), cap) * mask` (float32, no grad)."""
-    if old_logprob.shape != rollout_logprob.shape or old_logprob.shape != mask.shape:
-        raise ValueError(f"rollout_is: old_logprob {tuple(old_logprob.shape)}, rollout_logprob "
-                         f"{tuple(rollout_logprob.shape)} and response_mask {tuple(mask.shape)} must match")
-    if not cap > 0:
-        raise ValueError(f"steering.rollout_is_cap must be > 0, got {cap}")
-    log_ratio = (old_logprob.detach().float() - rollout_logprob.detach().float()).clamp(max=20.0)
-    return torch.exp(log_ratio).clamp(max=cap) * mask.float()
+    """`[B, R]` weights `min(exp(old - rollout), cap) * mask` (float32, no grad): the token-level
+    TIS of `algos.off_policy` (one implementation), its errors naming `steering.rollout_is_cap`."""
+    return off_policy.truncated_is_weights(old_logprob, rollout_logprob, mask, cap, "token",
+                                           key="steering.rollout_is_cap")
 
 
 def is_metrics(weights: torch.Tensor, old_logprob: torch.Tensor, rollout_logprob: torch.Tensor,

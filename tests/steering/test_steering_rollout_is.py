@@ -64,7 +64,9 @@ def test_logprobs_phase_folds_is_weights_into_token_weights():
     batch = Batch({"prompt_ids": torch.zeros(2, 1, dtype=torch.long), "response_ids": torch.zeros(2, 2, dtype=torch.long),
                    "response_mask": torch.ones(2, 2), "rollout_logprob": torch.tensor([[-1.5, -1.0], [-0.5, -3.5]]),
                    "token_weights": torch.tensor([[0.5, 1.0], [1.0, 2.0]])}, [{}, {}])
-    cfg = SimpleNamespace(rollout=SimpleNamespace(logprob_mode="recompute"),
+    from megatron_rl.algos.off_policy import OffPolicyConfig
+
+    cfg = SimpleNamespace(rollout=SimpleNamespace(logprob_mode="recompute"), algos=SimpleNamespace(off_policy=OffPolicyConfig()),
                           steering=SimpleNamespace(enable=True, logprob_mode="rollout_is", rollout_is_cap=2.0))
     metrics = phases.logprobs(SimpleNamespace(cfg=cfg, actor=Actor(), reference=None), batch)
     w = torch.tensor([[math.exp(0.5), math.exp(-1.0)], [1.0, 2.0]])                  # exp(3) capped at 2
