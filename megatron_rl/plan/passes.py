@@ -96,7 +96,8 @@ def resolve_engine_logprobs(cfg) -> dict:
 
 def _off_policy_old_logprob(cfg, correction: str) -> OldLogprobPlan:
     """An off-policy correction compares the trainer's old log-probs with the engine's
-    `rollout_logprob` (every engine returns them): both must exist, so the pass is forced."""
+    `rollout_logprob` (which `resolve_engine_logprobs` asks the engine for, the correction being
+    one of their readers): both must exist, so the pass is forced."""
     key = f"algos.off_policy.correction={correction}"
     if cfg.rollout.logprob_mode == "rollout":
         raise PlanError(f"{key} with rollout.logprob_mode=rollout: the correction weighs the trainer's old "
