@@ -15,6 +15,11 @@ Mixture-of-experts models under expert parallelism exchange tokens between the r
 the expert group (alltoall) in every forward, so those ranks must run the same number of
 forwards: a rank whose responses are all done keeps stepping (feeding padding) until the
 whole group is done (`_group_done`), and every rank must get the same number of chunks.
+
+Partial rollouts (rollout/partial.py): `generate(..., budget=, interrupt=)` may stop between two
+decode steps and return a `PartialRollout`; `resume(partial)` rebuilds the KV cache under the
+current weights with one prefill and goes on. Every token carries the `policy_version` that
+sampled it; with neither option the computation is the plain generate's, step for step.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.forward import causal_padding_mask
+from megatron_rl.rollout.partial import ChunkState, Interrupt, PartialRollout, StopRule
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.sampling import sample_tokens
 
@@ -45,22 +51,37 @@ class NativeEngine:
         self.eos_ids = eos_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.lockstep_group = lockstep_group(self.arch)
+        self.policy_version = 0             # tags the tokens sampled from now on; the caller bumps it
+        from megatron_rl.models.routing_replay import RoutingRecorder
+        self.routing = RoutingRecorder.attach(self.chunks)   # model.moe.routing_replay: records top-k ids
 
     # --- protocol -------------------------------------------------------------------
-    def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
+    def generate(self, batch: Batch, sampling: SamplingParams, *, budget: int | None = None,
+                 interrupt: Interrupt | None = None) -> Batch | PartialRollout:
+        """The protocol's generate; with `budget` (decode steps) or `interrupt` (checked each
+        step) it may stop early and return a `PartialRollout` to `resume` (rollout/partial.py)."""
         expanded = batch.repeat_interleave(sampling.n) if sampling.n > 1 else batch.select(range(len(batch)))
         for i, s in enumerate(expanded.samples):
             s.setdefault("group", s.get("uid", i // max(sampling.n, 1)))
-        parts = []
         device = next(self.core.parameters()).device
         gen = torch.Generator(device=device).manual_seed(sampling.seed if sampling.seed is not None else 0)
         self._check_same_chunk_count(len(expanded), device)
-        for start in range(0, len(expanded), self.max_batch_size):
-            chunk = expanded.select(range(start, min(start + self.max_batch_size, len(expanded))))
-            parts.append(self._generate_chunk(chunk, sampling, gen))
-        return Batch.concat(parts, pad_values={"response_ids": self.pad_id})
+        state = PartialRollout(sampling, gen.get_state(), pending=expanded.split(self.max_batch_size))
+        return self._run(state, gen, StopRule(budget, interrupt, self._agree_stop))
+
+    def resume(self, partial: PartialRollout, sampling: SamplingParams | None = None, *,
+               budget: int | None = None, interrupt: Interrupt | None = None) -> Batch | PartialRollout:
+        """Continue a stopped generation under the current weights and `policy_version`."""
+        if sampling is not None and sampling != partial.sampling:
+            raise ValueError(f"native engine resume: sampling {sampling} differs from the partial rollout's "
+                             f"{partial.sampling}")
+        device = next(self.core.parameters()).device
+        gen = torch.Generator(device=device)
+        gen.set_state(partial.generator_state)
+        return self._run(partial, gen, StopRule(budget, interrupt, self._agree_stop))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The caller sets `policy_version` after an update (the tag of later tokens)."""
         from megatron_rl.rollout.weight_loader import load_named_hf_tensors
         load_named_hf_tensors(self.chunks, named_tensors)
 
@@ -71,60 +92,106 @@ class NativeEngine:
         pass
 
     # --- generation -----------------------------------------------------------------
+    def _run(self, st: PartialRollout, gen: torch.Generator, rule: StopRule) -> Batch | PartialRollout:
+        sp = st.sampling
+        while st.current is not None or st.pending:
+            if st.current is None:
+                if rule.stop():                     # not a new chunk's prefill under stale weights
+                    break
+                st.current = ChunkState.empty(st.pending.pop(0), sp.max_new_tokens, self.pad_id)
+            if not self._decode(st.current, sp, gen, rule):
+                break
+            st.finished.append(self._chunk_batch(st.current))
+            st.current = None
+        if st.current is not None or st.pending:
+            st.generator_state = gen.get_state()
+            return st
+        return Batch.concat(st.finished, pad_values={"response_ids": self.pad_id, "policy_version": -1})
+
     @torch.no_grad()
-    def _generate_chunk(self, chunk: Batch, sp: SamplingParams, gen: torch.Generator) -> Batch:
+    def _decode(self, cs: ChunkState, sp: SamplingParams, gen: torch.Generator, rule: StopRule) -> bool:
+        """Decode `cs` from `cs.steps` on (one prefill of prompt ++ tokens so far first); True when
+        the chunk is finished, False when `rule` stopped it between two steps."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = next(self.core.parameters()).device
-        prompt_ids = chunk["prompt_ids"].to(device)
-        prompt_mask = chunk["prompt_mask"].to(device)
+        prompt_ids = cs.prompts["prompt_ids"].to(device)
+        prompt_mask = cs.prompts["prompt_mask"].to(device)
         b, p = prompt_ids.shape
+        t0 = cs.steps
         ctx = StaticInferenceContext(b, p + sp.max_new_tokens)
         was_training = self.core.training
         self._set_training(False)
-        kv_mask = prompt_mask.clone()
-        tokens = torch.full((b, sp.max_new_tokens), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(b, sp.max_new_tokens)
-        done = torch.zeros(b, dtype=torch.bool)
-        lengths = torch.zeros(b, dtype=torch.long)
+        ids = torch.cat([prompt_ids, cs.tokens[:, :t0].to(device)], 1)
+        kv_mask = torch.cat([prompt_mask, torch.ones(b, t0, dtype=prompt_mask.dtype, device=device)], 1)
         stop_texts = list(sp.stop or [])
+        tokens, done = cs.tokens, cs.done
+        if self.routing is not None:                        # model.moe.routing_replay
+            self.routing.begin(cs, b, p + sp.max_new_tokens)
         try:
-            self._set_steering_positions(chunk, torch.zeros(b, p, dtype=torch.bool))
-            logits = self._step(prompt_ids, torch.arange(p, device=device).expand(b, p),
-                                causal_padding_mask(prompt_mask), ctx)
-            ctx.sequence_len_offset += p
-            for t in range(sp.max_new_tokens):
+            self._set_steering_positions(cs.prompts, torch.arange(p + t0)[None].expand(b, -1) >= p)
+            logits = self._step(ids, torch.arange(p + t0, device=device).expand(b, p + t0),
+                                causal_padding_mask(kv_mask), ctx)
+            if self.routing is not None:
+                self.routing.after_forward(cs, 0, p + t0)
+            ctx.sequence_len_offset += p + t0
+            for t in range(t0, sp.max_new_tokens):
                 early = t < sp.min_new_tokens               # EOS suppressed, stop strings unchecked
                 tok, lp = self._sample(logits, sp, gen, suppress=self.eos_ids if early else None)
                 tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
                 tokens[:, t] = tok
-                logprobs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
-                lengths += (~done).long()
+                cs.logprobs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
+                cs.versions[:, t] = torch.where(done, -1, self.policy_version)
+                cs.lengths += (~done).long()
                 if not sp.ignore_eos:
-                    done = done | torch.isin(tok, torch.tensor(self.eos_ids))
+                    done |= torch.isin(tok, torch.tensor(self.eos_ids))
                 if stop_texts and t + 1 >= sp.min_new_tokens:
-                    done = done | self._hit_stop(tokens[:, : t + 1], done, stop_texts)
+                    done |= self._hit_stop(tokens[:, : t + 1], done, stop_texts)
+                cs.steps = t + 1
+                rule.steps += 1
                 if t == sp.max_new_tokens - 1 or self._group_done(done, device):
-                    break
+                    return True
+                if rule.stop():
+                    return False
                 kv_mask = torch.cat([kv_mask, torch.ones(b, 1, dtype=kv_mask.dtype, device=device)], 1)
-                self._set_steering_positions(chunk, torch.ones(b, 1, dtype=torch.bool))
+                self._set_steering_positions(cs.prompts, torch.ones(b, 1, dtype=torch.bool))
                 logits = self._step(tok[:, None].to(device),
                                     torch.full((b, 1), ctx.sequence_len_offset, device=device),
                                     ~kv_mask.bool()[:, None, None, :], ctx)
+                if self.routing is not None:
+                    self.routing.after_forward(cs, p + t, 1)        # fed response token t
                 ctx.sequence_len_offset += 1
         finally:
             self._set_training(was_training)
-        width = int(lengths.max().item()) if b else 0
-        resp = tokens[:, :width]
-        mask = (torch.arange(width)[None] < lengths[:, None]).float()
+            if self.routing is not None:
+                self.routing.end()
+        return True
+
+    def _chunk_batch(self, cs: ChunkState) -> Batch:
+        chunk, b = cs.prompts, len(cs.prompts)
+        width = int(cs.lengths.max().item()) if b else 0
+        mask = (torch.arange(width)[None] < cs.lengths[:, None]).float()
         out = Batch({"prompt_ids": chunk["prompt_ids"], "prompt_mask": chunk["prompt_mask"],
-                     "response_ids": resp, "response_mask": mask,
+                     "response_ids": cs.tokens[:, :width], "response_mask": mask,
                      "response_attention_mask": mask.long(),
-                     "rollout_logprob": logprobs[:, :width] * mask}, chunk.samples)
+                     "rollout_logprob": cs.logprobs[:, :width] * mask,
+                     "policy_version": torch.where(mask > 0, cs.versions[:, :width], -1)}, chunk.samples)
         for k, v in chunk.tensors.items():
             if k not in out.tensors and not k.startswith("response"):
                 out[k] = v
+        if self.routing is not None:
+            self.routing.attach_to(cs, out)                # prompt_/response_routed_experts
         return out
+
+    def _agree_stop(self, want: bool) -> bool:
+        """Every rank of the model-parallel group (and of the expert lockstep group) stops together."""
+        from megatron.core import parallel_state as mpu
+
+        flag = torch.tensor([int(want)], dtype=torch.long, device=next(self.core.parameters()).device)
+        for group in (mpu.get_model_parallel_group(), self.lockstep_group):
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
 
     def _group_done(self, done: torch.Tensor, device) -> bool:
         """All of this rank's responses are done, and (under expert parallelism) every rank's."""
