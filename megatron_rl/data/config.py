@@ -6,6 +6,33 @@ from typing import Any
 
 
 @dataclass
+class ImageConfig:
+    """`data.image`: image inputs of vision-language prompts (data/multimodal.py).
+
+    A record's `key` column holds its images (paths relative to the data file, or bytes);
+    each `<image>` in the prompt marks where one goes. The model's own processor
+    (`AutoProcessor` of `processor_path`, null = the tokenizer's directory) resizes each
+    image to between `min_pixels` and `max_pixels` (null = the processor's own bounds),
+    which fixes its token count: pixels / (patch * merge)^2."""
+    key: str = "images"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_images: int = 8                     # per prompt; more is an error naming the row
+    processor_path: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"data.image.{name} must be positive or null, got {value}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.image.min_pixels={self.min_pixels} exceeds data.image.max_pixels="
+                             f"{self.max_pixels}")
+        if self.max_images <= 0:
+            raise ValueError(f"data.image.max_images must be positive, got {self.max_images}")
+
+
+@dataclass
 class DataConfig:
     # Files: JSONL (`.jsonl`/`.json`, one object per line) or Parquet (`.parquet`).
     # Several files are concatenated in the order given.
@@ -31,6 +58,9 @@ class DataConfig:
     # `teacher_response_key` (if set) must be present and is copied to
     # sample["teacher_response"] (adversarial distillation, SFT mixing).
     teacher_response_key: str | None = None
+
+    # Images (vision-language models): see ImageConfig.
+    image: ImageConfig = field(default_factory=ImageConfig)
 
     # Batching: prompts per step, GLOBAL over DP ranks (before `n` samples per prompt); validation batches
     # in file order, `val_batch_size: null` = the whole validation set at once.

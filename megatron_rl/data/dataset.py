@@ -7,7 +7,11 @@ runs and shuffles; the file's name, or its path where two files share a name),
 when configured, and every other field of the record unchanged (`ground_truth`,
 `data_source`, ...). A record's own `uid` field is replaced. verl's schema needs no keys:
 `ground_truth` comes from `reward_model.ground_truth` when the record has no top-level
-one, and multi-modal columns are refused by name (`data/verl_schema.py`).
+one, and video columns are refused by name (`data/verl_schema.py`). A record with images
+(`data.image.key`, `<image>` placeholders) gets its prompt's image spans expanded to the
+processor's token counts and `sample["images"]`, an `ImageInputs` (data/multimodal.py);
+such a prompt is never truncated (cut image tokens would not match the pixels): an
+over-long one is an error or, with `filter_overlong_prompts`, dropped.
 
 Prompts are tokenized on access, so a large dataset opens fast; only
 `filter_overlong_prompts` tokenizes everything up front (it must know the lengths).
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.data.config import DataConfig
+from megatron_rl.data.multimodal import ImageEncoder, ImageInputs, place_images
 from megatron_rl.data.prompts import encode_prompt, render_prompt, to_messages, truncate
 from megatron_rl.data.readers import DataError, Record, read_records
 from megatron_rl.data.verl_schema import check_record, verl_fields
@@ -39,6 +44,9 @@ class RLDataset:
         names = Counter(Path(r.path).name for r in {r.path: r for r in self.records}.values())
         self._short = {r.path: (Path(r.path).name if names[Path(r.path).name] == 1 else r.path)
                        for r in self.records}
+        key = cfg.image.key
+        has_images = any(r.fields.get(key) not in (None, [], "") for r in self.records)
+        self.images = ImageEncoder(cfg.image, tokenizer) if has_images else None
         if cfg.filter_overlong_prompts:
             self._filter_overlong()
 
@@ -59,19 +67,34 @@ class RLDataset:
     def uid(self, record: Record) -> str:
         return f"{self._short[record.path]}:{record.line}"
 
-    def _encode(self, record: Record) -> tuple[list[dict], list[int], str]:
+    def _encode(self, record: Record) -> tuple[list[dict], list[int], str, ImageInputs | None]:
         cfg = self.cfg
         messages = to_messages(record, cfg.prompt_key, cfg.system_prompt)
-        text = render_prompt(self.tokenizer, messages, cfg.use_chat_template, cfg.chat_template_kwargs)
-        return messages, encode_prompt(self.tokenizer, text, cfg.use_chat_template), text
+        images = self.images.images_of(record) if self.images is not None else []
+        shown = place_images(messages, len(images), record.where) if images else messages
+        text = render_prompt(self.tokenizer, shown, cfg.use_chat_template, cfg.chat_template_kwargs)
+        ids = encode_prompt(self.tokenizer, text, cfg.use_chat_template)
+        if not images:
+            return messages, ids, text, None
+        inputs = self.images.process(images)
+        return messages, self.images.expand(ids, inputs, record.where), text, inputs
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = self.records[i]
         cfg = self.cfg
-        messages, ids, text = self._encode(record)
+        messages, ids, text, images = self._encode(record)
+        if images is not None and len(ids) > cfg.max_prompt_length:
+            raise DataError(f"{record.where}: prompt with {images.num_images} image(s) has {len(ids)} tokens, "
+                            f"more than max_prompt_length={cfg.max_prompt_length}; image prompts are never "
+                            f"truncated: raise data.max_prompt_length, lower data.image.max_pixels or set "
+                            f"data.filter_overlong_prompts=true")
         ids = truncate(ids, cfg.max_prompt_length, cfg.truncation, record.where)
         sample = {k: v for k, v in verl_fields(record).items() if k != cfg.prompt_key}
         sample.update(uid=self.uid(record), messages=messages, prompt_text=text, prompt_ids=ids)
+        if images is not None:
+            sample[cfg.image.key] = images
+        elif cfg.image.key in sample:
+            sample.pop(cfg.image.key)        # an empty images column
         if cfg.teacher_response_key is not None:
             key = cfg.teacher_response_key
             if not isinstance(record.fields.get(key), str):

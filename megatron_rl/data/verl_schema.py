@@ -8,7 +8,7 @@ No config keys are needed: a record without a top-level `ground_truth` takes
 `reward_model.ground_truth`; every field stays in the sample as it is, so a verl
 reward function receives the row's own `extra_info`. `route_of(sample)` says who
 scores a sample (`reward_model.style`): the rule rewards, or a reward model.
-Multi-modal columns are refused by name until the project supports them.
+Images are supported (data/multimodal.py); a `videos` column is refused by name.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from megatron_rl.data.readers import DataError, Record
 
-MULTIMODAL_COLUMNS = ("images", "videos")
+UNSUPPORTED_COLUMNS = ("videos",)
 ROUTES = ("rule", "model")
 
 
@@ -36,11 +36,11 @@ def route_of(sample: dict[str, Any]) -> str:
 
 def check_record(record: Record) -> None:
     """Refuse what the trainer cannot use yet, naming the file, row and column."""
-    for column in MULTIMODAL_COLUMNS:
+    for column in UNSUPPORTED_COLUMNS:
         value = record.fields.get(column)
         if value is not None and value != [] and value != "":
-            raise DataError(f"{record.where}: column '{column}' holds multi-modal inputs, which megatron-rl "
-                            f"does not support yet (text-only RL); drop the column or the row")
+            raise DataError(f"{record.where}: column '{column}' holds video inputs, which megatron-rl does not "
+                            f"support (images are: data.image); drop the column or the row")
 
 
 def ground_truth_of(fields: dict[str, Any]) -> tuple[bool, Any]:

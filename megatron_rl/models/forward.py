@@ -28,14 +28,66 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def gpt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits `[b, s, vocab/tp]` (or hidden states on a non-last pipeline stage)."""
+                position_ids: torch.Tensor | None = None, images=None) -> torch.Tensor:
+    """Logits `[b, s, vocab/tp]` (or hidden states on a non-last pipeline stage).
+
+    A vision-language model (models/vl) also gets the micro-batch's `images` (an
+    `ImageBatch` or None) and M-RoPE position ids `[3, b, s]` from its image grids;
+    images given to a text-only model are an error."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    mask = causal_padding_mask(attention_mask) if not bool(attention_mask.all()) else None
+    vl = vision_language_model(model)
+    if vl is not None:
+        if position_ids is None:
+            position_ids = vision_position_ids(vl, input_ids, attention_mask, images)
+        return model(input_ids, position_ids, mask, images=images)
+    if images is not None:
+        raise ValueError(f"the batch holds images but the model ({type(model).__name__}) is text-only; "
+                         "load a vision-language checkpoint (Qwen2-VL / Qwen2.5-VL) or drop data.image.key's column")
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    mask = causal_padding_mask(attention_mask) if not bool(attention_mask.all()) else None
     return model(input_ids, position_ids, mask)
+
+
+def _vision_language_class():
+    """models/vl's VisionLanguageModel (None while that package is absent)."""
+    try:
+        from megatron_rl.models.vl.model import VisionLanguageModel
+    except ModuleNotFoundError as e:
+        if e.name not in ("megatron_rl.models.vl", "megatron_rl.models.vl.model"):
+            raise
+        return None
+    return VisionLanguageModel
+
+
+def vision_language_model(model):
+    """The VisionLanguageModel inside DDP / Float16Module wrappers, or None (a text model)."""
+    cls = _vision_language_class()
+    if cls is None:
+        return None
+    m = model
+    while not isinstance(m, cls):
+        if not hasattr(m, "module"):
+            return None
+        m = m.module
+    return m
+
+
+def vision_position_ids(vl, input_ids: torch.Tensor, attention_mask: torch.Tensor, images) -> torch.Tensor:
+    """M-RoPE position ids `[3, b, s]` (transformers' get_rope_index, models/vl) for a padded batch."""
+    from megatron_rl.models.vl import mrope_position_ids
+
+    grid = None if images is None else images.image_grid_thw
+    return mrope_position_ids(input_ids, attention_mask, grid, vl.arch).to(input_ids.device)
+
+
+def language_model(model):
+    """The bare GPTModel inside DDP / Float16Module wrappers (a VisionLanguageModel is
+    one: its decoder layers, output layer and config are the language model's)."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
 
 
 @contextmanager

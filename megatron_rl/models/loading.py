@@ -220,16 +220,24 @@ def load_model_chunks(path: str | os.PathLike, *, dtype="float32", layer_spec: s
                       **build_kwargs) -> list:
     """This rank's GPTModel chunks (one per `model.vpp` stage, else one) with weights from
     `path` (HF directory or megatron-rl checkpoint). `build_kwargs`: `recompute`,
-    `sequence_parallel`, other TransformerConfig overrides. Call
-    `megatron_rl.parallel.init_distributed(...)` first."""
+    `sequence_parallel`, other TransformerConfig overrides; `freeze_vision` (`model.freeze_vision`,
+    vision-language checkpoints only) keeps the vision tower's parameters without gradients.
+    Call `megatron_rl.parallel.init_distributed(...)` first."""
     from megatron_rl.models.provider import build_model_chunks
 
     kind, arch = read_checkpoint_arch(path)
+    freeze_vision = build_kwargs.pop("freeze_vision", True)
+    if not freeze_vision and not arch.is_vl:
+        raise ValueError(f"model.freeze_vision=false: {path} is a text-only model ({arch.hf_architecture}), "
+                         "it has no vision tower to train; leave model.freeze_vision at true")
     chunks = build_model_chunks(arch, dtype=dtype, layer_spec=layer_spec, **build_kwargs)
     if kind == "hf":
         load_hf_weights(chunks, path, arch)
     else:
         load_mcore_checkpoint(chunks, path)
+    if arch.is_vl:
+        from megatron_rl.models.vl.model import set_vision_trainable
+        set_vision_trainable(chunks, not freeze_vision)
     return chunks
 
 

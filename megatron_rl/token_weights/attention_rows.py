@@ -7,6 +7,8 @@ the core attention of each selected layer. The hook takes the (RoPE-applied) que
 and key that the layer's attention is about to use and computes, `row_chunk` response
 queries at a time, `softmax(q k^T * scale + mask)` over all keys, keeping only the
 prompt columns summed over the local heads: `[b, R, P]` per layer and micro-batch.
+For a vision-language model the prompt columns include the image-pad tokens (the
+vision span, token_weights/context.py) and the forward gets the micro-batch's images.
 
 Parallelism: under TP each rank holds `heads / tp` query heads (its head sums are
 partial); under PP each stage holds some layers. One all-reduce (sum) over the
@@ -23,14 +25,13 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_rl.models.forward import final_hidden_states
+from megatron_rl.models.forward import final_hidden_states, language_model
 
 
 def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
+    """The GPTModel inside DDP / Float16Module wrappers (a vision-language model's language
+    model: its decoder holds the layers whose rows are read; image tokens are prompt columns)."""
+    return language_model(model)
 
 
 def selected_layer_numbers(num_layers: int, last_k: int) -> list[int]:
@@ -138,12 +139,12 @@ def attention_rows(model, mb: dict[str, torch.Tensor], layer_numbers: list[int],
     m = unwrap(model)
     prompt_len = int(mb["prompt_len"])
     b, s = mb["input_ids"].shape
-    was_training = m.training
-    m.eval()
+    was_training = model.training
+    model.eval()
     # rows need no logits: final_hidden_states skips the [b, s, vocab] projection
     with capture_rows(m, layer_numbers, prompt_len, row_chunk) as found, final_hidden_states(m):
         run_microbatches([model], [mb], forward_fn, lambda _mb, out: (out.sum() * 0, {}), forward_only=True)
-    m.train(was_training)
+    model.train(was_training)
     stacked = torch.zeros(len(layer_numbers), b, s - prompt_len, prompt_len, dtype=torch.float32,
                           device=mb["input_ids"].device)
     for i, number in enumerate(layer_numbers):

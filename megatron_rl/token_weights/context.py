@@ -8,6 +8,11 @@ the tokenizer made around them, and special tokens such as `<|vision_start|>` /
 marker and its end marker are context; every other real prompt token is instruction,
 except the tokens that overlap a marker (neither). A start with no end runs to the
 end of the prompt (a truncated document is still a document).
+
+A pair whose markers are both single special tokens of the tokenizer (the vision span
+`<|vision_start|>` ... `<|vision_end|>` around a Qwen2-VL image's `<|image_pad|>` tokens)
+is matched by token id instead, with the same rule: the image pads are the context and
+the text around them the instruction, whatever a prompt's text happens to contain.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ class ContextFinder:
 
     def __init__(self, tokenizer, markers: Sequence[Sequence[str]]):
         self.tokenizer = tokenizer
-        self.markers = [(str(a), str(b)) for a, b in markers]
+        pairs = [(str(a), str(b)) for a, b in markers]
+        ids = [(special_token_id(tokenizer, a), special_token_id(tokenizer, b)) for a, b in pairs]
+        self.id_markers = [(a, b) for a, b in ids if a is not None and b is not None]
+        self.markers = [p for p, (a, b) in zip(pairs, ids) if a is None or b is None]
         self._pieces: dict[int, str] = {}
 
     def piece(self, token_id: int) -> str:
@@ -36,14 +44,50 @@ class ContextFinder:
         ins = torch.zeros(prompt_ids.shape, dtype=torch.float32)
         for i in range(prompt_ids.shape[0]):
             cols = torch.nonzero(prompt_mask[i] > 0).squeeze(1).tolist()
-            pieces = [self.piece(int(prompt_ids[i, c])) for c in cols]
-            is_ctx, is_marker = span_labels(pieces, self.markers)
+            ids = [int(prompt_ids[i, c]) for c in cols]
+            is_ctx, is_marker = id_span_labels(ids, self.id_markers)
+            if self.markers:
+                text_ctx, text_marker = span_labels([self.piece(t) for t in ids], self.markers)
+                is_ctx = [a or b for a, b in zip(is_ctx, text_ctx)]
+                is_marker = [a or b for a, b in zip(is_marker, text_marker)]
             for c, in_ctx, in_marker in zip(cols, is_ctx, is_marker):
                 if in_ctx:
                     ctx[i, c] = 1.0
                 elif not in_marker:
                     ins[i, c] = 1.0
         return ctx, ins
+
+
+def special_token_id(tokenizer, marker: str) -> int | None:
+    """The id of `marker` when it is one special (added) token of the tokenizer, else None."""
+    if marker not in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()):
+        return None
+    tid = tokenizer.convert_tokens_to_ids(marker)
+    if tid is None or list(tokenizer.encode(marker, add_special_tokens=False)) != [tid]:
+        return None
+    return int(tid)
+
+
+def id_span_labels(ids: Sequence[int], pairs: Sequence[tuple[int, int]]) -> tuple[list[bool], list[bool]]:
+    """Per token: (inside a context span, a marker) for marker pairs given by token id;
+    a start without an end runs to the end, as in `span_labels`."""
+    is_ctx, is_marker = [False] * len(ids), [False] * len(ids)
+    for start, end in pairs:
+        i = 0
+        while i < len(ids):
+            if ids[i] != start:
+                i += 1
+                continue
+            is_marker[i] = True
+            j = i + 1
+            while j < len(ids) and ids[j] != end:
+                is_ctx[j] = not is_marker[j]
+                j += 1
+            if j < len(ids):
+                is_marker[j] = True
+                is_ctx[j] = False
+            i = j + 1
+    return is_ctx, is_marker
 
 
 def span_labels(pieces: Sequence[str], markers: Sequence[tuple[str, str]]) -> tuple[list[bool], list[bool]]:

@@ -9,12 +9,16 @@ Packed micro-batches (`make_packed_microbatches`, `actor.max_tokens_per_microbat
 hold the real tokens of whole rows as one `[1, T]` stream (models/packing.py), while every
 per-token training tensor stays in the rows' `[n, R]` response layout: per-token outputs
 computed on the stream are scattered there, so loss aggregation is the padded path's.
+
+A padded micro-batch of image prompts also holds `images`, an `ImageBatch` of its rows'
+`sample["images"]` in row order (data/multimodal.py); packing refuses images (Policy).
 """
 from __future__ import annotations
 
 import torch
 
 from megatron_rl.data.batch import Batch
+from megatron_rl.data.multimodal import ImageBatch
 from megatron_rl.models.packing import pack_sequences, plan_microbatches
 
 PER_TOKEN_KEYS = ("old_logprob", "ref_logprob", "advantages", "response_mask", "token_weights",
@@ -50,6 +54,9 @@ def make_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, tor
                 mb[k] = batch[k][t].float()
         if "steer_strengths" in batch:
             mb["steer_strengths"] = batch["steer_strengths"][t].float()
+        images = ImageBatch.from_samples([batch.samples[i].get("images") for i in idx])   # filler rows too
+        if images is not None:
+            mb["images"] = images
         mb["response_mask"] = mb["response_mask"] * mb["row_valid"][:, None]
         mbs.append(mb)
     return mbs

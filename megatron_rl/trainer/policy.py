@@ -14,7 +14,7 @@ import torch
 from megatron_rl.algos import actor_loss
 from megatron_rl.data.batch import Batch
 from megatron_rl.kernels import token_logprob_entropy
-from megatron_rl.models.forward import gpt_forward
+from megatron_rl.models.forward import gpt_forward, vision_language_model
 from megatron_rl.models.moe_metrics import MoEMetrics
 from megatron_rl.models.offload import Offloadable
 from megatron_rl.models.packing import packed_forward
@@ -63,13 +63,13 @@ class Policy(Offloadable):
             with self.steering.use():
                 return packed_forward(m, mb["packed"])
         if self.steering is None:
-            return gpt_forward(m, mb["input_ids"], mb["attention_mask"])
+            return gpt_forward(m, mb["input_ids"], mb["attention_mask"], images=mb.get("images"))
         from megatron_rl.steering.controller import generated_positions
 
         b, s = mb["input_ids"].shape
         p = int(mb["prompt_len"])
         with self.steering.use(mb.get("steer_strengths"), generated_positions(p, s - p, b, mb["input_ids"].device)):
-            return gpt_forward(m, mb["input_ids"], mb["attention_mask"])
+            return gpt_forward(m, mb["input_ids"], mb["attention_mask"], images=mb.get("images"))
 
     @property
     def model(self):
@@ -101,7 +101,7 @@ class Policy(Offloadable):
         `max_tokens_per_microbatch > 0`, padded otherwise."""
         if not self.max_tokens:
             return self._microbatches(batch)
-        self._check_packable()
+        self._check_packable(batch)
         from megatron.core import parallel_state as mpu
 
         pad_to, multiple = packed_shape(self.max_tokens, tp=mpu.get_tensor_model_parallel_world_size(),
@@ -111,8 +111,14 @@ class Policy(Offloadable):
         return [move_microbatch(mb, device) for mb in
                 make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
 
-    def _check_packable(self) -> None:
+    def _check_packable(self, batch: Batch) -> None:
         from megatron_rl.steering.rollout_is import UnsteeredTraining
+
+        if vision_language_model(self.chunks[0]) is not None or any("images" in s for s in batch.samples):
+            raise ValueError(
+                "actor.max_tokens_per_microbatch > 0 (packed micro-batches) cannot be used with a vision-language "
+                "model or image prompts: M-RoPE positions and image features are laid out per padded row. "
+                "Set actor.max_tokens_per_microbatch=0.")
 
         if self.steering is not None and not isinstance(self.steering, UnsteeredTraining):
             raise ValueError(

@@ -18,10 +18,11 @@ def test_verl_row_takes_ground_truth_from_reward_model():
     assert top["ground_truth"] == "9"                       # a top-level one wins
 
 
-def test_multimodal_column_is_refused_by_name():
-    with pytest.raises(DataError, match=r"x.parquet:3: column 'images'"):
-        check_record(Record("x.parquet", 3, {"prompt": "hi", "images": [{"bytes": b"..."}]}))
-    check_record(Record("x.parquet", 3, {"prompt": "hi", "images": None}))   # an empty column is fine
+def test_video_column_is_refused_by_name():
+    with pytest.raises(DataError, match=r"x.parquet:3: column 'videos'"):
+        check_record(Record("x.parquet", 3, {"prompt": "hi", "videos": [{"bytes": b"..."}]}))
+    check_record(Record("x.parquet", 3, {"prompt": "hi", "videos": None}))   # an empty column is fine
+    check_record(Record("x.parquet", 3, {"prompt": "<image>hi", "images": [{"bytes": b"..."}]}))  # data.image
 
 
 def test_route_of_and_model_rows_refused():
