@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from pathlib import Path
@@ -123,6 +124,8 @@ def from_dict(cls, data: dict, where: str = ""):
     kwargs = {}
     for key, value in (data or {}).items():
         full = f"{where}.{key}" if where else key
+        if keyword.iskeyword(key):          # e.g. trainer.async -> TrainerConfig.async_
+            key = key + "_"
         if key not in fields:
             removed = _removed(full, value)
             if removed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron_rl.agent.config import AgentConfig
+from megatron_rl.async_rl.config import AsyncConfig
 from megatron_rl.algos.config import AlgosConfig
 from megatron_rl.data.config import DataConfig
 from megatron_rl.logging.config import LoggingConfig

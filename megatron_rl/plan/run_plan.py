@@ -18,6 +18,7 @@ from pathlib import Path
 
 from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
 from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
+from megatron_rl.plan.placement import check_placement, trainer_world
 from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer, resolve_engine_logprobs,
                                      resolve_old_logprob, resolve_rollout_offload)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
@@ -29,11 +30,14 @@ FUSED_LOSS = {"auto": None, "on": "triton", "off": "torch"}   # actor.fused_loss
 @dataclass(frozen=True)
 class RolloutPlan:
     engine: str                 # native | vllm
-    placement: str              # colocated (the engine shares the training GPUs)
+    placement: str              # colocated (the engine shares the training GPUs) | disaggregated (plan/placement.py)
     samples_per_dp_rank: int
     max_new_tokens: int
     gpu_memory_utilization: float | None   # vLLM only
     offload_during_rollout: str = "none"   # none | state | state_and_weights (actor.offload_during_rollout)
+    num_ranks: int = 0                     # rollout ranks (disaggregated), after the trainer ranks
+    async_mode: str = "sync"               # trainer.async.mode
+    max_staleness: int = 0                 # policy versions a trained sample may lag (the mode's bound)
     engine_logprobs: bool = True           # the engine returns rollout_logprob (rollout.engine_logprobs)
     engine_logprobs_reason: str = ""
 
@@ -95,17 +99,14 @@ def loss_backend(setting: str, device: str) -> str | None:
     return FUSED_LOSS[setting]
 
 
-def resolve_rollout(cfg, layout: Layout, batch: BatchPlan) -> RolloutPlan:
+def resolve_rollout(cfg, layout: Layout, batch: BatchPlan, shape=None) -> RolloutPlan:
     r = cfg.rollout
     if r.engine not in ("native", "vllm"):
         raise PlanError(f"rollout.engine must be native|vllm, got {r.engine!r}")
     if r.engine == "vllm" and layout.device != "cuda":
         raise PlanError("rollout.engine=vllm needs device cuda; use rollout.engine=native on CPU")
-    if not r.colocate:
-        raise PlanError("rollout.colocate=false: disaggregated placement (the engine on its own GPUs) is not "
-                        "implemented yet; the engine shares the training GPUs (rollout.vllm.sleep_level: 0 keeps "
-                        "vLLM awake during training)")
-    return RolloutPlan(engine=r.engine, placement="colocated", samples_per_dp_rank=batch.samples_per_dp_rank,
+    placement = check_placement(cfg, shape, recipe(cfg))
+    return RolloutPlan(engine=r.engine, samples_per_dp_rank=batch.samples_per_dp_rank, **placement,
                        max_new_tokens=r.max_new_tokens,
                        gpu_memory_utilization=r.gpu_memory_utilization if r.engine == "vllm" else None,
                        offload_during_rollout=resolve_rollout_offload(cfg, layout.device),
@@ -148,7 +149,7 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
                         "(or choose another algos.adv_estimator, e.g. grpo)")
     m = cfg.model
     shp, source = model_shape(m.path, shape)
-    layout = resolve_layout(m, world_size, device, shp)
+    layout = resolve_layout(m, trainer_world(cfg, world_size), device, shp)   # rollout ranks left out
     dist_opt = check_distributed_optimizer(cfg.actor.optim, "actor.optim", device)   # as trainer/build.py
     if cfg.critic.enable:
         check_distributed_optimizer(cfg.critic.optim, "critic.optim", device)
@@ -158,7 +159,7 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     roles = resolve_roles(cfg, layout, batch)
     plan = RunPlan(recipe=recipe(cfg), layout=layout, model=model, batch=batch, roles=roles,
                    loss_backend=loss_backend(cfg.actor.fused_loss, device), token_weights_apply_to=_apply_to(cfg),
-                   rollout=resolve_rollout(cfg, layout, batch),
+                   rollout=resolve_rollout(cfg, layout, batch, shp),
                    old_logprob=resolve_old_logprob(cfg, batch, recipe(cfg)), notes=tuple(_notes(cfg, layout, model, batch)),
                    sampling=resolve_sampling(cfg, batch, recipe(cfg)))
     if shp is not None and device == "cuda":

@@ -33,6 +33,8 @@ def format_summary(plan) -> str:
         ("loss backend", backend),
         ("token weights apply to", plan.token_weights_apply_to),
         ("rollout", f"{plan.rollout.engine}, {plan.rollout.placement}"
+                    + (f" on {plan.rollout.num_ranks} rollout rank(s), async {plan.rollout.async_mode} (max "
+                       f"staleness {plan.rollout.max_staleness})" if plan.rollout.num_ranks else "")
                     + (f", gpu_memory_utilization {plan.rollout.gpu_memory_utilization}"
                        if plan.rollout.gpu_memory_utilization is not None else "")
                     + f"; training state during rollout: offload {plan.rollout.offload_during_rollout}"),

@@ -42,7 +42,13 @@ def plan_device() -> str:
 
 
 def world_size() -> int:
+    """The world the plan is resolved for: the whole torchrun world (the plan takes the rollout
+    ranks of a disaggregated placement off), else the initialised or launched one."""
     import torch.distributed as dist
+
+    from megatron_rl.async_rl.world import active_placement
+    if active_placement() is not None:
+        return active_placement().world_size
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 

@@ -27,6 +27,9 @@ def build_trainer(cfg: Config):
     if cfg.token_weights.source != "none":
         from megatron_rl.token_weights import build_token_weights
         token_weights = build_token_weights(cfg, roles.actor, ctx.tokenizer)
+    if ctx.plan.rollout.placement == "disaggregated":      # the engine on its own ranks (async_rl/)
+        from megatron_rl.async_rl.trainer import build_async_trainer
+        return build_async_trainer(cfg, ctx, roles, kl_ctrl=build_kl_controller(cfg), token_weights=token_weights)
     return Trainer(**vars(ctx), roles=roles, engine=build_engine(cfg, roles.actor, ctx.tokenizer),
                    kl_ctrl=build_kl_controller(cfg), token_weights=token_weights)
 
@@ -47,6 +50,10 @@ def train_main(config_path, overrides=None) -> int:
     import torch.distributed as dist
 
     cfg = load_experiment_config(config_path, overrides)
+    if cfg.rollout.placement == "disaggregated":
+        from megatron_rl.async_rl.trainer import split_or_serve
+        if split_or_serve(cfg):          # a rollout rank: it served the trainer until told to stop
+            return 0
     trainer = RECIPES.lookup(recipe(cfg))(cfg)
     try:
         before, after = trainer.fit()

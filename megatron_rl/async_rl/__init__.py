@@ -1,0 +1,1 @@
+"""Disaggregated rollout ranks and asynchronous training (docs/ASYNC.md)."""

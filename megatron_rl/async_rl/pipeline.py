@@ -1,0 +1,214 @@
+"""The trainer ranks' view of the rollout ranks: prompt dispatch, the sample buffer, staleness,
+weight pushes and validation generation (collective over the trainer world; only trainer rank 0
+holds the client, the sampler position that matters and the buffer).
+
+Admission: at most `(1 + lag) * G` groups (G = prompts per step) are buffered or in flight, and
+none past the last step, so a sample trained at version v was generated at version >= v - lag
+(lag: 0 sync, 1 one_step_off, max_staleness fully_async). Groups older than that (possible after
+dynamic-sampling rounds) are dropped and counted (`async/dropped_stale`), never trained.
+Buffer + checkpoint: `drain()` before a save waits for every in-flight request, so the sampler
+position saved (every prompt dispatched) is that of the trained prompts plus the buffered ones,
+and the buffer itself is saved with the checkpoint (`async_buffer.pt`, docs/ASYNC.md).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl.async_rl.messages import GenerateCmd, GenResult
+from megatron_rl.data.batch import Batch
+from megatron_rl.trainer.dynamic_sampling import groups_of
+
+BUFFER_FILE = "async_buffer.pt"
+
+
+@dataclass
+class Group:
+    batch: Batch                # the rows of one prompt
+    version: int                # policy version that generated it
+    request_id: int
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _broadcast(obj):
+    """trainer rank 0's `obj` on every trainer rank."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class RolloutPipeline:
+    def __init__(self, cfg, plan, data, client, sampling_fn):
+        self.cfg, self.data, self.client = cfg, data, client        # client: trainer rank 0 only
+        self.lag, self.mode = plan.rollout.max_staleness, plan.rollout.async_mode
+        self.sampling_fn = sampling_fn                              # (cfg, request index) -> SamplingParams
+        self.groups_per_step = cfg.data.train_batch_size
+        self.chunk_prompts = cfg.trainer.async_.request_prompts
+        self.buffer: list[Group] = []
+        self.pending: dict[int, int] = {}       # request id -> groups not yet received
+        self.dispatched = 0                     # training requests sent (request id = dispatch index)
+        self.dropped_total = 0
+        self._val_id = 0
+        self._since_take = {"generate_s": 0.0, "idle_s": 0.0}
+
+    # --- dispatch and receipt (trainer rank 0) ---------------------------------------------
+    def dispatch(self) -> None:
+        from megatron_rl.data.collate import collate_prompts
+
+        idx = self.data.sampler.next_batch()
+        prompts = collate_prompts([self.data.train[i] for i in idx], self.data.pad_id)
+        self.dispatched += 1
+        self.client.submit(GenerateCmd(self.dispatched, prompts, self.sampling_fn(self.cfg, self.dispatched),
+                                       self.chunk_prompts))
+        self.pending[self.dispatched] = len(idx)
+
+    def fill(self, step: int) -> None:
+        """Dispatch while the window (1 + lag steps of groups, not past the last step) has room."""
+        total = self.cfg.trainer.total_steps
+        window = min(1 + self.lag, total - step + 1) * self.groups_per_step
+        while len(self.buffer) + sum(self.pending.values()) + self.groups_per_step <= window:
+            self.dispatch()
+
+    def receive(self, res: GenResult) -> None:
+        rows = groups_of(res.batch)
+        self.buffer += [Group(res.batch.select(r), res.version, res.request_id) for r in rows]
+        self.pending[res.request_id] -= len(rows)
+        if res.chunk == res.chunks - 1:
+            self.pending.pop(res.request_id)
+        self._since_take["generate_s"] += res.generate_s
+        self._since_take["idle_s"] += res.idle_s
+
+    def drain(self) -> None:
+        """Every in-flight request into the buffer (before a checkpoint)."""
+        if self.client is None:
+            return
+        while self.pending:
+            self.receive(self.client.next_result(set(self.pending)))
+
+    # --- the step's batch (collective) -------------------------------------------------
+    def take(self, step: int) -> tuple[Batch, dict[str, float]]:
+        """The step's global batch of `groups_per_step` groups, each trainer rank's DP share."""
+        payload = self._take_on_rank0(step) if _rank() == 0 else None
+        batch, metrics = _broadcast(payload)
+        return _dp_share(batch), metrics
+
+    def _take_on_rank0(self, step: int):
+        current = step - 1                       # the version this step's update starts from
+        self.fill(step)
+        t0 = time.perf_counter()
+        dropped = 0
+        while True:
+            fresh = [g for g in self.buffer if g.version >= current - self.lag]
+            dropped += len(self.buffer) - len(fresh)
+            self.buffer = fresh
+            if len(self.buffer) >= self.groups_per_step:
+                break
+            if not self.pending:
+                self.dispatch()                  # dropped groups are replaced on demand
+            self.receive(self.client.next_result(set(self.pending)))
+        wait = time.perf_counter() - t0
+        taken, self.buffer = self.buffer[:self.groups_per_step], self.buffer[self.groups_per_step:]
+        self.fill(step)
+        self.dropped_total += dropped
+        lags = [current - g.version for g in taken]
+        gen, idle = self._since_take["generate_s"], self._since_take["idle_s"]
+        self._since_take = {"generate_s": 0.0, "idle_s": 0.0}
+        metrics = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
+                   "async/dropped_stale": float(dropped), "async/dropped_stale_total": float(self.dropped_total),
+                   "async/trainer_wait_s": wait, "async/rollout_wait_s": idle, "async/generate_s": gen,
+                   "async/overlap_s": max(0.0, gen - wait), "async/buffered_groups": float(len(self.buffer))}
+        batch = Batch.concat([g.batch for g in taken], pad_values={"prompt_ids": self.data.pad_id,
+                                                                   "response_ids": self.data.pad_id})
+        return batch, metrics
+
+    # --- weights (collective) ------------------------------------------------------------
+    def push_weights(self, actor, version: int, bucket_mb: float) -> dict[str, float]:
+        """The actor's full HF-named weights (any TP/PP/VPP: every trainer rank joins the gather),
+        packed on trainer rank 0 into host buckets the client thread broadcasts."""
+        from megatron_rl.models.loading import iter_hf_weights
+        from megatron_rl.rollout.weight_sync import iter_buckets
+
+        t0 = time.perf_counter()
+        named = iter_hf_weights(actor.chunks)
+        if self.client is None:
+            for _ in named:
+                pass
+            return {}
+        buckets = list(iter_buckets(named, int(bucket_mb * 2 ** 20), device="cpu", reuse_buffer=False))
+        self.client.push_weights(version, buckets)
+        return {"async/weight_push_s": time.perf_counter() - t0 + self.client.last_push_s}
+
+    # --- validation generation (collective) ------------------------------------------------
+    def generate(self, prompts: Batch, sampling) -> Batch:
+        """Each trainer rank's prompts, generated on the rollout ranks with the latest pushed weights."""
+        from megatron_rl.parallel.data_parallel import dp_rank_size
+
+        dp_rank, dp_size = dp_rank_size()
+        gathered = [None] * _world() if _rank() == 0 else None
+        mine = (dp_rank, prompts)
+        if _world() > 1:
+            dist.gather_object(mine, gathered, dst=0)
+        else:
+            gathered = [mine]
+        out = None
+        if _rank() == 0:
+            by_dp = {}
+            for r, p in gathered:
+                by_dp.setdefault(r, p)
+            parts = [by_dp[r] for r in range(dp_size)]
+            self._val_id -= 1
+            self.client.submit(GenerateCmd(self._val_id, Batch.concat(parts, {"prompt_ids": self.data.pad_id}),
+                                           sampling))
+            res = self.client.next_result({self._val_id})
+            rows, start = [], 0
+            for p in parts:
+                n = len(p) * sampling.n
+                rows.append(list(range(start, start + n)))
+                start += n
+            out = (res.batch, rows)
+        batch, rows = _broadcast(out)
+        return batch.select(rows[dp_rank])
+
+    # --- checkpoint: a role-like object with save/load_checkpoint ---------------------------
+    def save_checkpoint(self, ckpt_dir: Path, name: str) -> None:
+        if self.client is None:
+            return
+        if self.pending:
+            raise RuntimeError("async buffer saved with requests in flight; call drain() first")
+        torch.save({"buffer": [(g.batch, g.version, g.request_id) for g in self.buffer],
+                    "dispatched": self.dispatched, "dropped_total": self.dropped_total}, Path(ckpt_dir) / BUFFER_FILE)
+
+    def load_checkpoint(self, ckpt_dir: Path, name: str) -> None:
+        if self.client is None:
+            return
+        state = torch.load(Path(ckpt_dir) / BUFFER_FILE, weights_only=False)
+        self.buffer = [Group(b, v, r) for b, v, r in state["buffer"]]
+        self.dispatched, self.dropped_total = state["dispatched"], state["dropped_total"]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def _dp_share(batch: Batch) -> Batch:
+    """This DP rank's contiguous share of the groups."""
+    from megatron_rl.parallel.data_parallel import shard_for_dp
+
+    groups = groups_of(batch)
+    mine = shard_for_dp(groups, "data.train_batch_size")
+    if len(mine) == len(groups):
+        return batch
+    return batch.select([i for rows in mine for i in rows])
