@@ -1,7 +1,7 @@
 """HF `config.json` -> a small typed model description, and from it a Megatron
 `TransformerConfig`. Supported families: Llama (SmolLM2, Llama-2/3/3.1), Qwen2, Qwen3
-(QK-norm, free head_dim) and the mixture-of-experts Qwen3-MoE and Mixtral (see
-`megatron_rl.models.moe`). Anything we cannot reproduce exactly is an error naming the
+(QK-norm, free head_dim), the mixture-of-experts Qwen3-MoE and Mixtral (see
+`megatron_rl.models.moe`) and the vision-language Qwen2-VL / Qwen2.5-VL (`models/vl/`). Anything we cannot reproduce exactly is an error naming the
 config field.
 """
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                           "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
+                           "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                           "Qwen2VLForConditionalGeneration": "qwen2_vl"}
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
@@ -41,10 +43,18 @@ class ModelArch:
     moe_ffn_hidden_size: int = 0
     moe_norm_topk_prob: bool = True            # renormalise the top-k probabilities
     moe_layers: list[int] | None = None
+    # Vision-language (Qwen2-VL / Qwen2.5-VL): M-RoPE sections and the full HF config.json
+    # (vision tower, special token ids), see megatron_rl.models.vl.
+    mrope_section: list[int] | None = None
+    vl_config: dict | None = None
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_vl(self) -> bool:
+        return self.vl_config is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +84,9 @@ def arch_from_hf_config(path_or_dict) -> ModelArch:
         raise ValueError(f"config.json field 'architectures' = {archs!r} is not supported; "
                          f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
     family = SUPPORTED_ARCHITECTURES[arch]
+    if family in ("qwen2_5_vl", "qwen2_vl"):
+        from megatron_rl.models.vl.config import vl_arch_from_hf
+        return vl_arch_from_hf(cfg, arch)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json field 'hidden_act' = {act!r} is not supported (only 'silu')")
@@ -158,6 +171,8 @@ def moe_fields_from_hf(cfg: dict, family: str, num_layers: int) -> dict:
 
 def arch_to_hf_config(arch: ModelArch, dtype: str = "float32") -> dict:
     """The inverse, for writing HF checkpoints."""
+    if arch.is_vl:
+        return {**arch.vl_config, "torch_dtype": dtype}
     cfg = {
         "architectures": [arch.hf_architecture],
         "model_type": arch.family,

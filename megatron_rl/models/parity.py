@@ -39,6 +39,11 @@ def compare_logits(hf_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor
 def main(hf_dir: str, tol: float = 1e-3) -> int:
     import transformers
 
+    from megatron_rl.models.hf_config import arch_from_hf_config
+    if arch_from_hf_config(hf_dir).is_vl:       # image + text prompts (models/vl/parity.py)
+        from megatron_rl.models.vl.parity import main as vl_main
+        return vl_main(hf_dir, tol)
+
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     texts = ["The capital of France is", "def fibonacci(n):\n    return", "1 + 1 = 2, 2 + 2 ="]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")

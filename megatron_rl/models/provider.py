@@ -76,6 +76,8 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
     elif recompute not in (None, "none"):
         raise ValueError(f"recompute must be none|selective|full, got {recompute!r}")
     kwargs.update(qk_layernorm=arch.qk_layernorm, **moe_transformer_kwargs(arch, moe))
+    if arch.mrope_section:                      # vision-language: M-RoPE (models/vl)
+        kwargs["mrope_section"] = list(arch.mrope_section)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -141,7 +143,12 @@ def _build_gpt(arch: ModelArch, cfg, layer_spec: str, vp_stage: int | None):
     spec_name = resolve_layer_spec_name(layer_spec)
     spec = get_layer_spec(spec_name, qk_layernorm=arch.qk_layernorm, config=cfg, vp_stage=vp_stage)
     tp = mpu.get_tensor_model_parallel_world_size()
-    model = GPTModel(
+    cls, vl_kwargs = GPTModel, {}
+    if arch.is_vl:                              # GPTModel subclass + vision tower (models/vl)
+        from megatron_rl.models.vl.model import vl_model_kwargs
+        cls, vl_kwargs = vl_model_kwargs(arch, cfg, mpu.is_pipeline_first_stage(ignore_virtual=False,
+                                                                                 vp_stage=vp_stage))
+    model = cls(
         config=cfg,
         transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, tp),
@@ -150,11 +157,12 @@ def _build_gpt(arch: ModelArch, cfg, layer_spec: str, vp_stage: int | None):
         post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="mrope" if arch.mrope_section else "rope",
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
+        **vl_kwargs,
     )
     model.arch = arch                   # what the weight mapping and engines read
     model.layer_spec_name = spec_name

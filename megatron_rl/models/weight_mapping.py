@@ -108,6 +108,8 @@ def find_rule(mcore_name: str, arch: ModelArch | None = None) -> tuple[ParamRule
         m = rx.match(mcore_name)
         if m:
             return rule, (int(m.group("L")) if "L" in m.groupdict() else None)
+    if mcore_name.startswith("visual."):        # vision tower (models/vl): HF names, replicated over TP
+        return ParamRule(mcore_name, (mcore_name,)), None
     if ".mlp.router." in mcore_name or ".mlp.experts." in mcore_name:
         if arch is None or arch.family not in _MOE_RES:
             raise KeyError(f"Megatron parameter {mcore_name!r} is a mixture-of-experts weight: its HF name "
@@ -167,6 +169,9 @@ def global_param_names(arch: ModelArch) -> list[str]:
             continue
         if r.mcore.startswith("embedding"):
             names.append(r.mcore)
+    if arch.is_vl:
+        from megatron_rl.models.vl.vision import vision_param_shapes
+        names += list(vision_param_shapes(arch))
     for layer in range(arch.num_layers):
         names += layer_param_names(arch, layer)
     names += [r.mcore for r in rules_for(arch) if "{L}" not in r.mcore and not r.mcore.startswith("embedding")]
@@ -176,6 +181,9 @@ def global_param_names(arch: ModelArch) -> list[str]:
 def global_shape(gname: str, arch: ModelArch) -> tuple[int, ...]:
     """The full (TP=1) shape of a canonical global Megatron parameter."""
     h, hd = arch.hidden_size, arch.head_dim
+    if gname.startswith("visual.") and arch.is_vl:
+        from megatron_rl.models.vl.vision import vision_param_shapes
+        return vision_param_shapes(arch)[gname]
     tail = gname.split(".", 3)[-1] if gname.startswith("decoder.layers.") else gname
     tail = re.sub(r"^mlp\.experts\.local_experts\.\d+\.", "expert.", tail)
     shapes = {
