@@ -169,15 +169,26 @@ def _sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_mcore_checkpoint(model, out_dir, arch: ModelArch | None = None, extra_meta: dict | None = None) -> None:
-    """Every chunk of every rank into one dist-checkpoint (call on all ranks)."""
+def sharded_model_state_dict(model) -> dict:
+    """The model's sharded state dict as the checkpoint nests it (what an optimizer's
+    `sharded_state_dict(model_sharded_state_dict)` maps its state onto)."""
+    return _sharded_state_dict(as_chunks(model))
+
+
+def save_mcore_checkpoint(model, out_dir, arch: ModelArch | None = None, extra_meta: dict | None = None,
+                          extra_state=None) -> None:
+    """Every chunk of every rank into one dist-checkpoint (call on all ranks). `extra_state`:
+    `model_sharded_state_dict -> dict` of more entries for the same checkpoint (the optimizer)."""
     from megatron.core import dist_checkpointing
 
     chunks = as_chunks(model)
     arch = arch or chunks[0].arch
     out = Path(out_dir)
     (out / "model").mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(_sharded_state_dict(chunks), str(out / "model"))
+    state = _sharded_state_dict(chunks)
+    if extra_state is not None:
+        state = {**state, **extra_state(state)}
+    dist_checkpointing.save(state, str(out / "model"))
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta = {"format": MCORE_FORMAT, "arch": arch.to_dict(), **(extra_meta or {})}
         with open(out / MCORE_META, "w") as f:

@@ -1,12 +1,13 @@
 """Run checkpoints: one manager saves every role, the trainer state (step, sampler, KL
 controller, ...) and each rank's RNG together, atomically and verifiably.
 
-Layout of `RUN_DIR/checkpoints/step_N/`: each role writes its own files (the actor: a
-Megatron distributed checkpoint, loadable at any TP/PP, plus `rank{r}.pt` with its
-optimizer and LR schedule; critic / discriminator: `{name}_rank{r}.pt`; the strength
+Layout of `RUN_DIR/checkpoints/step_N/`: each role writes its own files (the actor: one
+Megatron distributed checkpoint holding its weights, optimizer state and LR schedule,
+loadable at any DP/TP/PP; critic / discriminator: `{name}_rank{r}.pt`; the strength
 predictor: `predictor.pt`), `rng_rank{r}.pt` holds each rank's RNG, `trainer_state.json`
-the trainer state and `manifest.json` (trainer/manifest.py) every file's size and CRC32 and
-the run plan. Everything is written into `step_N.tmp`, fsync'ed, the manifest written last,
+the trainer state (the sampler position is global: prompts consumed, not per DP rank) and
+`manifest.json` (trainer/manifest.py) every file's size and CRC32 and the run plan.
+Everything is written into `step_N.tmp`, fsync'ed, the manifest written last,
 and the directory renamed when complete; `resume: auto` takes the newest checkpoint that
 passes its manifest check and names the file of each one it skips. The last `keep_last`
 are kept (>= 2 leaves a fallback when the newest is damaged).
@@ -200,25 +201,72 @@ def find_checkpoint(run_dir, resume: str) -> Path | None:
     return None
 
 
-# --- the actor's files: a Megatron distributed checkpoint + per-rank optimizer -----------
+# --- the actor's files: weights, optimizer and LR schedule in one Megatron distributed checkpoint --
+
+ACTOR_STATE = "megatron_rl.actor.sharded.v1"    # `actor_state` in megatron_rl.json: optimizer in the dist-ckpt
+# Megatron's fully reshardable optimizer layout: each parameter's state is a sharded tensor keyed by
+# the parameter's own key (`optimizer.state.exp_avg.<model key>`), so the checkpoint loads at any
+# DP/TP/PP. The non-distributed optimizers ignore the metadata (their layout is always this one).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+                      "chained_optim_avoid_prefix": True}
+
 
 def save_policy(actor, tmp: Path) -> None:
-    """The actor's weights as a Megatron distributed checkpoint (any TP/PP can load it),
-    this rank's optimizer + LR schedule as `rank{r}.pt` (tensors and primitives only), and,
-    under Megatron's distributed optimizer (whose `state_dict()` leaves out the fp32 master
-    params and Adam moments), its parameter state gathered per model-parallel rank."""
-    save_mcore_checkpoint(actor.chunks, tmp)
-    state = {"optimizer": actor.optimizer.state_dict(), "scheduler": actor.scheduler.state_dict()}
-    torch.save(state, tmp / f"rank{rank():05d}.pt")
-    if uses_distributed_optimizer(actor.optimizer):
-        actor.optimizer.save_parameter_state(str(tmp / distributed_optimizer_file()))
+    """The actor's weights, optimizer state (Adam moments, fp32 master params, the step) and LR
+    schedule as one Megatron distributed checkpoint (`model/`) through Megatron's own
+    `optimizer.sharded_state_dict`: resumable at any DP/TP/PP layout, the distributed optimizer
+    included. The schedule and the optimizer's hyperparameters go to its common state."""
+    extra = None
+    if actor.optimizer is not None:
+        def extra(model_sd: dict) -> dict:
+            return {"optimizer": actor.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+                    "scheduler": actor.scheduler.state_dict()}
+    save_mcore_checkpoint(actor.chunks, tmp, extra_meta={"actor_state": ACTOR_STATE}, extra_state=extra)
 
 
 def load_policy(actor, path: Path) -> None:
+    """Weights at any layout; the optimizer and schedule from the same checkpoint (any DP/TP/PP),
+    or from the per-rank files of a checkpoint written before that (`_load_legacy_optimizer`)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rl.models.loading import sharded_model_state_dict
+
     load_mcore_checkpoint(actor.chunks, path)
+    if actor.optimizer is None:
+        return
+    if actor_state_format(path) != ACTOR_STATE:
+        _load_legacy_optimizer(actor, path)
+        return
+    opt_sd = actor.optimizer.sharded_state_dict(sharded_model_state_dict(actor.chunks), is_loading=True,
+                                                metadata=OPTIMIZER_METADATA)
+    state = dist_checkpointing.load({"optimizer": opt_sd}, str(path / "model"))
+    if "scheduler" not in state:
+        raise KeyError(f"{path / 'model'}: the checkpoint's common state has no LR schedule ('scheduler')")
+    with torch.no_grad():              # the distributed optimizer copies into fp32 master params (leaves)
+        actor.optimizer.load_state_dict(state["optimizer"])
+    actor.scheduler.load_state_dict(state["scheduler"])
+
+
+def actor_state_format(path: Path) -> str | None:
+    """How the actor's optimizer was saved: ACTOR_STATE, or None for the per-rank files of older
+    checkpoints (no `actor_state` in `megatron_rl.json`)."""
+    from megatron_rl.models.loading import MCORE_META
+
+    meta = Path(path) / MCORE_META
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta}: missing (not a megatron-rl checkpoint of the actor)")
+    return json.loads(meta.read_text()).get("actor_state")
+
+
+def _load_legacy_optimizer(actor, path: Path) -> None:
+    """Checkpoints written before the optimizer joined the dist-checkpoint: this rank's
+    `rank{r}.pt` (+ `distopt_tp*_pp*.pt` under the distributed optimizer); they resume only at
+    the world size and layout that wrote them."""
     f = path / f"rank{rank():05d}.pt"
     if not f.exists():
-        raise FileNotFoundError(f"{f}: no optimizer state for rank {rank()} (resume needs the same world size)")
+        raise FileNotFoundError(f"{f}: no optimizer state for rank {rank()}: {path} is an older checkpoint "
+                                f"(per-rank optimizer files), which resumes only at the world size that wrote "
+                                f"it; checkpoints written now resume at any DP/TP/PP")
     state = load_tensors(f)
     actor.optimizer.load_state_dict(state["optimizer"])
     actor.scheduler.load_state_dict(state["scheduler"])
