@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
     inline = args.format == "parquet"
+    (out if inline else image_dir).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
     for split, n in (("train", args.n_train), ("val", args.n_val)):
         rows = make_rows(split, n, rng, args.size, image_dir, inline)
         if inline:
