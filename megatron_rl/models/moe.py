@@ -58,6 +58,7 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None) -> dic
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         moe_router_fusion=False,
+        moe_enable_routing_replay=bool(moe.routing_replay),   # models/routing_replay.py drives it
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
     )

@@ -19,6 +19,7 @@ class MoEConfig:
     z_loss_coef: float = 0.0            # router z-loss (Megatron moe_z_loss_coeff)
     router_dtype: str = "fp32"          # fp32 | fp64 | model (the parameter dtype)
     token_dispatcher: str = "alltoall"  # alltoall | allgather (both dropless)
+    routing_replay: bool = False        # force the rollout's experts in training forwards (models/routing_replay.py)
 
     def __post_init__(self) -> None:
         if self.aux_loss_coef < 0:

@@ -106,7 +106,8 @@ def build_actor(cfg: Config, plan):
     actor = Policy(t.model, micro_batch_size=cfg.actor.micro_batch_size, temperature=cfg.rollout.temperature,
                    optimizer=t.optimizer, scheduler=t.scheduler, ddp_model=t.ddp,
                    fused_backend=plan.loss_backend,
-                   max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch)
+                   max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch,
+                   routing_replay=cfg.model.moe.routing_replay)
     mode = plan.rollout.offload_during_rollout
     if mode != "none":
         from megatron_rl.models.offload import TrainingStateOffloader

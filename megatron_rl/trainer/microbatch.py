@@ -47,7 +47,7 @@ def make_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, tor
         idx += [idx[0]] * (micro_batch_size - real)
         t = torch.as_tensor(idx)
         mb = {"input_ids": ids[t], "attention_mask": am[t], "labels": batch["response_ids"][t],
-              "row_valid": (torch.arange(micro_batch_size) < real).float(),
+              "row_valid": (torch.arange(micro_batch_size) < real).float(), "batch_rows": t,
               "prompt_len": torch.tensor(batch["prompt_ids"].shape[1])}
         for k in PER_TOKEN_KEYS:
             if k in batch:

@@ -83,6 +83,8 @@ def logprobs(tr, batch: Batch) -> dict[str, float]:
             diff = (old - batch["rollout_logprob"]).abs() * mask
             metrics["rollout/logprob_diff"] = (diff.sum() / mask.sum().clamp(min=1)).item()
             metrics["rollout/logprob_diff_max"] = diff.max().item()
+        if tr.actor.routing_replay is not None:
+            metrics.update(tr.actor.routing_replay.collect())   # moe/replay_mismatch_frac, moe/replay_agree_frac
     steer = tr.cfg.steering
     if steer.enable and steer.logprob_mode == "rollout_is":
         metrics.update(_rollout_is_weights(batch, steer.rollout_is_cap))

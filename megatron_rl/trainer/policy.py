@@ -9,6 +9,8 @@ log-probs/entropies in the `[n, R]` response layout (`_token_stats`), and one ca
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from megatron_rl.algos import actor_loss
@@ -18,6 +20,7 @@ from megatron_rl.models.forward import gpt_forward, vision_language_model
 from megatron_rl.models.moe_metrics import MoEMetrics
 from megatron_rl.models.offload import Offloadable
 from megatron_rl.models.packing import packed_forward
+from megatron_rl.models.routing_replay import RoutingReplay
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
                                             move_microbatch, response_logits, scatter_rows)
@@ -36,7 +39,7 @@ class Policy(Offloadable):
 
     def __init__(self, model, *, micro_batch_size: int, temperature: float = 1.0, optimizer=None,
                  scheduler=None, ddp_model=None, fused_backend: str | None = None,
-                 max_tokens_per_microbatch: int = 0):
+                 max_tokens_per_microbatch: int = 0, routing_replay: bool = False):
         if max_tokens_per_microbatch < 0:
             raise ValueError(f"actor.max_tokens_per_microbatch must be >= 0, got {max_tokens_per_microbatch}")
         self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -53,6 +56,11 @@ class Policy(Offloadable):
         self.max_tokens = max_tokens_per_microbatch
         self.steering = None      # a SteeringController attached to this model, or None
         self.moe_metrics = MoEMetrics.attach(self.chunks)   # None for dense models (models/moe_metrics.py)
+        # `model.moe.routing_replay` on the actor (the reference keeps its own routing): None when off
+        self.routing_replay = RoutingReplay.attach(self.chunks) if routing_replay else None
+        if routing_replay and self.routing_replay is None:
+            raise ValueError("model.moe.routing_replay=true: the model was not built with it (a dense model, or "
+                             "moe_enable_routing_replay off in its TransformerConfig)")
 
     def _forward(self, m, mb):
         """The model forward; under the same per-sample SAE steering as the rollout, so
@@ -153,7 +161,8 @@ class Policy(Offloadable):
             info = {"rows": mb["rows"].cpu()} if "packed" in mb else {}
             return output.sum() * 0, {**info, "logprob": lp.float().cpu(), "entropy": ent.float().cpu()}
 
-        res = run_microbatches(self._forward_model(), mbs, self._forward, loss_fn, forward_only=True)
+        with self._replayed(batch, record_if_missing=True) as forward:
+            res = run_microbatches(self._forward_model(), mbs, forward, loss_fn, forward_only=True)
         self._set_training(was_training)
         n, r = len(batch), batch["response_ids"].shape[1]
         lp = _batch_rows(res, "logprob", n, r) if res else None
@@ -246,8 +255,23 @@ class Policy(Offloadable):
             info["_w"] = float(mb["loss_scale"]) / len(mbs)
             return loss * mb["loss_scale"], info
 
-        res, step = optimizer_step(self.ddp_chunks, self.optimizer, self.scheduler, mbs, self._forward, loss_fn)
+        with self._replayed(mini, record_if_missing=False) as forward:
+            res, step = optimizer_step(self.ddp_chunks, self.optimizer, self.scheduler, mbs, forward, loss_fn)
         return {**broadcast_metrics(weighted_mean(res)), **step}
+
+    @contextmanager
+    def _replayed(self, batch: Batch, *, record_if_missing: bool):
+        """The forward of a log-prob or update pass: without `routing_replay`, `_forward`; with it,
+        the batch's recorded experts forced (the log-prob pass also measures how many tokens the
+        router would have routed otherwise), or, when the engine recorded none and this is the
+        log-prob pass, the routers' own choices recorded into the batch for the update."""
+        if self.routing_replay is None:
+            yield self._forward
+            return
+        from megatron_rl.models.routing_replay import PROMPT_KEY
+        record = record_if_missing and PROMPT_KEY not in batch
+        with self.routing_replay.run(batch, record=record, measure=record_if_missing and not record) as p:
+            yield p.wrap(self._forward)
 
 
 def _single(items: list, what: str):
