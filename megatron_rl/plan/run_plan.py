@@ -148,6 +148,9 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
         raise PlanError("algos.adv_estimator=gae needs values from a critic: set critic.enable=true "
                         "(or choose another algos.adv_estimator, e.g. grpo)")
     m = cfg.model
+    from megatron_rl.models.routing_replay import replay_conflicts
+    if (why := replay_conflicts(cfg)) is not None:
+        raise PlanError(why)
     shp, source = model_shape(m.path, shape)
     layout = resolve_layout(m, trainer_world(cfg, world_size), device, shp)   # rollout ranks left out
     dist_opt = check_distributed_optimizer(cfg.actor.optim, "actor.optim", device)   # as trainer/build.py
