@@ -39,10 +39,10 @@ class ScriptedNativeEngine(NativeEngine):
         self.forced: list[list[int]] = []
         self.t = 0
 
-    def _generate_chunk(self, chunk, sp, gen):
-        self.forced = [self.scripts[s["uid"]][s["agent_turn"]] for s in chunk.samples]
-        self.t = 0
-        return super()._generate_chunk(chunk, sp, gen)
+    def _decode(self, cs, sp, gen, rule):              # one chunk's decoding (from cs.steps on)
+        self.forced = [self.scripts[s["uid"]][s["agent_turn"]] for s in cs.prompts.samples]
+        self.t = cs.steps
+        return super()._decode(cs, sp, gen, rule)
 
     def _sample(self, logits, sp, gen, suppress=None):     # the script decides; no EOS suppression
         tok = torch.tensor([f[self.t] if self.t < len(f) else self.eos_ids[0] for f in self.forced])
