@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
-                   "chat_template.jinja", "added_tokens.json")
+                   "chat_template.jinja", "added_tokens.json",
+                   # vision-language checkpoints: the image / video processors
+                   "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 class HFTensorReader:
