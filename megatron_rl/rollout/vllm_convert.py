@@ -16,9 +16,9 @@ def vllm_sampling_kwargs(sp: SamplingParams, seed: int | None = None,
                          stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams`.
 
-    logprobs=0 returns the sampled token's log-prob only, as flat lists
-    (`flat_logprobs`: a constant number of Python objects per request instead of one dict
-    per token, which is most of the cost of asking); `sp.logprobs` False asks for none.
+    logprobs=0 returns the sampled token's log-prob only (`flat_logprobs` was slower on the
+    H200: 10.1 s vs 8.6 s for 131k tokens, docs/BENCHMARKS.md); `sp.logprobs` False asks
+    for none (5.0 s).
     Stop strings stay in the
     text (`include_stop_str_in_output`) as in the native engine; top_k=0 is vLLM's "off"
     (our -1); greedy is temperature 0; `ignore_eos` / `min_new_tokens` map to vLLM's
@@ -29,7 +29,7 @@ def vllm_sampling_kwargs(sp: SamplingParams, seed: int | None = None,
                               detokenize=bool(sp.stop), skip_special_tokens=False,
                               stop_token_ids=list(stop_token_ids) or None)
     if sp.logprobs:
-        kw.update(logprobs=0, flat_logprobs=True)
+        kw["logprobs"] = 0
     if sp.ignore_eos:
         kw["ignore_eos"] = True
     if sp.min_new_tokens:

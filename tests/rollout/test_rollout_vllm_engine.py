@@ -28,7 +28,7 @@ def _completion(index, tokens, lps):
 def test_rollout_sampling_kwargs_sampled():
     kw = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=-1, n=4, max_new_tokens=32,
                                              stop=["###"]), seed=11, stop_token_ids=[2, 5])
-    assert kw == dict(n=4, max_tokens=32, logprobs=0, flat_logprobs=True, seed=11, stop=["###"],
+    assert kw == dict(n=4, max_tokens=32, logprobs=0, seed=11, stop=["###"],
                       include_stop_str_in_output=True, detokenize=True, skip_special_tokens=False,
                       stop_token_ids=[2, 5], temperature=0.7, top_p=0.9, top_k=0)
     none = vllm_sampling_kwargs(SamplingParams(n=4, max_new_tokens=32, logprobs=False), seed=11)
