@@ -2,10 +2,10 @@
 weight pushes and validation generation (collective over the trainer world; only trainer rank 0
 holds the client, the sampler position that matters and the buffer).
 
-Admission: at most `(1 + lag) * G` groups (G = prompts per step) are buffered or in flight, and
-none past the last step, so a sample trained at version v was generated at version >= v - lag
-(lag: 0 sync, 1 one_step_off, max_staleness fully_async). Groups older than that (possible after
-dynamic-sampling rounds) are dropped and counted (`async/dropped_stale`), never trained.
+Admission: the request of step s is dispatched only once the weights of version s - 1 - lag are
+queued (`pushed`), and none past the last step, so a sample trained at version v was generated at
+version >= v - lag (lag: 0 sync, 1 one_step_off, max_staleness fully_async). Groups older than
+that (possible after dynamic-sampling rounds) are dropped and counted (`async/dropped_stale`).
 Buffer + checkpoint: `drain()` before a save waits for every in-flight request, so the sampler
 position saved (every prompt dispatched) is that of the trained prompts plus the buffered ones,
 and the buffer itself is saved with the checkpoint (`async_buffer.pt`, docs/ASYNC.md).
@@ -24,6 +24,7 @@ from megatron_rl.data.batch import Batch
 from megatron_rl.trainer.dynamic_sampling import groups_of
 
 BUFFER_FILE = "async_buffer.pt"
+SAMPLES_LOG = "async_samples.jsonl"
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RolloutPipeline:
         self.buffer: list[Group] = []
         self.pending: dict[int, int] = {}       # request id -> groups not yet received
         self.dispatched = 0                     # training requests sent (request id = dispatch index)
+        self.pushed = 0                         # the newest policy version queued to the rollout ranks
         self.dropped_total = 0
         self._val_id = 0
         self._since_take = {"generate_s": 0.0, "idle_s": 0.0}
@@ -75,11 +77,9 @@ class RolloutPipeline:
                                        self.chunk_prompts))
         self.pending[self.dispatched] = len(idx)
 
-    def fill(self, step: int) -> None:
-        """Dispatch while the window (1 + lag steps of groups, not past the last step) has room."""
-        total = self.cfg.trainer.total_steps
-        window = min(1 + self.lag, total - step + 1) * self.groups_per_step
-        while len(self.buffer) + sum(self.pending.values()) + self.groups_per_step <= window:
+    def fill(self) -> None:
+        """Dispatch the requests of steps up to `pushed + 1 + lag` (not past the last step)."""
+        while self.dispatched < min(self.pushed + 1 + self.lag, self.cfg.trainer.total_steps):
             self.dispatch()
 
     def receive(self, res: GenResult) -> None:
@@ -107,7 +107,7 @@ class RolloutPipeline:
 
     def _take_on_rank0(self, step: int):
         current = step - 1                       # the version this step's update starts from
-        self.fill(step)
+        self.fill()
         t0 = time.perf_counter()
         dropped = 0
         while True:
@@ -121,7 +121,6 @@ class RolloutPipeline:
             self.receive(self.client.next_result(set(self.pending)))
         wait = time.perf_counter() - t0
         taken, self.buffer = self.buffer[:self.groups_per_step], self.buffer[self.groups_per_step:]
-        self.fill(step)
         self.dropped_total += dropped
         lags = [current - g.version for g in taken]
         gen, idle = self._since_take["generate_s"], self._since_take["idle_s"]
@@ -132,7 +131,18 @@ class RolloutPipeline:
                    "async/overlap_s": max(0.0, gen - wait), "async/buffered_groups": float(len(self.buffer))}
         batch = Batch.concat([g.batch for g in taken], pad_values={"prompt_ids": self.data.pad_id,
                                                                    "response_ids": self.data.pad_id})
+        self._log_trained(step, taken)
         return batch, metrics
+
+    def _log_trained(self, step: int, taken: list[Group]) -> None:
+        """`RUN_DIR/async_samples.jsonl`: per step, the trained groups' uids and policy versions (a
+        resumed run appends the steps it redoes; the last line of a step is the one that counts)."""
+        import json
+
+        rows = {"step": step, "uids": [g.batch.samples[0].get("uid") for g in taken],
+                "versions": [g.version for g in taken]}
+        with open(Path(self.cfg.logging.run_dir) / SAMPLES_LOG, "a") as f:
+            f.write(json.dumps(rows) + "\n")
 
     # --- weights (collective) ------------------------------------------------------------
     def push_weights(self, actor, version: int, bucket_mb: float) -> dict[str, float]:
@@ -149,6 +159,8 @@ class RolloutPipeline:
             return {}
         buckets = list(iter_buckets(named, int(bucket_mb * 2 ** 20), device="cpu", reuse_buffer=False))
         self.client.push_weights(version, buckets)
+        self.pushed = version
+        self.fill()                              # what the new version admits starts generating now
         return {"async/weight_push_s": time.perf_counter() - t0 + self.client.last_push_s}
 
     # --- validation generation (collective) ------------------------------------------------
