@@ -1,5 +1,6 @@
 """Partial rollouts: an in-flight native-engine generation stopped between two decode steps
-(`budget` tokens, or an `interrupt` callable), the engine's weights updated, and the generation
+(after `budget` decode steps of the call, counted over all its chunks, or when an `interrupt`
+callable says so), the engine's weights updated, and the generation
 continued under the new weights. What the orchestration (fully async, `partial_rollout`) calls:
 
     out = engine.generate(batch, sp, budget=None, interrupt=None)  # Batch, or PartialRollout if stopped
@@ -90,9 +91,11 @@ class StopRule:
 
 
 def oldest_policy_version(batch: Batch) -> torch.Tensor:
-    """[B] long: each row's oldest token version (its staleness is current - this); -1 if no tokens."""
+    """[B] long: each row's oldest token version (its staleness is current - this); -1 if no tokens.
+    Only generated tokens count (`response_attention_mask`): a `Batch.concat` pads with 0."""
     v = batch["policy_version"]
-    valid = v >= 0
+    attn = batch.get("response_attention_mask")
+    valid = (v >= 0) & ((attn > 0) if attn is not None else (batch["response_mask"] > 0))
     big = torch.iinfo(v.dtype).max
     oldest = torch.where(valid, v, torch.full_like(v, big)).min(-1).values
     return torch.where(valid.any(-1), oldest, torch.full_like(oldest, -1))

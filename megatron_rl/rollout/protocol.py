@@ -7,7 +7,9 @@ one prompt adjacent, per-sample fields copied, `sample["group"]` set to the
 prompt's uid) holding `prompt_ids`, `prompt_mask`, `response_ids` (right-padded
 with the pad id), `response_mask` (float, 1 on generated tokens up to and
 including EOS/stop) and `rollout_logprob` (log-probs of the sampled tokens under
-the sampling distribution, after temperature).
+the sampling distribution, after temperature). The native engine also tags each response
+token with the `engine.policy_version` that sampled it (`policy_version` [B, R] long, -1 on
+padding; partial rollouts, rollout/partial.py).
 
 `update_weights(named_tensors)` takes an iterator of (HF name, tensor) pairs,
 e.g. the actor's weights resharded to the full (TP=1) layout.
