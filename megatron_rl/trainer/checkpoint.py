@@ -258,6 +258,16 @@ def actor_state_format(path: Path) -> str | None:
     return json.loads(meta.read_text()).get("actor_state")
 
 
+def read_policy_state(path: Path) -> dict:
+    """A saved actor's state as plain full tensors, for inspection in one process (tests, tools):
+    `{"tensors": {sharded key: tensor}}` (weights, `optimizer.state.exp_avg.<key>`, ...) and its
+    common state (`optimizer` hyperparameters and `common_step`, `scheduler`)."""
+    from megatron.core import dist_checkpointing
+
+    d = str(Path(path) / "model")
+    return {"tensors": dist_checkpointing.load_plain_tensors(d), **dist_checkpointing.load_common_state_dict(d)}
+
+
 def _load_legacy_optimizer(actor, path: Path) -> None:
     """Checkpoints written before the optimizer joined the dist-checkpoint: this rank's
     `rank{r}.pt` (+ `distopt_tp*_pp*.pt` under the distributed optimizer); they resume only at
