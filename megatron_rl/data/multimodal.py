@@ -209,3 +209,40 @@ class ImageEncoder:
     def expand(self, ids: list[int], inputs: ImageInputs, where: str) -> list[int]:
         return expand_image_pads(ids, image_token_counts(inputs.image_grid_thw, self.merge_size),
                                  self.tokens.pad, where)
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids a response must not hold: the vision span's tokens and, if the tokenizer has it,
+    `<|video_pad|>` (the model counts image/video pads over the whole sequence)."""
+    t = VisionTokens.of(tokenizer)
+    ids = [t.start, t.pad, t.end]
+    video = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    if video is not None and video != tokenizer.unk_token_id:
+        ids.append(int(video))
+    return ids
+
+
+def cut_at_vision_tokens(batch, token_ids: Sequence[int], pad_id: int) -> int:
+    """End each response before the first vision special token it sampled (that token and
+    the rest become padding, out of the loss); returns how many responses were cut.
+
+    Why: the vision-language forward places image features at every image pad of the
+    sequence and M-RoPE gives them grid positions, so a sampled pad in a response would
+    not match the prompt's images (transformers fails the same way). A trained model
+    hardly ever samples one; a random one does."""
+    ids = batch["response_ids"]
+    live = batch["response_mask"] > 0
+    if "response_attention_mask" in batch:
+        live = live | (batch["response_attention_mask"] > 0)
+    bad = torch.isin(ids, torch.as_tensor(list(token_ids), dtype=ids.dtype)) & live
+    rows = bad.any(-1)
+    if not bool(rows.any()):
+        return 0
+    cols = torch.arange(ids.shape[1])
+    first = torch.where(rows, bad.float().argmax(-1), torch.full_like(rows, ids.shape[1], dtype=torch.long))
+    keep = cols[None] < first[:, None]
+    batch["response_ids"] = ids.masked_fill(~keep, pad_id)
+    for name in ("response_mask", "response_attention_mask", "rollout_logprob"):
+        if name in batch:
+            batch[name] = batch[name] * keep.to(batch[name].dtype)
+    return int(rows.sum())

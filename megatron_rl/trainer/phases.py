@@ -41,6 +41,10 @@ def rollout(tr, prompts: Batch, step: int, round_: int = 0) -> Batch:
     batch = tr.engine.generate(prompts, sp)
     if "group" not in batch.samples[0]:
         raise RuntimeError("rollout engine did not set sample['group']")
+    if any("images" in s for s in batch.samples):       # image prompts: no vision tokens in responses
+        from megatron_rl.data.multimodal import cut_at_vision_tokens, vision_token_ids
+        from megatron_rl.data import pad_token_id
+        cut_at_vision_tokens(batch, vision_token_ids(tr.tokenizer), pad_token_id(tr.tokenizer))
     return batch
 
 

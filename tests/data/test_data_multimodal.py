@@ -135,3 +135,17 @@ def test_image_qa_tool_rows_load_and_the_reward_scores_the_first_answer(tmp_path
     assert reward("2 or 3", {"ground_truth": "3"}) == 0.0              # the first answer counts
     assert reward("The red bar.", {"ground_truth": "red"}) == 1.0
     assert reward("no idea", {"ground_truth": "red"}) == 0.0
+
+
+def test_responses_end_before_a_sampled_vision_token(tok):
+    from megatron_rl.data.multimodal import cut_at_vision_tokens, vision_token_ids
+
+    ids = vision_token_ids(tok)
+    pad = tok.pad_token_id
+    b = Batch({"response_ids": torch.tensor([[30, ids[1], 31, 32], [30, 31, 32, pad], [ids[0], 30, 31, 32]]),
+               "response_mask": torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]),
+               "rollout_logprob": -torch.ones(3, 4)})
+    assert cut_at_vision_tokens(b, ids, pad) == 2
+    assert b["response_ids"].tolist() == [[30, pad, pad, pad], [30, 31, 32, pad], [pad] * 4]
+    assert b["response_mask"].tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+    assert b["rollout_logprob"][0].tolist() == [-1, 0, 0, 0]
