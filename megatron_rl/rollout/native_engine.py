@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.forward import causal_padding_mask
+from megatron_rl.models.vl.rollout import rollout_inputs
 from megatron_rl.rollout.partial import ChunkState, Interrupt, PartialRollout, StopRule
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.sampling import sample_tokens
@@ -130,8 +131,9 @@ class NativeEngine:
             self.routing.begin(cs, b, p + sp.max_new_tokens)
         try:
             self._set_steering_positions(cs.prompts, torch.arange(p + t0)[None].expand(b, -1) >= p)
-            logits = self._step(ids, torch.arange(p + t0, device=device).expand(b, p + t0),
-                                causal_padding_mask(kv_mask), ctx)
+            inputs = rollout_inputs(self.core, cs.prompts.samples, ids, kv_mask)   # images, M-RoPE (models/vl)
+            pos, model_kwargs = inputs.prefill()
+            logits = self._step(ids, pos, causal_padding_mask(kv_mask), ctx, **model_kwargs)
             if self.routing is not None:
                 self.routing.after_forward(cs, 0, p + t0)
             ctx.sequence_len_offset += p + t0
@@ -155,8 +157,7 @@ class NativeEngine:
                     return False
                 kv_mask = torch.cat([kv_mask, torch.ones(b, 1, dtype=kv_mask.dtype, device=device)], 1)
                 self._set_steering_positions(cs.prompts, torch.ones(b, 1, dtype=torch.bool))
-                logits = self._step(tok[:, None].to(device),
-                                    torch.full((b, 1), ctx.sequence_len_offset, device=device),
+                logits = self._step(tok[:, None].to(device), inputs.step(ctx.sequence_len_offset),
                                     ~kv_mask.bool()[:, None, None, :], ctx)
                 if self.routing is not None:
                     self.routing.after_forward(cs, p + t, 1)        # fed response token t
@@ -218,16 +219,17 @@ class NativeEngine:
         for c in self.chunks:
             c.train(mode)
 
-    def _step(self, ids, pos, mask, ctx) -> torch.Tensor:
-        """Last-position logits [B, V] (full vocabulary) on every rank."""
+    def _step(self, ids, pos, mask, ctx, **model_kwargs) -> torch.Tensor:
+        """Last-position logits [B, V] (full vocabulary) on every rank; `model_kwargs`: the
+        prefill's `images` for a vision-language model."""
         from megatron_rl.parallel import pp_size
 
         if pp_size() == 1:
-            logits = self.core(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            logits = self.core(ids, pos, mask, inference_context=ctx, runtime_gather_output=True, **model_kwargs)
             return logits[:, -1, : self.arch.vocab_size].float()
-        return self._step_pipelined(ids, pos, mask, ctx)
+        return self._step_pipelined(ids, pos, mask, ctx, **model_kwargs)
 
-    def _step_pipelined(self, ids, pos, mask, ctx) -> torch.Tensor:
+    def _step_pipelined(self, ids, pos, mask, ctx, **model_kwargs) -> torch.Tensor:
         """One forward through every stage: virtual stage v*pp + r is chunk v of PP rank r,
         so rank r receives from rank r-1 (rank 0 from the last rank, for v > 0) and sends on."""
         from megatron.core import parallel_state as mpu
@@ -245,7 +247,7 @@ class NativeEngine:
                 hidden = torch.empty(seq, b, cfg.hidden_size, dtype=cfg.pipeline_dtype, device=ids.device)
                 dist.recv(hidden, src=ranks[r - 1], group=group)      # ranks[-1] for r == 0
                 chunk.set_input_tensor(hidden)
-            out = chunk(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
+            out = chunk(ids, pos, mask, inference_context=ctx, runtime_gather_output=True, **model_kwargs)
             if v < last or r < pp - 1:
                 dist.send(out.contiguous(), dst=ranks[(r + 1) % pp], group=group)
         if r == pp - 1:
