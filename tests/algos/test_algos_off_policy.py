@@ -84,6 +84,10 @@ def test_plan_forces_the_old_logprob_pass_and_refuses_rollout_logprobs_by_name()
     assert _plan().old_logprob.source == "update_forward"                       # on-policy: pass skipped
     p = _plan("algos.off_policy.correction=tis")
     assert p.old_logprob.separate_pass and "algos.off_policy.correction=tis" in p.old_logprob.reason
+    assert p.rollout.engine_logprobs and "algos.off_policy.correction=tis" in p.rollout.engine_logprobs_reason
+    with pytest.raises(PlanError, match="steering.logprob_mode=rollout_is"):
+        _plan("algos.off_policy.correction=tis", "steering.enable=true", "steering.feature_idxs=[3]",
+              "steering.logprob_mode=rollout_is")
     with pytest.raises(PlanError, match="algos.off_policy.correction=mis with rollout.logprob_mode=rollout"):
         _plan("algos.off_policy.correction=mis", "rollout.logprob_mode=rollout")
 
