@@ -21,11 +21,13 @@ never feeds), so `Batch.concat`'s zero padding stays correct. Unrecorded tokens 
 experts 0..k-1 during replay; they score nothing (padding keys are masked, the last token's
 output is never used).
 
-Metrics of a measured pass (`collect()`): `moe/replay_mismatch_frac`, the fraction of
-recorded tokens whose routing without replay (the router's own top-k of the same logits)
+Metrics of the replayed passes (`collect(kind)`): `moe/replay_mismatch_frac`, the fraction
+of recorded tokens whose routing without replay (the router's own top-k of the same logits)
 differs from the recorded one in at least one MoE layer, and `moe/replay_agree_frac`, the
-fraction whose routing actually used (the router's routing map) equals the recorded one
-(1.0 when replay works).
+fraction whose routing actually used (the router's routing map) equals the recorded one in
+every layer (1.0 when replay works); measured on the old-log-prob recompute
+(`kind="logprob"`) and, as `moe/replay_update_*`, on the update's forwards (`kind="update"`:
+how far the updated policy's own routing has drifted from the recorded one).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch.distributed as dist
 
 PROMPT_KEY = "prompt_routed_experts"
 RESPONSE_KEY = "response_routed_experts"
+PASS_KINDS = {"logprob": "moe/replay_", "update": "moe/replay_update_"}    # measured pass -> metric prefix
 
 
 def moe_layer_slots(config) -> dict[int, int]:
@@ -110,7 +113,7 @@ class RoutingReplay:
         self.routers = [r for c in chunks for r in _routers(c)]
         self._by_module: dict[int, list] = {}
         self._pass: ReplayPass | None = None
-        self._stats = torch.zeros(3, dtype=torch.float64)     # recorded tokens, mismatched, agreeing
+        self._stats = {k: torch.zeros(3, dtype=torch.float64) for k in PASS_KINDS}   # tokens, mismatched, agreeing
         for r in self.routers:
             r.register_forward_hook(self._observe)
 
@@ -129,10 +132,13 @@ class RoutingReplay:
         return self.slots[router.layer_number - 1]
 
     @contextmanager
-    def run(self, batch, *, record: bool, measure: bool):
+    def run(self, batch, *, record: bool, measure: str | None):
         """A pass over `batch`'s micro-batches: wrap the forward with `pass_.wrap(fn)`. With
         `record` the routers' own choices are written into `batch` at the end; otherwise the
-        batch's recorded ids are forced (`KeyError` names the tensor when they are missing)."""
+        batch's recorded ids are forced (`KeyError` names the tensor when they are missing) and
+        counted under `measure` (a `PASS_KINDS` name, or None)."""
+        if measure is not None and measure not in PASS_KINDS:
+            raise ValueError(f"RoutingReplay.run: measure={measure!r}, valid {list(PASS_KINDS)} or None")
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         full = None if record else routed_experts(batch)
@@ -151,7 +157,7 @@ class RoutingReplay:
                 whole = _sum_over_pp(buf) * am[:, :, None, None].to(torch.int32)
                 set_routed_experts(batch, whole)
             elif measure:
-                self._stats += self._pass.reduce_stats()
+                self._stats[measure] += self._pass.reduce_stats()
         finally:
             _set_action(self.routers, None)
             self._pass = None
@@ -168,13 +174,14 @@ class RoutingReplay:
             wanted = torch.zeros_like(output[1]).scatter(1, target.clamp(min=0), True)
             p.note(recorded, (natural != wanted).any(-1), (output[1] == wanted).all(-1))
 
-    def collect(self) -> dict[str, float]:
-        """Metrics of the measured passes since the last call (reduced over ranks already); resets."""
-        tokens, mism, agree = self._stats.tolist()
-        self._stats.zero_()
+    def collect(self, kind: str = "logprob") -> dict[str, float]:
+        """Metrics of the `kind` passes since the last call (already reduced over ranks); resets."""
+        tokens, mism, agree = self._stats[kind].tolist()
+        self._stats[kind].zero_()
         if not tokens:
             return {}
-        return {"moe/replay_mismatch_frac": mism / tokens, "moe/replay_agree_frac": agree / tokens}
+        prefix = PASS_KINDS[kind]
+        return {f"{prefix}mismatch_frac": mism / tokens, f"{prefix}agree_frac": agree / tokens}
 
 
 class ReplayPass:

@@ -180,6 +180,8 @@ def update_actor(tr, batch: Batch, step: int) -> dict[str, float]:
     out["actor/skipped_steps"] = float(sum(s.get("skipped", 0.0) for s in steps))   # step guard (update_steps)
     if tr.actor.moe_metrics is not None:
         out.update(tr.actor.moe_metrics.collect())     # moe/aux_loss, moe/z_loss, moe/load_imbalance/*
+    if tr.actor.routing_replay is not None:
+        out.update(tr.actor.routing_replay.collect("update"))   # moe/replay_update_agree_frac, ..._mismatch_frac
     return out
 
 

@@ -270,7 +270,8 @@ class Policy(Offloadable):
             return
         from megatron_rl.models.routing_replay import PROMPT_KEY
         record = record_if_missing and PROMPT_KEY not in batch
-        with self.routing_replay.run(batch, record=record, measure=record_if_missing and not record) as p:
+        measure = None if record else ("logprob" if record_if_missing else "update")
+        with self.routing_replay.run(batch, record=record, measure=measure) as p:
             yield p.wrap(self._forward)
 
 
