@@ -96,6 +96,8 @@ def _logprobs_phase(correction, old, rollout, mask, token_weights=None, **kw):
     from megatron_rl.trainer import phases
 
     class Actor:
+        routing_replay = None                             # no MoE router replay
+
         def compute_logprobs(self, batch, with_entropy=False):
             return old.clone(), torch.zeros_like(old)
 

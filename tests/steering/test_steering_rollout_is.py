@@ -58,6 +58,8 @@ def test_logprobs_phase_folds_is_weights_into_token_weights():
     old = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
 
     class Actor:                                          # the unsteered recompute
+        routing_replay = None                             # no MoE router replay
+
         def compute_logprobs(self, batch, with_entropy=False):
             return old.clone(), torch.zeros_like(old)
 
