@@ -35,9 +35,8 @@ def run_mode(config: str, mode: str, steps: int, nproc: int, extra: list[str], r
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     rows = [r for r in rows if r.get("step", 0) >= 1]
     train_s = sum(r["timing/step"] for r in rows)
-    samples = len(rows) and sum(1 for _ in rows)
     return {"mode": mode, "steps": len(rows), "train_s": train_s, "process_s": wall, "rows": rows,
-            "samples": samples, "wait_s": sum(r.get("async/trainer_wait_s", 0.0) for r in rows),
+            "wait_s": sum(r.get("async/trainer_wait_s", 0.0) for r in rows),
             "overlap_s": sum(r.get("async/overlap_s", 0.0) for r in rows),
             "staleness_max": max(r.get("async/staleness_max", 0.0) for r in rows)}
 
