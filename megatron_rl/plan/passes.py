@@ -70,9 +70,8 @@ def engine_logprob_readers(cfg) -> list[str]:
         readers.append("rollout.logprob_mode=rollout")
     if cfg.steering.enable and getattr(cfg.steering, "logprob_mode", "") == "rollout_is":
         readers.append("steering.logprob_mode=rollout_is")
-    off_policy = getattr(cfg.algos, "off_policy", None)
-    if off_policy is not None and getattr(off_policy, "correction", "none") != "none":
-        readers.append(f"algos.off_policy.correction={off_policy.correction}")
+    if cfg.algos.off_policy.enabled:
+        readers.append(f"algos.off_policy.correction={cfg.algos.off_policy.correction}")
     return readers
 
 
