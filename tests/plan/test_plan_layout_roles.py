@@ -28,7 +28,7 @@ def plan(*overrides, world_size=1, device="cpu", shape=None):
     (2, ["model.cp=2"], None, r"model.cp=2: not supported yet"),
     (2, ["model.ep=2"], "smollm2-135m", r"model.ep=2: expert parallelism needs a mixture-of-experts model"),
     (1, ["model.etp=2"], None, r"world size 1 is not divisible by model.etp \* model.ep \* model.pp"),
-    (1, ["rollout.colocate=false"], None, r"rollout.colocate=false: disaggregated placement .* not implemented yet"),
+    (1, ["rollout.colocate=false"], None, r"rollout.colocate=false: set rollout.placement: disaggregated"),
     (1, ["rollout.engine=vllm"], None, r"rollout.engine=vllm needs device cuda"),
     (1, ["actor.fused_loss=on"], None, r"actor.fused_loss=on needs a CUDA GPU"),
 ])
