@@ -56,6 +56,8 @@ class RolloutWorker:
         receive_broadcast(self.bridge, transport.send, src=0)
         transport.end()
         self.version = version
+        if hasattr(self.engine, "policy_version"):     # the native engine tags its tokens with it
+            self.engine.policy_version = version
 
     def generate(self, cmd: GenerateCmd, idle: float) -> None:
         size = cmd.chunk_prompts or len(cmd.prompts)
