@@ -6,6 +6,8 @@ Off unless an environment variable asks, and then only in the process that reads
   `point`. Points: `step` (start of a rollout step), `update` (after the backward, before the
   optimizer step), `save_write` (every file of a checkpoint written, no manifest yet),
   `save_renamed` (`step_N` renamed, `latest` not yet moved), `saved` (save complete).
+- `MEGATRON_RL_FAULT_STOP="point:n"`: SIGSTOP instead, so a test can list the process's
+  children before it SIGKILLs it (tests/faults/test_orphans.py).
 - `MEGATRON_RL_FAULT_NAN="2,5"`: the loss of this process's 2nd and 5th optimizer steps is
   multiplied by NaN (the step guard must skip them).
 - `MEGATRON_RL_FAULT_ENOSPC="n"`: the n-th checkpoint save raises `OSError(ENOSPC)` after
@@ -28,14 +30,16 @@ def _spec(var: str) -> str:
 
 
 def fault_point(point: str) -> None:
-    """Count a visit of `point`; SIGKILL the process if `MEGATRON_RL_FAULT_KILL` names this visit."""
-    spec = _spec("MEGATRON_RL_FAULT_KILL")
-    if not spec:
+    """Count a visit of `point`; SIGKILL (SIGSTOP) the process if `MEGATRON_RL_FAULT_KILL`
+    (`MEGATRON_RL_FAULT_STOP`) names this visit."""
+    kill, stop = _spec("MEGATRON_RL_FAULT_KILL"), _spec("MEGATRON_RL_FAULT_STOP")
+    if not kill and not stop:
         return
     _hits[point] += 1
-    name, _, n = spec.partition(":")
-    if name == point and _hits[point] == int(n or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    for spec, sig in ((kill, signal.SIGKILL), (stop, signal.SIGSTOP)):
+        name, _, n = spec.partition(":")
+        if spec and name == point and _hits[point] == int(n or 1):
+            os.kill(os.getpid(), sig)
 
 
 def nan_loss_now() -> bool:

@@ -49,6 +49,8 @@ def _predictor(cfg: Config):
 def train_main(config_path, overrides=None) -> int:
     import torch.distributed as dist
 
+    from megatron_rl.trainer.children import die_with_trainer
+    die_with_trainer()                   # children (checkpoint writers, pools) die with a killed trainer
     cfg = load_experiment_config(config_path, overrides)
     if cfg.rollout.placement == "disaggregated":
         from megatron_rl.async_rl.trainer import split_or_serve
