@@ -1,11 +1,12 @@
-"""Resume under Megatron's distributed optimizer on one GPU (bf16): a run saved after one
-update and resumed takes the same next update as the uninterrupted run, because the
-checkpoint now carries the optimizer's parameter state (fp32 master params, Adam moments;
-`trainer/checkpoint.py` `save_policy`). For contrast, the old checkpoint content (weights +
-`optimizer.state_dict()` only) is resumed too. Prints the max abs weight difference after
-the next update for both, against the uninterrupted run.
+"""Elastic resume under Megatron's distributed optimizer (bf16): a run saved at DP=2 after one
+update and resumed at DP=1 takes the same next update as the uninterrupted DP=2 run, because
+the checkpoint carries the optimizer's state (fp32 master params, Adam moments, step) in
+Megatron's fully reshardable layout (`trainer/checkpoint.py` `save_policy`:
+`optimizer.sharded_state_dict(..., distrib_optim_sharding_type=fully_sharded_model_space)`).
+Prints the max abs weight difference after the next update against the uninterrupted run.
 
-    python3 tools/gpu_resume_check.py
+    torchrun --nproc-per-node 2 tools/gpu_resume_check.py save
+    torchrun --nproc-per-node 1 tools/gpu_resume_check.py resume
 """
 from __future__ import annotations
 
@@ -32,20 +33,24 @@ def build(hf):
     return Policy(model, micro_batch_size=4, optimizer=opt, scheduler=sched, ddp_model=ddp, fused_backend="torch")
 
 
-def update(policy, seed):
+def weights(policy):
+    from megatron_rl.models import iter_hf_weights
+    return {n: w.detach().float().cpu().clone() for n, w in iter_hf_weights(policy.model)}
+
+
+def update_global(policy, seed):
+    """This DP rank's share of one global batch of 8 rows."""
     from megatron_rl.algos.config import AlgosConfig
+    from megatron_rl.parallel.data_parallel import shard_for_dp
     from tests.trainer.test_parallel_update import synthetic_batch
 
-    batch = synthetic_batch(seed=seed, b=8, p=16, r=32, vocab=96)
+    batch = synthetic_batch(seed=seed, b=8, p=16, r=32, vocab=96).select(shard_for_dp(list(range(8))))
     return policy.update(batch, AlgosConfig(), mini_batch_size=0, ppo_epochs=1, use_ref=False, seed=seed)
 
 
-def weights(policy):
-    return {n: p.detach().float().clone() for n, p in policy.model.named_parameters()}
+def main(phase: str) -> int:
+    import torch.distributed as dist
 
-
-def main() -> int:
-    from megatron_rl.models import load_mcore_checkpoint
     from megatron_rl.parallel import init_distributed
     from megatron_rl.trainer.checkpoint import load_policy, save_policy, uses_distributed_optimizer
     from tests.helpers import make_tiny_hf
@@ -55,29 +60,39 @@ def main() -> int:
         return 1
     torch.use_deterministic_algorithms(True, warn_only=True)
     init_distributed()
-    shutil.rmtree(OUT, ignore_errors=True)
-    hf = make_tiny_hf(OUT / "hf", "llama", tie=False, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
-    a = build(hf)
+    rank0 = dist.get_rank() == 0
+    hf = OUT / "hf"
+    if phase == "save":
+        if rank0:
+            shutil.rmtree(OUT, ignore_errors=True)
+            make_tiny_hf(hf, "llama", tie=False, hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+        dist.barrier()
+    a = build(str(hf))
     assert uses_distributed_optimizer(a.optimizer), "expected Megatron's distributed optimizer"
-    update(a, 0)
-    save_policy(a, OUT / "ckpt")
-    update(a, 1)
-    straight = weights(a)
-    b = build(hf)
-    load_policy(b, OUT / "ckpt")
-    update(b, 1)
-    c = build(hf)                                   # what the checkpoint held before: no parameter state
+    if phase == "save":
+        update_global(a, 0)
+        save_policy(a, OUT / "ckpt")
+        update_global(a, 1)
+        if rank0:
+            torch.save(weights(a), OUT / "straight.pt")
+        print(f"saved at DP={dist.get_world_size()}")
+        return 0
+    load_policy(a, OUT / "ckpt")
+    update_global(a, 1)
+    straight, resumed = torch.load(OUT / "straight.pt"), weights(a)
+    c = build(str(hf))                                  # weights only: Adam restarts from zero
+    from megatron_rl.models import load_mcore_checkpoint
     load_mcore_checkpoint(c.chunks, OUT / "ckpt")
-    c.optimizer.load_state_dict(torch.load(OUT / "ckpt" / "rank00000.pt", weights_only=True)["optimizer"])
-    update(c, 1)
+    update_global(c, 1)
     diff = lambda w: max(float((w[k] - straight[k]).abs().max()) for k in straight)
-    print("| resumed from | max abs weight diff after the next update vs uninterrupted |")
+    now, fresh = diff(resumed), diff(weights(c))
+    print(f"| resumed at DP={dist.get_world_size()} from DP=2 | max abs weight diff after the next update vs "
+          f"uninterrupted |")
     print("|---|---:|")
-    print(f"| weights + state_dict + distributed-optimizer parameter state (now) | {diff(weights(b)):.3g} |")
-    print(f"| weights + state_dict only (before) | {diff(weights(c)):.3g} |")
-    now, before = diff(weights(b)), diff(weights(c))
-    return 0 if now < 1e-3 and not now >= before else 1     # `before` is NaN: Adam resumed from dummy state
+    print(f"| weights + optimizer state (sharded, fully reshardable) | {now:.3g} |")
+    print(f"| weights only (fresh Adam) | {fresh:.3g} |")
+    return 0 if now < 1e-3 and now < fresh else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "save"))
