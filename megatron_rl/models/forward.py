@@ -39,6 +39,10 @@ def gpt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     mask = causal_padding_mask(attention_mask) if not bool(attention_mask.all()) else None
     vl = vision_language_model(model)
     if vl is not None:
+        if images is None and bool((input_ids == vl.image_token_id).any()):
+            raise ValueError("gpt_forward: input_ids hold image-pad tokens but no images were given; pass the "
+                             "micro-batch's ImageBatch (mb['images']) so the vision features fill them "
+                             "(a forward that drops them, e.g. a critic's value_forward, would read pad embeddings)")
         if position_ids is None:
             position_ids = vision_position_ids(vl, input_ids, attention_mask, images)
         return model(input_ids, position_ids, mask, images=images)
