@@ -36,6 +36,7 @@ class ModelConfig:
     sequence_parallel: bool = False
     recompute: str = "none"           # none | selective | full
     moe: MoEConfig = field(default_factory=MoEConfig)   # MoE checkpoints only (megatron_rl/models/moe_config.py)
+    freeze_vision: bool = True        # vision-language models: the vision tower gets no gradients (false: trained)
 
 
 @dataclass

@@ -55,6 +55,8 @@ class ModelPlan:
     layer_spec: str
     recompute: str
     distributed_optimizer: bool
+    freeze_vision: bool = True  # model.freeze_vision (vision-language models)
+    image_tokens: int = 0       # image-pad tokens per sample, worst case (plan/vision_memory.py)
 
 
 def model_shape(model_path: str, spec: str | None = None) -> tuple[Shape | None, str]:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megatron_rl.plan import moe_memory as moe
+from megatron_rl.plan import vision_memory as vis
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -73,6 +74,7 @@ class Shape:
     moe_top_k: int = 0
     moe_ffn_hidden_size: int = 0
     moe_layers: tuple[int, ...] | None = None   # 1 = sparse layer i; None with experts = every layer
+    vision: vis.VisionShape | None = None       # vision-language: the tower (plan/vision_memory.py)
 
     @property
     def is_moe(self) -> bool:
@@ -109,7 +111,7 @@ def shape_from_arch(arch) -> Shape:
                  qk_layernorm=bool(getattr(arch, "qk_layernorm", False)),
                  num_experts=int(getattr(arch, "num_experts", 0) or 0), moe_top_k=int(getattr(arch, "moe_top_k", 0) or 0),
                  moe_ffn_hidden_size=int(getattr(arch, "moe_ffn_hidden_size", 0) or 0),
-                 moe_layers=tuple(int(x) for x in layers) if layers else None)
+                 moe_layers=tuple(int(x) for x in layers) if layers else None, vision=vis.vision_shape(arch))
 
 
 def resolve_shape(spec: str | None, model_path: str = "") -> Shape:
@@ -163,6 +165,8 @@ class PlanInputs:
     rm_shape: Shape | None = None      # reward model (reward.model.path), None: no reward model
     rm_resident: bool = False
     rm_micro_batch: int = 1
+    vision_trainable: bool = False     # model.freeze_vision false (vision-language shapes)
+    image_tokens: int = 0              # image-pad tokens per sample, worst case (plan/vision_memory.py)
 
     @property
     def dp(self) -> int:
@@ -219,6 +223,7 @@ def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs
         engine=plan.rollout.engine, colocate=plan.rollout.placement == "colocated",
         gpu_memory_utilization=plan.rollout.gpu_memory_utilization or 0.0,
         rollout_seqs=plan.rollout.samples_per_dp_rank, rollout_offload=plan.rollout.offload_during_rollout,
+        vision_trainable=not m.freeze_vision, image_tokens=m.image_tokens,
     )
     if plan.has_role("reward_model"):
         rm = plan.role("reward_model")
@@ -281,7 +286,7 @@ def stage_params(s: Shape, tp: int, pp: int, stage: str, scalar_head: bool = Fal
     emb = padded_vocab(s.vocab_size, tp) * s.hidden_size // tp
     first, last = stage in ("first", "only"), stage in ("last", "only")
     if first:
-        n += emb
+        n += emb + (s.vision.params if s.vision else 0)   # the vision tower lives with the embedding
     if last:
         n += s.hidden_size                                 # final norm
         if scalar_head:
@@ -435,7 +440,9 @@ def _static(p: PlanInputs, stage: str) -> dict[str, float]:
     state_b = 8 if ab == 4 else 12
     dense_opt = state_b / (p.dp if p.distributed_optimizer else 1)
     expert_opt = state_b / (p.expert_dp if p.distributed_optimizer else 1)
-    out = {"actor weights": (n + e) * ab, "actor grads": (n + e) * grad_b, "optimizer": n * dense_opt + e * expert_opt}
+    fz = vis.frozen_vision_params(p.shape, stage, p.vision_trainable)       # no grads, no optimizer state
+    out = {"actor weights": (n + e) * ab, "actor grads": (n + e - fz) * grad_b,
+           "optimizer": (n - fz) * dense_opt + e * expert_opt}
     out["reference"] = (n + e) * ab if p.ref_enable else 0.0
     if p.critic_enable:
         c = stage_params(p.shape, p.tp, p.pp, stage, scalar_head=True)
@@ -468,6 +475,10 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
         raise ValueError("estimate_stage: a 'middle' stage needs pp_rank")
     act = activation_bytes(p, in_flight=min(p.pp - rank, p.num_microbatches))
     c["activations"] = act
+    if s.vision is not None:
+        first = stage in ("first", "only")
+        c["vision activations"] = vis.vision_activation_bytes(s.vision, p.image_tokens, p.micro_batch, ab,
+                                                              p.vision_trainable) if first else 0.0
     c["logits + loss"] = logits_bytes(p) + head_input_bytes(p) if last else 0.0
     c["grad transient"] = largest_param(s, p.tp, stage) * ab if (p.grad_fp32 and ab < 4) else 0.0
     c["moe dispatch"] = moe.dispatch_bytes(s, p.seq_len * p.micro_batch, p.tp, p.etp, ab)
@@ -496,7 +507,7 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
     ref_res += c["reward model"] if p.rm_resident else 0.0     # both: weights on the GPU between passes
     phases = {
         "train": resident + ref_res + act + c["logits + loss"] + c["grad transient"] + c["moe dispatch"]
-        + c["overhead"],
+        + c.get("vision activations", 0.0) + c["overhead"],
         "logprob": resident + c["reference"] + logprob_work + c["overhead"],
         "rollout": rollout_resident(c, p) + ref_res + engine + c["overhead"],
     }

@@ -23,6 +23,7 @@ from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer
                                      resolve_old_logprob, resolve_rollout_offload)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
 from megatron_rl.plan.sampling import SamplingPlan, resolve_sampling
+from megatron_rl.plan.vision_memory import check_freeze_vision, image_tokens_per_sample
 
 FUSED_LOSS = {"auto": None, "on": "triton", "off": "torch"}   # actor.fused_loss -> kernels backend name
 
@@ -156,8 +157,11 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     dist_opt = check_distributed_optimizer(cfg.actor.optim, "actor.optim", device)   # as trainer/build.py
     if cfg.critic.enable:
         check_distributed_optimizer(cfg.critic.optim, "critic.optim", device)
+    check_freeze_vision(m.freeze_vision, shp)
     model = ModelPlan(shape=shp, shape_source=source, dtype=m.dtype, layer_spec=m.layer_spec,
-                      recompute=m.recompute, distributed_optimizer=bool(dist_opt))
+                      recompute=m.recompute, distributed_optimizer=bool(dist_opt), freeze_vision=m.freeze_vision,
+                      image_tokens=image_tokens_per_sample(cfg.data.image, shp and shp.vision,
+                                                           cfg.data.max_prompt_length))
     batch = resolve_batch(cfg, layout, actor_trainable=not predictor_recipe(cfg))
     roles = resolve_roles(cfg, layout, batch)
     plan = RunPlan(recipe=recipe(cfg), layout=layout, model=model, batch=batch, roles=roles,

@@ -72,6 +72,8 @@ def load_trunk(cfg: Config, path: str, *, trainable: bool, value_head: bool = Fa
         raise ValueError("model.sequence_parallel=true with a value-head role (critic / GAD discriminator): "
                          "the head reads full hidden states; set model.sequence_parallel=false")
     kwargs = dict(recompute=mc.recompute, sequence_parallel=mc.sequence_parallel) if trainable else {}
+    if trainable and not mc.freeze_vision:      # vision-language: train the tower too (models/vl)
+        kwargs["freeze_vision"] = False
     chunks = load_model_chunks(path, dtype=mc.dtype, layer_spec=mc.layer_spec, moe=mc.moe, **kwargs)
     if value_head:
         from megatron_rl.models.value_head import attach_value_head
