@@ -110,3 +110,26 @@ def test_packed_microbatches_with_images_are_refused_by_name(vl):
     vl_dir, _, batch = vl
     with pytest.raises(ValueError, match="actor.max_tokens_per_microbatch"):
         _actor(vl_dir, max_tokens_per_microbatch=128).compute_logprobs(batch)
+
+
+def test_grpo_on_the_image_task_with_vgr_runs_from_the_config(tmp_path):
+    """configs/grpo_vl_vgr_cpu.yaml on tools/make_tiny_vl_run.py's model and data, 2 steps."""
+    import json
+    from pathlib import Path
+
+    from megatron_rl.trainer.main import train_main
+    from tools.make_tiny_vl_run import main as make_run
+
+    make_run(["--model-dir", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--n-train", "8"])
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo_vl_vgr_cpu.yaml"
+    run_dir = tmp_path / "run"
+    assert train_main(str(config), [f"model.path={tmp_path / 'model'}", f"logging.run_dir={run_dir}",
+                                    f"data.train_files=[{tmp_path / 'data' / 'train.jsonl'}]",
+                                    f"data.val_files=[{tmp_path / 'data' / 'val.jsonl'}]", "data.train_batch_size=4",
+                                    "rollout.n=2", "trainer.total_steps=2", "trainer.val_before_train=false",
+                                    "trainer.val_every=0", "logging.sinks=[jsonl]"]) == 0
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 < r["token_weights/context_frac"] < 1 and r["token_weights/mean"] == pytest.approx(1.0, abs=0.05)
+        assert 0 <= r["reward/mean"] <= 1
