@@ -39,12 +39,14 @@ class HFTensorReader:
                     for k in f.keys():
                         self.where[k] = fp
         self._handles = {}
+        from megatron_rl.models.vl.config import hub_tensor_names   # VL checkpoints under module names
+        self.aliases = hub_tensor_names(self.where)
 
     def names(self) -> list[str]:
         return list(self.where)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.where
+        return self.aliases.get(name, name) in self.where
 
     def _handle(self, fp):
         if fp not in self._handles:
@@ -52,6 +54,7 @@ class HFTensorReader:
         return self._handles[fp]
 
     def get(self, name: str) -> torch.Tensor:
+        name = self.aliases.get(name, name)
         if name not in self.where:
             raise KeyError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         return self._handle(self.where[name]).get_tensor(name)

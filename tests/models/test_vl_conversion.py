@@ -38,3 +38,25 @@ def test_vl_global_names_cover_every_parameter(tmp_path):
     names = global_param_names(model.arch)
     assert sorted(names) == sorted(params)
     assert all(tuple(params[n].shape) == global_shape(n, model.arch) for n in names)
+
+
+def test_vl_checkpoint_under_module_names_loads_the_same(tmp_path):
+    """transformers 4.52-4.5x saved `model.language_model.*` / `model.visual.*`: read as the hub names."""
+    from safetensors.torch import save_file
+
+    from megatron_rl.models.loading import load_model_chunks
+    from megatron_rl.parallel import init_distributed
+
+    hf = tiny_qwen2_5_vl(tmp_path / "hf")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (moved / f).write_bytes((tmp_path / "hf" / f).read_bytes())
+    a = load_file(tmp_path / "hf" / "model.safetensors")
+    renamed = {("model.visual." + k[7:] if k.startswith("visual.") else
+                "model.language_model." + k[6:] if k.startswith("model.") else k): v for k, v in a.items()}
+    save_file(renamed, str(moved / "model.safetensors"))
+    init_distributed()
+    x, y = load_model_chunks(hf)[0], load_model_chunks(moved)[0]
+    for (n, p), (_, q) in zip(x.named_parameters(), y.named_parameters()):
+        assert torch.equal(p, q), n

@@ -72,3 +72,18 @@ def hf_transformers_config(arch_or_cfg):
     out = cls(**body)
     out.architectures = [arch]
     return out
+
+
+# transformers 4.52 - 4.5x saved Qwen2-VL / Qwen2.5-VL with its module names; the hub (and
+# transformers 5) use these. Read either: `HFTensorReader` renames on open.
+_MODULE_TO_HUB = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+
+def hub_tensor_names(names) -> dict[str, str]:
+    """{hub name: stored name} for checkpoints stored under the module names, else {}."""
+    out = {}
+    for n in names:
+        for stored, hub in _MODULE_TO_HUB:
+            if n.startswith(stored):
+                out[hub + n[len(stored):]] = n
+    return out
