@@ -2,8 +2,8 @@
 full-attention blocks, 2x2 patch merger), wrapped, not rewritten.
 
 Why wrapped and replicated over TP (docs/VISION_LANGUAGE.md): it is small next to the
-language model (0.67B of Qwen2.5-VL-7B's 8.3B; 1-2% of the FLOPs of a typical
-image+text rollout), its windowed attention with per-image cu_seqlens has no Megatron
+language model (0.68B of Qwen2.5-VL-7B's 8.29B parameters; ~7% of a GRPO step's FLOPs for
+a 1280-token image in a 2k + 2k-token sample), its windowed attention with per-image cu_seqlens has no Megatron
 counterpart to reuse, and the transformers module is the reference the parity tests
 compare against. Every TP rank of the first pipeline stage holds it whole and computes
 the same features; its gradients are then identical over TP (the features enter a
