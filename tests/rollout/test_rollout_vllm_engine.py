@@ -378,3 +378,35 @@ def test_rollout_engine_per_request_steering_is_one_call(fake_vllm):
     eng.generate(batch, SamplingParams(max_new_tokens=2))
     assert all(p.kw["extra_args"]["mrl_steering"]["enabled"] is False for p in seen[1][1])
     assert seen[1][0][0]["cache_salt"] != prompts[0]["cache_salt"]
+
+
+@pytest.mark.parametrize("steer_mode, expect_eager", [(None, False), ("add", False), ("clamp", True)])
+def test_rollout_enforce_eager_unset_means_cuda_graphs_unless_hooks_are_needed(fake_vllm, monkeypatch, tmp_path,
+                                                                              steer_mode, expect_eager):
+    """rollout.vllm.enforce_eager unset: CUDA graphs, except for a non-additive steering mode."""
+    import json
+
+    from megatron_rl.rollout import vllm_engine
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    monkeypatch.setattr(vllm_engine, "steering_intervention",
+                        lambda s: (types.SimpleNamespace(name=steer_mode), 0))
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "attach_intervention", lambda self, *a, **k: None)
+    monkeypatch.setattr("megatron_rl.steering.vllm_graph.register_steered_arch", lambda: None)
+    monkeypatch.setattr("megatron_rl.steering.vllm_graph.graph_overrides", lambda *a, **k: {})
+    started = {}
+
+    class LLM(FakeLLM):
+        def __init__(self, **kw):
+            super().__init__()
+            started.update(kw)
+
+    fake_vllm.LLM = LLM
+    cfg = types.SimpleNamespace(
+        rollout=types.SimpleNamespace(vllm=VLLMConfig(), colocate=True, gpu_memory_utilization=0.3,
+                                      max_new_tokens=16, weight_sync_bucket_mb=64),
+        model=types.SimpleNamespace(path=str(tmp_path), tokenizer_path="", dtype="bfloat16"),
+        data=types.SimpleNamespace(max_prompt_length=32),
+        steering=types.SimpleNamespace(enable=steer_mode is not None, scope="all"))
+    eng = vllm_engine.VLLMEngine.from_config(cfg, types.SimpleNamespace(eos_token_id=2, pad_token_id=0))
+    assert started["enforce_eager"] is expect_eager and eng.cfg.enforce_eager is expect_eager
