@@ -87,3 +87,21 @@ def _pp2(rank, world, hf_dir, enc, ref):
 def test_engine_greedy_on_image_prompts_pp2(vl_dir):
     enc = processed_batch(vl_dir)
     run_multiproc(_pp2, 2, (vl_dir, enc, hf_greedy(vl_dir, enc)[0]))
+
+
+def test_engine_weight_sync_covers_the_vision_tower(tmp_path, vl_dir):
+    """update_weights with the trainer's HF stream (iter_hf_weights) sets every parameter,
+    the tower's included (what a trained tower needs after each step)."""
+    import transformers
+
+    from megatron_rl.models.loading import iter_hf_weights, load_model_chunks
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.rollout.native_engine import NativeEngine
+
+    init_distributed()
+    trained = load_model_chunks(vl_dir)[0]
+    other = load_model_chunks(tiny_qwen2_5_vl(tmp_path / "other", seed=1))[0]
+    assert not torch.equal(trained.visual.patch_embed.proj.weight, other.visual.patch_embed.proj.weight)
+    NativeEngine(other, transformers.AutoTokenizer.from_pretrained(vl_dir)).update_weights(iter_hf_weights(trained))
+    for (n, p), (_, q) in zip(trained.named_parameters(), other.named_parameters()):
+        assert torch.equal(p, q), n
