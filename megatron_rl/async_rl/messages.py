@@ -1,4 +1,5 @@
-"""What crosses the bridge between trainer rank 0 and the rollout ranks (pickled with torch.save)."""
+"""What crosses the bridge between trainer rank 0 and the rollout ranks (tensors + JSON through
+codec.py: a new message class joins its registry)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

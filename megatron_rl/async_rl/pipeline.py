@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
+from megatron_rl.async_rl import codec
 from megatron_rl.async_rl.messages import GenerateCmd, GenResult
 from megatron_rl.data.batch import Batch
 from megatron_rl.trainer.dynamic_sampling import groups_of
@@ -200,13 +200,13 @@ class RolloutPipeline:
             return
         if self.pending:
             raise RuntimeError("async buffer saved with requests in flight; call drain() first")
-        torch.save({"buffer": [(g.batch, g.version, g.request_id) for g in self.buffer],
+        codec.save({"buffer": [(g.batch, g.version, g.request_id) for g in self.buffer],
                     "dispatched": self.dispatched, "dropped_total": self.dropped_total}, Path(ckpt_dir) / BUFFER_FILE)
 
     def load_checkpoint(self, ckpt_dir: Path, name: str) -> None:
         if self.client is None:
             return
-        state = torch.load(Path(ckpt_dir) / BUFFER_FILE, weights_only=False)
+        state = codec.load(Path(ckpt_dir) / BUFFER_FILE)       # tensors + JSON: no pickled objects
         self.buffer = [Group(b, v, r) for b, v, r in state["buffer"]]
         self.dispatched, self.dropped_total = state["dispatched"], state["dropped_total"]
 

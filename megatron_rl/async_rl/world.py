@@ -11,14 +11,15 @@ registered with torch.distributed, so it is reached only through `BridgeComm`.
 """
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from megatron_rl.async_rl.codec import dumps as _dumps
+from megatron_rl.async_rl.codec import loads as _loads
 
 _ACTIVE: "Placement | None" = None
 
@@ -40,7 +41,8 @@ def active_placement() -> Placement | None:
 
 class BridgeComm:
     """The comm adapter of `weight_sync.BroadcastTransport` (`broadcast_obj`, `broadcast`) plus
-    point-to-point objects, on an unregistered process group; one thread at a time may use it."""
+    point-to-point objects, on an unregistered process group; one thread at a time may use it.
+    Objects travel as tensors + JSON (`codec.py`), never as pickles."""
 
     def __init__(self, pg, rank: int, size: int):
         self.pg, self.rank, self.size = pg, rank, size
@@ -73,16 +75,6 @@ class BridgeComm:
         data = torch.empty(int(size.item()), dtype=torch.uint8)
         self.pg.recv([data], src, tag).wait()
         return _loads(data)
-
-
-def _dumps(obj) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(obj, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-
-def _loads(data: torch.Tensor):
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False)
 
 
 def _store(rank: int, world: int, timeout: timedelta):
