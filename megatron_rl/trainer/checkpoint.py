@@ -3,7 +3,7 @@ controller, ...) and each rank's RNG together, atomically and verifiably.
 
 Layout of `RUN_DIR/checkpoints/step_N/`: each role writes its own files (the actor: one
 Megatron distributed checkpoint holding its weights, optimizer state and LR schedule,
-loadable at any DP/TP/PP; critic / discriminator: `{name}_rank{r}.pt`; the strength
+loadable at any DP/TP/PP; critic / discriminator: the same under `{name}/`; the strength
 predictor: `predictor.pt`), `rng_rank{r}.pt` holds each rank's RNG, `trainer_state.json`
 the trainer state (the sampler position is global: prompts consumed, not per DP rank) and
 `manifest.json` (trainer/manifest.py) every file's size and CRC32 and the run plan.
@@ -213,38 +213,75 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"
 
 def save_policy(actor, tmp: Path) -> None:
     """The actor's weights, optimizer state (Adam moments, fp32 master params, the step) and LR
-    schedule as one Megatron distributed checkpoint (`model/`) through Megatron's own
-    `optimizer.sharded_state_dict`: resumable at any DP/TP/PP layout, the distributed optimizer
-    included. The schedule and the optimizer's hyperparameters go to its common state."""
-    extra = None
-    if actor.optimizer is not None:
-        def extra(model_sd: dict) -> dict:
-            return {"optimizer": actor.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
-                    "scheduler": actor.scheduler.state_dict()}
-    save_mcore_checkpoint(actor.chunks, tmp, extra_meta={"actor_state": ACTOR_STATE}, extra_state=extra)
+    schedule as one Megatron distributed checkpoint (`model/`): `save_trained`."""
+    save_trained(actor.chunks, actor.optimizer, actor.scheduler, tmp)
 
 
 def load_policy(actor, path: Path) -> None:
     """Weights at any layout; the optimizer and schedule from the same checkpoint (any DP/TP/PP),
     or from the per-rank files of a checkpoint written before that (`_load_legacy_optimizer`)."""
+    if actor.optimizer is not None and actor_state_format(path) != ACTOR_STATE:
+        load_mcore_checkpoint(actor.chunks, path)
+        _load_legacy_optimizer(actor, path)
+        return
+    load_trained(actor.chunks, actor.optimizer, actor.scheduler, path)
+
+
+def save_trained(chunks, optimizer, scheduler, out: Path) -> None:
+    """A trained role (actor, critic, GAD discriminator: trunk + value head) as one Megatron
+    distributed checkpoint under `out` (`model/` + `megatron_rl.json`) through Megatron's own
+    `optimizer.sharded_state_dict`: weights, optimizer state and LR schedule resumable at any
+    DP/TP/PP layout, the distributed optimizer included. The schedule and the optimizer's
+    hyperparameters go to its common state. Call on every rank."""
+    extra = None
+    if optimizer is not None:
+        def extra(model_sd: dict) -> dict:
+            return {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    save_mcore_checkpoint(chunks, out, extra_meta={"actor_state": ACTOR_STATE}, extra_state=extra)
+
+
+def load_trained(chunks, optimizer, scheduler, path: Path) -> None:
+    """Inverse of `save_trained`, at any DP/TP/PP layout. Call on every rank."""
     from megatron.core import dist_checkpointing
 
     from megatron_rl.models.loading import sharded_model_state_dict
 
-    load_mcore_checkpoint(actor.chunks, path)
-    if actor.optimizer is None:
+    load_mcore_checkpoint(chunks, path)
+    if optimizer is None:
         return
-    if actor_state_format(path) != ACTOR_STATE:
-        _load_legacy_optimizer(actor, path)
-        return
-    opt_sd = actor.optimizer.sharded_state_dict(sharded_model_state_dict(actor.chunks), is_loading=True,
-                                                metadata=OPTIMIZER_METADATA)
-    state = dist_checkpointing.load({"optimizer": opt_sd}, str(path / "model"))
+    opt_sd = optimizer.sharded_state_dict(sharded_model_state_dict(chunks), is_loading=True,
+                                          metadata=OPTIMIZER_METADATA)
+    state = dist_checkpointing.load({"optimizer": opt_sd}, str(Path(path) / "model"))
     if "scheduler" not in state:
-        raise KeyError(f"{path / 'model'}: the checkpoint's common state has no LR schedule ('scheduler')")
+        raise KeyError(f"{Path(path) / 'model'}: the checkpoint's common state has no LR schedule ('scheduler')")
     with torch.no_grad():              # the distributed optimizer copies into fp32 master params (leaves)
-        actor.optimizer.load_state_dict(state["optimizer"])
-    actor.scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+
+
+def save_value_model(role, ckpt_dir: Path, name: str) -> None:
+    """Critic / GAD discriminator: `save_trained` into `ckpt_dir/name/` (elastic like the actor)."""
+    save_trained([role.ddp], role.optimizer, role.scheduler, Path(ckpt_dir) / name)
+
+
+def load_value_model(role, ckpt_dir: Path, name: str) -> None:
+    """`ckpt_dir/name/` at any layout, or the per-rank `{name}_rank{r}.pt` of a checkpoint written
+    before value models joined the dist-checkpoint (those resume only at the world size that wrote
+    them)."""
+    from megatron_rl.models.loading import MCORE_META
+
+    d = Path(ckpt_dir) / name
+    if (d / MCORE_META).exists():
+        load_trained([role.ddp], role.optimizer, role.scheduler, d)
+        return
+    f = rank_file(ckpt_dir, name)
+    if not f.exists():
+        raise FileNotFoundError(f"{d / MCORE_META}: checkpoint has no {name} state (saved by a run without "
+                                f"this role?), nor an older per-rank file {f.name} (those resume only at the "
+                                f"world size that wrote them)")
+    role.load_state_dict(load_tensors(f))
 
 
 def actor_state_format(path: Path) -> str | None:

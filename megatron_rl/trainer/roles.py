@@ -13,8 +13,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import torch
-
 
 @runtime_checkable
 class Role(Protocol):
@@ -24,24 +22,6 @@ class Role(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
     def save_checkpoint(self, ckpt_dir: Path, name: str) -> None: ...
     def load_checkpoint(self, ckpt_dir: Path, name: str) -> None: ...
-
-
-class PerRankCheckpoint:
-    """`save_checkpoint` / `load_checkpoint` through the role's `state_dict`: one file per
-    rank (`{name}_rank{r}.pt`), for roles whose state is not a Megatron sharded model."""
-
-    def save_checkpoint(self, ckpt_dir: Path, name: str) -> None:
-        from megatron_rl.trainer.checkpoint import rank_file
-        torch.save(self.state_dict(), rank_file(ckpt_dir, name))
-
-    def load_checkpoint(self, ckpt_dir: Path, name: str) -> None:
-        from megatron_rl.trainer.checkpoint import rank, rank_file
-
-        f = rank_file(ckpt_dir, name)
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: checkpoint has no {name} state for rank {rank()} "
-                                    f"(saved by a run without this role, or at another world size?)")
-        self.load_state_dict(torch.load(f, weights_only=True))    # tensors and primitives only: no pickled objects
 
 
 @dataclass

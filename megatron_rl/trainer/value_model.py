@@ -1,15 +1,16 @@
 """What the critic and the GAD discriminator share: a Megatron trunk whose last stage
-carries a scalar `value_head`, trained through Megatron's schedule, DDP and optimizer."""
+carries a scalar `value_head`, trained through Megatron's schedule, DDP and optimizer, and
+checkpointed like the actor (one Megatron distributed checkpoint under `{name}/`: weights,
+head, optimizer and LR schedule, resumable at another DP/TP/PP)."""
 from __future__ import annotations
 
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.value_head import value_forward
 from megatron_rl.trainer.microbatch import make_microbatches
 from megatron_rl.models.offload import Offloadable
-from megatron_rl.trainer.roles import PerRankCheckpoint
 
 
-class ValueModel(Offloadable, PerRankCheckpoint):
+class ValueModel(Offloadable):
     """`ddp` wraps the trunk (+ head on the last stage); `optimizer` and `scheduler` are Megatron's."""
 
     def __init__(self, ddp, optimizer, scheduler, micro_batch_size: int):
@@ -31,6 +32,14 @@ class ValueModel(Offloadable, PerRankCheckpoint):
     @staticmethod
     def _forward(m, mb):
         return value_forward(m, mb["input_ids"], mb["attention_mask"])
+
+    def save_checkpoint(self, ckpt_dir, name: str) -> None:
+        from megatron_rl.trainer.checkpoint import save_value_model
+        save_value_model(self, ckpt_dir, name)
+
+    def load_checkpoint(self, ckpt_dir, name: str) -> None:
+        from megatron_rl.trainer.checkpoint import load_value_model
+        load_value_model(self, ckpt_dir, name)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

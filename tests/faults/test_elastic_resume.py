@@ -28,3 +28,19 @@ def test_tp1_checkpoint_resumes_at_tp2_with_equal_gathered_optimizer_state(tmp_p
     run_multiproc(first_run, 1, (hf, 1, run, ref))
     run_multiproc(resumed_run, 2, (hf, 2, run, out))
     check(ref, out)
+
+
+@pytest.mark.multiproc
+def test_critic_dp2_checkpoint_resumes_at_dp1_with_equal_optimizer_state(tmp_path):
+    """The PPO critic (trunk + value head) is one Megatron distributed checkpoint under `critic/`
+    like the actor: no per-rank files, Adam state and LR schedule equal after a DP change."""
+    from tests.faults.value_elastic_workers import check_critic, critic_first_run, critic_resumed_run
+
+    hf = make_tiny_hf(tmp_path / "hf", "llama", tie=False)
+    run, ref, out = str(tmp_path / "run"), str(tmp_path / "ref.pt"), str(tmp_path / "out.pt")
+    run_multiproc(critic_first_run, 2, (hf, run, ref))
+    manifest = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/manifest.json")).read_text())
+    assert "critic/megatron_rl.json" in manifest["files"] and not any("_rank" in f and f.startswith("critic")
+                                                                         for f in manifest["files"])
+    run_multiproc(critic_resumed_run, 1, (hf, run, out))
+    check_critic(ref, out)

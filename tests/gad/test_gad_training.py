@@ -52,7 +52,7 @@ def test_resume_restores_discriminator(gad_run, tmp_path):
     full = {r["step"]: r for r in run_gad(common + ["trainer.total_steps=3"])}
     part = [o for o in common if not o.startswith("logging.run_dir")] + [f"logging.run_dir={tmp_path / 'r'}"]
     run_gad(part + ["trainer.total_steps=2"])
-    assert (tmp_path / "r" / "checkpoints" / "step_000002" / "discriminator_rank00000.pt").exists()
+    assert (tmp_path / "r" / "checkpoints" / "step_000002" / "discriminator" / "megatron_rl.json").exists()
     resumed = {r["step"]: r for r in run_gad(part + ["trainer.total_steps=3"])}
     for key in ("critic/d_loss", "critic/student_value_mean", "critic/teacher_value_mean", "actor/pg_loss"):
         assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-5, abs=1e-6), key

@@ -147,7 +147,7 @@ def test_gae_run_trains_the_critic_and_checkpoints_it(tiny_run):
                     "actor/pg_loss", "timing/values", "timing/critic"):
             assert key in rows[step], (step, key)
         assert math.isfinite(rows[step]["critic/vf_loss"]) and rows[step]["critic/grad_norm"] > 0
-    assert (run_dir / "checkpoints" / "step_000002" / "critic_rank00000.pt").exists()
+    assert (run_dir / "checkpoints" / "step_000002" / "critic" / "megatron_rl.json").exists()   # its dist-checkpoint
 
 
 def test_gae_resume_reproduces_uninterrupted_critic(tiny_run, tmp_path):
