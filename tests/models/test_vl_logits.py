@@ -49,12 +49,12 @@ def test_vl_unsupported_text_fields_are_refused_by_name(vl_dir, field, value, ma
         arch_from_hf_config(cfg)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_vl_logits_match_transformers_on_image_prompts(tmp_path, family):
+@pytest.mark.parametrize("family,spec", [("qwen2_5_vl", "local"), ("qwen2_5_vl", "sdpa"), ("qwen2_vl", "local")])
+def test_vl_logits_match_transformers_on_image_prompts(tmp_path, family, spec):
     from megatron_rl.models.vl.parity import compare_vl_logits
     hf = tiny_qwen2_5_vl(tmp_path / "hf", family=family)
     enc = processed_batch(hf)
-    res = compare_vl_logits(hf, enc)
+    res = compare_vl_logits(hf, enc, layer_spec=spec)
     assert res["image_tokens"] == 31 and res["max_abs_diff"] < 1e-4, res
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.helpers import run_multiproc
-from tests.models.vl_fixtures import processed_batch, tiny_qwen2_5_vl
+from tests.models.vl_fixtures import engine_greedy, hf_greedy, processed_batch, tiny_qwen2_5_vl
 
 NEW = 6
 
@@ -15,51 +15,10 @@ def vl_dir(tmp_path_factory):
     return tiny_qwen2_5_vl(tmp_path_factory.mktemp("vl_rollout") / "hf")
 
 
-def image_batch(enc):
-    """A Batch of the processed prompts with each row's ImageInputs in its record."""
-    from megatron_rl.data.batch import Batch
-    from megatron_rl.data.multimodal import ImageInputs
-
-    sizes = enc["image_grid_thw"].prod(-1).tolist()
-    pixels = enc["pixel_values"].split(sizes)
-    samples = [{"uid": str(i), "images": ImageInputs(pixels[i], enc["image_grid_thw"][i:i + 1])}
-               for i in range(len(sizes))]
-    return Batch({"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}, samples)
-
-
-def hf_greedy(hf_dir, enc) -> torch.Tensor:
-    import transformers
-
-    hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
-    mm = (enc["input_ids"] == hf.config.image_token_id).int()
-    out = hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                      pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm,
-                      max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
-                      output_logits=True)
-    tokens = out.sequences[:, enc["input_ids"].shape[1]:]
-    logp = torch.stack([lg.float().log_softmax(-1) for lg in out.logits], 1)     # [b, NEW, vocab]
-    return tokens, logp.gather(-1, tokens[..., None])[..., 0]
-
-
-def engine_greedy(hf_dir, enc, tp=1, pp=1) -> torch.Tensor:
-    import transformers
-
-    from megatron_rl.models.loading import load_model_chunks
-    from megatron_rl.parallel import init_distributed
-    from megatron_rl.rollout.native_engine import NativeEngine
-    from megatron_rl.rollout.protocol import SamplingParams
-
-    init_distributed(tp=tp, pp=pp)
-    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    engine = NativeEngine(load_model_chunks(hf_dir)[0], tok)
-    out = engine.generate(image_batch(enc), SamplingParams(greedy=True, max_new_tokens=NEW, min_new_tokens=NEW))
-    return out["response_ids"], out["rollout_logprob"]
-
-
 def test_engine_greedy_on_image_prompts_equals_transformers_generate(vl_dir):
     enc = processed_batch(vl_dir)
-    ref, ref_logp = hf_greedy(vl_dir, enc)
-    got, logp = engine_greedy(vl_dir, enc)
+    ref, ref_logp = hf_greedy(vl_dir, enc, NEW)
+    got, logp = engine_greedy(vl_dir, enc, NEW)
     assert got.shape == ref.shape == (2, NEW)
     assert torch.equal(got, ref), (got, ref)
     # the decode steps' log-probs too: wrong M-RoPE decode positions would move them
@@ -70,15 +29,15 @@ def test_images_change_the_rollout(vl_dir):
     """Guard that the equality above depends on the images reaching the prefill: the first
     token's log-prob moves when the pixels do (the tiny random model's argmax may not)."""
     enc = processed_batch(vl_dir)
-    _, a = engine_greedy(vl_dir, enc)
-    _, b = engine_greedy(vl_dir, {**enc, "pixel_values": -enc["pixel_values"]})
+    _, a = engine_greedy(vl_dir, enc, NEW)
+    _, b = engine_greedy(vl_dir, {**enc, "pixel_values": -enc["pixel_values"]}, NEW)
     assert (a[:, 0] - b[:, 0]).abs().max() > 1e-4
 
 
 def _pp2(rank, world, hf_dir, enc, ref):
     from megatron_rl.parallel import destroy_distributed
 
-    got, _ = engine_greedy(hf_dir, enc, pp=2)
+    got, _ = engine_greedy(hf_dir, enc, NEW, pp=2)
     assert torch.equal(got, ref), (got, ref)
     destroy_distributed()
 
@@ -86,7 +45,7 @@ def _pp2(rank, world, hf_dir, enc, ref):
 @pytest.mark.multiproc
 def test_engine_greedy_on_image_prompts_pp2(vl_dir):
     enc = processed_batch(vl_dir)
-    run_multiproc(_pp2, 2, (vl_dir, enc, hf_greedy(vl_dir, enc)[0]))
+    run_multiproc(_pp2, 2, (vl_dir, enc, hf_greedy(vl_dir, enc, NEW)[0]))
 
 
 def test_engine_weight_sync_covers_the_vision_tower(tmp_path, vl_dir):

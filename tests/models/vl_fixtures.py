@@ -138,3 +138,46 @@ def processed_batch(model_dir, images=None, questions=None) -> dict:
     questions = questions or ["how many red circles are there in the image ?", "describe the picture"][: len(images)]
     texts = [tok.apply_chat_template(image_prompt(q), add_generation_prompt=True, tokenize=False) for q in questions]
     return process_vl(model_dir, texts, images)
+
+
+def image_batch(enc):
+    """A Batch of the processed prompts with each row's ImageInputs in its record."""
+    from megatron_rl.data.batch import Batch
+    from megatron_rl.data.multimodal import ImageInputs
+
+    sizes = enc["image_grid_thw"].prod(-1).tolist()
+    pixels = enc["pixel_values"].split(sizes)
+    samples = [{"uid": str(i), "images": ImageInputs(pixels[i], enc["image_grid_thw"][i:i + 1])}
+               for i in range(len(sizes))]
+    return Batch({"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}, samples)
+
+
+def hf_greedy(hf_dir, enc, new: int = 6):
+    """transformers' greedy tokens [b, new] and their log-probs."""
+    import transformers
+
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir).eval()
+    mm = (enc["input_ids"] == hf.config.image_token_id).int()
+    out = hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                      pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], mm_token_type_ids=mm,
+                      max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+                      output_logits=True)
+    tokens = out.sequences[:, enc["input_ids"].shape[1]:]
+    logp = torch.stack([lg.float().log_softmax(-1) for lg in out.logits], 1)     # [b, new, vocab]
+    return tokens, logp.gather(-1, tokens[..., None])[..., 0]
+
+
+def engine_greedy(hf_dir, enc, new: int = 6, tp=1, pp=1):
+    """The native engine's greedy tokens [b, new] and rollout log-probs (one model chunk)."""
+    import transformers
+
+    from megatron_rl.models.loading import load_model_chunks
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.rollout.native_engine import NativeEngine
+    from megatron_rl.rollout.protocol import SamplingParams
+
+    init_distributed(tp=tp, pp=pp)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    engine = NativeEngine(load_model_chunks(hf_dir)[0], tok)
+    out = engine.generate(image_batch(enc), SamplingParams(greedy=True, max_new_tokens=new, min_new_tokens=new))
+    return out["response_ids"], out["rollout_logprob"]

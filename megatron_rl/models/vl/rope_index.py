@@ -8,6 +8,7 @@ grid) rather than re-deriving it.
 """
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -24,7 +25,8 @@ def _rope_owner(hf_cfg):
     family = VL_ARCHITECTURES[(hf_cfg.architectures or ["Qwen2_5_VLForConditionalGeneration"])[0]]
     cls = Qwen2_5_VLModel if family == "qwen2_5_vl" else Qwen2VLModel
     owner = types.SimpleNamespace(config=hf_cfg)
-    owner.get_vision_position_ids = types.MethodType(cls.get_vision_position_ids, owner)
+    if hasattr(cls, "get_vision_position_ids"):          # transformers >= 5.2x: a helper of get_rope_index
+        owner.get_vision_position_ids = types.MethodType(cls.get_vision_position_ids, owner)
     return cls, owner
 
 
@@ -48,9 +50,12 @@ def mrope_position_ids_and_deltas(input_ids, attention_mask, image_grid_thw, hf_
     if image_grid_thw is None or len(image_grid_thw) == 0:
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return pos[None].expand(3, -1, -1).clone(), torch.zeros(input_ids.shape[0], 1, dtype=torch.long)
-    mm_types = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
     cls, owner = _rope_owner(cfg)
-    pos, deltas = cls.get_rope_index(owner, input_ids, mm_token_type_ids=mm_types,
-                                     image_grid_thw=image_grid_thw.to(input_ids.device),
-                                     attention_mask=attention_mask)
+    kwargs = dict(image_grid_thw=image_grid_thw.to(input_ids.device), attention_mask=attention_mask)
+    if "mm_token_type_ids" in inspect.signature(cls.get_rope_index).parameters:
+        # newer transformers take the processor's token types (text 0, image 1, video 2);
+        # older ones find the images from vision_start / image_token_id in the config
+        kwargs["mm_token_type_ids"] = (input_ids == cfg.image_token_id).int() + \
+            2 * (input_ids == cfg.video_token_id).int()
+    pos, deltas = cls.get_rope_index(owner, input_ids, **kwargs)
     return pos, deltas
