@@ -91,10 +91,9 @@ class RLDataset:
         ids = truncate(ids, cfg.max_prompt_length, cfg.truncation, record.where)
         sample = {k: v for k, v in verl_fields(record).items() if k != cfg.prompt_key}
         sample.update(uid=self.uid(record), messages=messages, prompt_text=text, prompt_ids=ids)
+        sample.pop(cfg.image.key, None)      # the raw column (paths, bytes) stays in the file
         if images is not None:
-            sample[cfg.image.key] = images
-        elif cfg.image.key in sample:
-            sample.pop(cfg.image.key)        # an empty images column
+            sample["images"] = images        # whatever the column's name: what micro-batches read
         if cfg.teacher_response_key is not None:
             key = cfg.teacher_response_key
             if not isinstance(record.fields.get(key), str):

@@ -149,3 +149,9 @@ def test_responses_end_before_a_sampled_vision_token(tok):
     assert b["response_ids"].tolist() == [[30, pad, pad, pad], [30, 31, 32, pad], [pad] * 4]
     assert b["response_mask"].tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
     assert b["rollout_logprob"][0].tolist() == [-1, 0, 0, 0]
+
+
+def test_a_renamed_image_column_still_lands_in_sample_images(tmp_path, tok):
+    f = _rows(tmp_path, [{"prompt": f"<image>{Q}", "pictures": ["img/0.png"]}])
+    s = RLDataset([f], tok, DataConfig(max_prompt_length=64, image=ImageConfig(key="pictures")))[0]
+    assert isinstance(s["images"], ImageInputs) and "pictures" not in s
