@@ -10,8 +10,9 @@ a `RouterReplay` whose action is RECORD, REPLAY_FORWARD or none, consulted by
 router's own instance (never Megatron's global list, which also holds the reference's routers).
 
 Where the ids are recorded: the native engine's generation (prefill + every decode step,
-`RoutingRecorder`); otherwise (vLLM: 0.26 can return them, `enable_return_routed_experts`,
-not wired here yet) the actor's old-log-prob recompute records them and only the update
+`RoutingRecorder`); vLLM's (0.26, `enable_return_routed_experts`, mapped by
+`rollout/vllm_convert.py`); when the engine's output carries none (the agent loop's
+multi-turn traces) the actor's old-log-prob recompute records them and only the update
 replays. The ids ride in the batch as two int16 tensors aligned with the tokens,
 `prompt_routed_experts` `[B, P, L, k]` (left-padded like the prompt) and
 `response_routed_experts` `[B, R, L, k]`: L is the model's MoE layers in global order (each
@@ -323,8 +324,8 @@ def replay_conflicts(cfg) -> str | None:
         return ("model.moe.routing_replay with model.recompute=full: the router re-runs in the backward "
                 "pass, where Megatron's replay target is the latest micro-batch's, not the recomputed one's; "
                 "use model.recompute=selective or none")
-    if cfg.rollout.engine != "native" and cfg.rollout.logprob_mode == "rollout":
-        return (f"model.moe.routing_replay with rollout.engine={cfg.rollout.engine} and "
-                "rollout.logprob_mode=rollout: this engine does not return its routing, so the old-log-prob "
-                "recompute must record it; set rollout.logprob_mode=recompute")
+    if cfg.agent.enable and cfg.rollout.logprob_mode == "rollout":
+        return ("model.moe.routing_replay with agent.enable=true and rollout.logprob_mode=rollout: the agent "
+                "loop's multi-turn traces carry no engine routing, so the old-log-prob recompute must record "
+                "it; set rollout.logprob_mode=recompute")
     return None

@@ -1,14 +1,16 @@
 """Pure-Python pieces of the vLLM engine (no vLLM import): our `SamplingParams` to
 vLLM's keyword arguments, padded prompts to token lists, vLLM `RequestOutput`s to a
-`Batch`, and the per-request steering groups.
+`Batch` (with the routed experts of MoE routing replay), and the per-request steering groups.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from megatron_rl.data.batch import Batch
+from megatron_rl.models.routing_replay import PROMPT_KEY, RESPONSE_KEY
 from megatron_rl.rollout.protocol import SamplingParams
 
 
@@ -105,21 +107,68 @@ def _flat_token_logprobs(ids: list[int], flat) -> list[float]:
     return out
 
 
-def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int, logprobs: bool = True) -> Batch:
+def completion_routing(completion, prompt_len: int, moe_layers: Sequence[int]) -> torch.Tensor:
+    """vLLM 0.26's `CompletionOutput.routed_experts` -> `[rows, L, k]` int16 `expert id + 1`.
+
+    vLLM (`enable_return_routed_experts`) returns one row per token it fed: the whole prompt
+    (prefill), then the token fed at each decode step, so `prompt_len + len(token_ids) - 1` rows
+    (the last sampled token is never fed); columns are all `num_hidden_layers` decoder layers
+    (dense layers hold zeros), values logical expert ids 0..E-1. `moe_layers` picks the MoE
+    layers in the order of `models/routing_replay.py`'s L dimension."""
+    routed = getattr(completion, "routed_experts", None)
+    if routed is None:
+        raise RuntimeError("vLLM returned no CompletionOutput.routed_experts (model.moe.routing_replay needs "
+                           "vllm.LLM(enable_return_routed_experts=True), vLLM >= 0.26)")
+    t = torch.from_numpy(np.asarray(routed, dtype=np.int32))
+    rows, width = t.shape[0] if t.dim() == 3 else -1, prompt_len + len(completion.token_ids)
+    if t.dim() != 3 or not prompt_len <= rows <= width:
+        raise RuntimeError(f"vLLM routed_experts of shape {tuple(t.shape)} for a {prompt_len}-token prompt and "
+                           f"{len(completion.token_ids)} generated tokens: expected [{prompt_len}..{width}, "
+                           "num_hidden_layers, top_k]")
+    if max(moe_layers) >= t.shape[1]:
+        raise RuntimeError(f"vLLM routed_experts cover {t.shape[1]} layers, but MoE layer {max(moe_layers)} "
+                           "was expected (the trainer's and vLLM's checkpoints differ?)")
+    return (t[:, list(moe_layers)] + 1).to(torch.int16)
+
+
+def _routing_tensors(expanded: Batch, comps: list, widths: tuple[int, int], moe_layers: Sequence[int]):
+    """`prompt_routed_experts` `[B, P, L, k]` (left-padded) and `response_routed_experts`
+    `[B, R, L, k]` (right-padded), 0 = not recorded, from each row's completion."""
+    p_width, r_width = widths
+    lens = expanded["prompt_mask"].sum(-1).long().tolist()
+    per_row = [completion_routing(c, plen, moe_layers) for c, plen in zip(comps, lens)]
+    ks = {r.shape[-1] for r in per_row}
+    if len(ks) > 1:
+        raise RuntimeError(f"vLLM routed_experts with different top-k across completions: {sorted(ks)}")
+    k = ks.pop() if ks else 1
+    prompt = torch.zeros(len(comps), p_width, len(moe_layers), k, dtype=torch.int16)
+    response = torch.zeros(len(comps), r_width, len(moe_layers), k, dtype=torch.int16)
+    for b, (r, plen) in enumerate(zip(per_row, lens)):
+        prompt[b, p_width - plen:] = r[:plen]
+        response[b, : r.shape[0] - plen] = r[plen:]
+    return prompt, response
+
+
+def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int, logprobs: bool = True,
+                     moe_layers: Sequence[int] | None = None) -> Batch:
     """`outputs[i]` (a `RequestOutput` with `n` completions) for prompt row i -> a Batch with
     n adjacent rows per prompt in the native engine's layout (see `rollout/protocol.py`);
-    without `logprobs` (not asked for) the batch has no `rollout_logprob`."""
+    without `logprobs` (not asked for) the batch has no `rollout_logprob`. With `moe_layers`
+    (routing replay: the MoE layers' global indices) each completion's `routed_experts` become
+    `prompt_routed_experts` / `response_routed_experts` (see `completion_routing`)."""
     if len(outputs) != len(batch):
         raise ValueError(f"{len(outputs)} vLLM outputs for {len(batch)} prompts")
     expanded = batch.repeat_interleave(n) if n > 1 else batch.select(range(len(batch)))
     seqs: list[list[int]] = []
     lps: list[list[float]] = []
+    completions: list = []
     for i, out in enumerate(outputs):
         comps = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
         if len(comps) != n:
             raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected n={n}")
         for j, c in enumerate(comps):
             seqs.append(list(c.token_ids))
+            completions.append(c)
             lps.append(token_logprobs(c) if logprobs else [])
             s = expanded.samples[i * n + j]
             s.setdefault("group", s.get("uid", i))
@@ -136,6 +185,9 @@ def outputs_to_batch(batch: Batch, outputs: Sequence, n: int, pad_id: int, logpr
                "response_ids": ids, "response_mask": mask, "response_attention_mask": mask.long()}
     if logprobs:
         tensors["rollout_logprob"] = logprob * mask
+    if moe_layers is not None:
+        widths = (expanded["prompt_ids"].shape[1], width)
+        tensors[PROMPT_KEY], tensors[RESPONSE_KEY] = _routing_tensors(expanded, completions, widths, moe_layers)
     out = Batch(tensors, expanded.samples)
     for k, v in expanded.tensors.items():
         if k not in out.tensors and not k.startswith("response"):

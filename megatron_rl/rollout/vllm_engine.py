@@ -14,6 +14,11 @@ weights only, streams the actor's HF-named tensors in buckets (weight_sync/), an
 next `generate` wakes the KV cache. The prefix cache is reset after every weight
 update: cached KV from old weights must never be reused.
 
+Routing replay (`model.moe.routing_replay`): vLLM starts with `enable_return_routed_experts`
+and each generate returns the top-k experts of every token it fed, as the batch's
+`prompt_routed_experts` / `response_routed_experts` (`vllm_convert.completion_routing`); the
+trainer's forwards then replay vLLM's routing.
+
 Steering (`steering.enable`): the SAE intervention is hooked on every vLLM worker
 (steering/vllm_hooks.py, eager mode); with `rollout.vllm.enforce_eager: false`, additive
 modes are built into the model instead (steering/vllm_graph.py) so CUDA graphs and
@@ -60,7 +65,8 @@ def _load_on_worker(payload, model) -> int:
 
 class VLLMEngine:
     def __init__(self, llm, tokenizer, config: VLLMConfig | None = None, *, colocate: bool = True,
-                 bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None):
+                 bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None,
+                 routing_layers: tuple[int, ...] | None = None):
         from megatron_rl.rollout.native_engine import eos_token_ids
 
         self.llm, self.tokenizer = llm, tokenizer
@@ -77,6 +83,7 @@ class VLLMEngine:
         self._warned_groups = False
         self.per_request = False                      # steering rows travel with the requests (graph mode)
         self.last_metrics: dict[str, float] = {}
+        self.routing_layers = routing_layers          # MoE layers whose routing vLLM returns (None: not asked)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -104,6 +111,9 @@ class VLLMEngine:
                       logprobs_mode=v.logprobs_mode, generation_config="vllm")
         if v.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = v.distributed_executor_backend
+        routing_layers = replay_layers(cfg)
+        if routing_layers is not None:
+            kwargs["enable_return_routed_experts"] = True
         if steering is not None and not v.enforce_eager:
             from megatron_rl.steering.vllm_graph import graph_overrides, register_steered_arch
 
@@ -115,7 +125,7 @@ class VLLMEngine:
         kwargs.update(extra)
         llm = vllm.LLM(**kwargs)
         engine = cls(llm, tokenizer, v, colocate=r.colocate, bucket_mb=r.weight_sync_bucket_mb,
-                     dtype=_DTYPES.get(dtype))
+                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers)
         if steering is not None:
             engine.attach_intervention(steering[0], steering[1], steer.scope)
         return engine
@@ -172,7 +182,8 @@ class VLLMEngine:
             res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
             for i, o in zip(idx, res):
                 outputs[i] = o
-        out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs)
+        out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs,
+                               moe_layers=self.routing_layers)
         if self.colocate and self.cfg.sleep_level:
             self.sleep()
         return out
@@ -285,6 +296,22 @@ def _attach_on_worker(model, **kwargs) -> bool:
     from megatron_rl.steering.vllm_hooks import attach_vllm_steering
 
     return bool(getattr(attach_vllm_steering(model, **kwargs), "per_request", False))
+
+
+def replay_layers(cfg) -> tuple[int, ...] | None:
+    """Global indices of the MoE layers (the L dimension of the routing tensors) when
+    `model.moe.routing_replay` is on, else None."""
+    moe = getattr(cfg.model, "moe", None)
+    if not (moe is not None and moe.routing_replay):
+        return None
+    from megatron_rl.models.hf_config import arch_from_hf_config
+    from megatron_rl.models.weight_mapping import is_moe_layer
+
+    arch = arch_from_hf_config(cfg.model.path)
+    if not arch.is_moe:
+        raise ValueError(f"model.moe.routing_replay=true: {cfg.model.path} is a dense model "
+                         f"({arch.hf_architecture}), it has no routing to replay")
+    return tuple(i for i in range(arch.num_layers) if is_moe_layer(arch, i))
 
 
 def spmd_layout_error(dp_ranks: list[int], vllm_tp: int) -> str | None:

@@ -147,6 +147,8 @@ def test_routing_replay_is_refused_by_name_where_it_cannot_work():
         assert f"model.{key}" in replay_conflicts(c)
     c = Config()
     c.model.moe.routing_replay, c.rollout.engine, c.rollout.logprob_mode = True, "vllm", "rollout"
+    assert replay_conflicts(c) is None                              # vLLM returns its routing
+    c.agent.enable = True                                           # the agent's traces do not
     assert "rollout.logprob_mode" in replay_conflicts(c)
     with pytest.raises(PlanError, match="model.moe.routing_replay"):
         check_no_moe_options(MoEConfig(routing_replay=True))       # a dense model
