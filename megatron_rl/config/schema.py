@@ -26,7 +26,10 @@ class ModelConfig:
     path: str = ""                    # HF directory or megatron-rl Megatron checkpoint
     tokenizer_path: str | None = None  # defaults to `path`
     dtype: str = "float32"            # float32 | bfloat16
-    layer_spec: str = "auto"          # auto | local | sdpa | te
+    layer_spec: str = "auto"          # auto | local | sdpa | te (auto: models/layer_specs.py choose_layer_spec)
+    fp8: str = "none"                 # none | hybrid | e4m3: FP8 GEMMs of the trained roles (TE spec, GPU; models/fp8.py)
+    fp8_recipe: str = "delayed"       # delayed | tensorwise (FP8 scaling recipe)
+    fp8_bf16_layers: int = 0          # first and last N layers stay bf16 (tensorwise recipe only)
     tp: int = 1                       # tensor parallel; world size % (tp * pp * cp) == 0, dp = the rest
     pp: int = 1
     vpp: int | None = None            # interleaved virtual stages per PP rank: needs pp > 1, layers % (pp*vpp)

@@ -4,7 +4,10 @@
 - "te": Transformer Engine's spec; the GPU default whenever TE is importable.
 - "sdpa": local modules with PyTorch's fused scaled-dot-product attention
   (registered by `megatron_rl.models.sdpa_attention` when present).
-- "auto": te if importable on a GPU, else sdpa on a GPU when registered, else local.
+- "auto" (`choose_layer_spec`): local on CPU; on a GPU te where a feature needs it (FP8
+  GEMMs, context parallelism, sequence parallelism: Megatron's torch norms refuse SP,
+  grouped-GEMM MoE), else sdpa, which measured faster than te on dense shapes (one H200,
+  llama-1b: 391 vs 375 TFLOP/s dense, 283 vs 274 packed; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def _local_spec(qk_layernorm: bool = False):
 @register_layer_spec("te")
 def _te_spec(qk_layernorm: bool = False):
     if not te_available():
-        raise RuntimeError("layer spec 'te' needs transformer_engine, which is not importable here")
+        raise RuntimeError("model.layer_spec=te needs transformer_engine, which is not importable here")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
 
@@ -44,25 +47,68 @@ def te_available() -> bool:
         return False
 
 
-def resolve_layer_spec_name(name: str) -> str:
+def te_features(*, fp8: bool = False, cp: int = 1, sequence_parallel: bool = False, tp: int = 1,
+                grouped_gemm: bool = False) -> list[str]:
+    """The requested features that only the TE spec provides."""
+    need = []
+    if fp8:
+        need.append("model.fp8 (FP8 GEMMs are Transformer Engine's)")
+    if cp > 1:
+        need.append(f"model.cp={cp} (context-parallel attention is Transformer Engine's)")
+    if sequence_parallel and tp > 1:
+        need.append("model.sequence_parallel (Megatron's torch norms refuse it; TE's norms support it)")
+    if grouped_gemm:
+        need.append("grouped-GEMM MoE experts")
+    return need
+
+
+def choose_layer_spec(name: str, device: str, **features) -> tuple[str, str]:
+    """(spec, why) for `model.layer_spec` on `device` ("cpu" | "cuda"); `features` as `te_features`.
+    Pure: the run plan calls it too; TE's presence is checked when the model is built."""
+    if name != "auto":
+        return name, "set by model.layer_spec"
+    if device != "cuda":
+        return "local", "auto on cpu: Megatron's local spec"
+    need = te_features(**features)
+    if need:
+        return "te", "auto: needed by " + ", ".join(need)
+    return "sdpa", ("auto on GPU, dense shape: sdpa measured faster than te (H200 llama-1b: 391 vs 375 TFLOP/s "
+                    "dense, 283 vs 274 packed; docs/BENCHMARKS.md)")
+
+
+def config_features(config) -> dict:
+    """`te_features` keywords read from a Megatron `TransformerConfig` (None: none)."""
+    if config is None:
+        return {}
+    return dict(fp8=bool(getattr(config, "fp8", None)), cp=getattr(config, "context_parallel_size", 1) or 1,
+                sequence_parallel=bool(getattr(config, "sequence_parallel", False)),
+                tp=getattr(config, "tensor_model_parallel_size", 1) or 1,
+                grouped_gemm=bool(getattr(config, "num_moe_experts", None) and getattr(config, "moe_grouped_gemm", False)))
+
+
+def resolve_layer_spec_name(name: str, config=None) -> str:
+    """The registered spec `name` stands for here; `config` (a `TransformerConfig`) tells
+    `auto` which TE-only features are on."""
     if name != "auto":
         if name not in LAYER_SPECS:
             _load_optional_specs()
         if name not in LAYER_SPECS:
             raise ValueError(f"unknown layer spec {name!r}; valid: {sorted(LAYER_SPECS) + ['auto']}")
         return name
-    if not torch.cuda.is_available():
-        return "local"
-    if te_available():
-        return "te"
-    _load_optional_specs()
-    return "sdpa" if "sdpa" in LAYER_SPECS else "local"
+    spec, why = choose_layer_spec("auto", "cuda" if torch.cuda.is_available() else "cpu", **config_features(config))
+    if spec == "te" and not te_available():
+        raise RuntimeError(f"model.layer_spec=auto picked te ({why}), but transformer_engine is not importable here")
+    if spec == "sdpa":
+        _load_optional_specs()
+        if "sdpa" not in LAYER_SPECS:
+            return "local"
+    return spec
 
 
 def get_layer_spec(name: str = "auto", qk_layernorm: bool = False, config=None, vp_stage: int | None = None):
     """The layer spec (a dense `ModuleSpec`), or for a mixture-of-experts `config`
     (`num_moe_experts` set) the block spec of this pipeline stage's layers."""
-    name = resolve_layer_spec_name(name)
+    name = resolve_layer_spec_name(name, config)
     spec = LAYER_SPECS[name](qk_layernorm=qk_layernorm)
     if config is not None and config.num_moe_experts:
         from megatron_rl.models.moe import moe_block_spec

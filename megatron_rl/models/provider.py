@@ -17,7 +17,8 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | None = None,
-                       sequence_parallel: bool = False, moe: MoEConfig | None = None, **overrides):
+                       sequence_parallel: bool = False, moe: MoEConfig | None = None, layer_spec: str = "local",
+                       **overrides):
     from megatron.core import parallel_state as mpu
     from megatron.core.transformer import TransformerConfig
 
@@ -75,7 +76,7 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     elif recompute not in (None, "none"):
         raise ValueError(f"recompute must be none|selective|full, got {recompute!r}")
-    kwargs.update(qk_layernorm=arch.qk_layernorm, **moe_transformer_kwargs(arch, moe))
+    kwargs.update(qk_layernorm=arch.qk_layernorm, **moe_transformer_kwargs(arch, moe, layer_spec))
     if arch.mrope_section:                      # vision-language: M-RoPE (models/vl)
         kwargs["mrope_section"] = list(arch.mrope_section)
     kwargs.update(overrides)
@@ -106,7 +107,7 @@ def build_model_chunks(arch: ModelArch, dtype="float32", layer_spec: str = "loca
     """
     from megatron.core import parallel_state as mpu
 
-    cfg = transformer_config(arch, dtype, **config_overrides)
+    cfg = transformer_config(arch, dtype, layer_spec=layer_spec, **config_overrides)
     vpp = mpu.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
     return [_build_gpt(arch, cfg, layer_spec, v) for v in stages]
@@ -122,7 +123,8 @@ def build_model(arch: ModelArch, dtype="float32", layer_spec: str = "local", *,
     """
     if vp_stage is None:
         check_single_chunk()
-    return _build_gpt(arch, transformer_config(arch, dtype, **config_overrides), layer_spec, vp_stage)
+    return _build_gpt(arch, transformer_config(arch, dtype, layer_spec=layer_spec, **config_overrides),
+                      layer_spec, vp_stage)
 
 
 def check_single_chunk() -> None:
@@ -140,7 +142,10 @@ def _build_gpt(arch: ModelArch, cfg, layer_spec: str, vp_stage: int | None):
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
-    spec_name = resolve_layer_spec_name(layer_spec)
+    spec_name = resolve_layer_spec_name(layer_spec, cfg)
+    if getattr(cfg, "fp8", None) and spec_name != "te":
+        raise ValueError(f"model.fp8={cfg.fp8} needs model.layer_spec te (or auto): only Transformer Engine's "
+                         f"layers have FP8 GEMMs, got {spec_name}")
     spec = get_layer_spec(spec_name, qk_layernorm=arch.qk_layernorm, config=cfg, vp_stage=vp_stage)
     tp = mpu.get_tensor_model_parallel_world_size()
     cls, vl_kwargs = GPTModel, {}

@@ -57,6 +57,10 @@ class ModelPlan:
     distributed_optimizer: bool
     freeze_vision: bool = True  # model.freeze_vision (vision-language models)
     image_tokens: int = 0       # image-pad tokens per sample, worst case (plan/vision_memory.py)
+    layer_spec_choice: str = ""  # what model.layer_spec resolves to on this device (models/layer_specs.py)
+    layer_spec_reason: str = ""
+    fp8: str = "none"           # model.fp8 (none | hybrid | e4m3), with fp8_recipe
+    fp8_recipe: str = "delayed"
 
 
 def model_shape(model_path: str, spec: str | None = None) -> tuple[Shape | None, str]:

@@ -114,6 +114,20 @@ def resolve_rollout(cfg, layout: Layout, batch: BatchPlan, shape=None) -> Rollou
                        **resolve_engine_logprobs(cfg))
 
 
+def resolve_model_spec(cfg, device: str, shape) -> tuple[str, str]:
+    """(layer spec, why) for `model.layer_spec` here, and the `model.fp8` checks against it."""
+    from megatron_rl.models.fp8 import fp8_enabled, fp8_problem
+    from megatron_rl.models.layer_specs import choose_layer_spec
+    m = cfg.model
+    spec, why = choose_layer_spec(m.layer_spec, device, fp8=fp8_enabled(m) and device == "cuda", cp=m.cp,
+                                  sequence_parallel=m.sequence_parallel, tp=m.tp)
+    problem = fp8_problem(m, device=device, layer_spec=spec, shape=shape, engine=cfg.rollout.engine,
+                          max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch, pp=m.pp)
+    if problem:
+        raise PlanError(problem)
+    return spec, why
+
+
 def _apply_to(cfg) -> str:
     if cfg.token_weights.source != "none":
         return cfg.token_weights.apply_to
@@ -158,7 +172,9 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     if cfg.critic.enable:
         check_distributed_optimizer(cfg.critic.optim, "critic.optim", device)
     check_freeze_vision(m.freeze_vision, shp)
+    spec, spec_reason = resolve_model_spec(cfg, device, shp)
     model = ModelPlan(shape=shp, shape_source=source, dtype=m.dtype, layer_spec=m.layer_spec,
+                      layer_spec_choice=spec, layer_spec_reason=spec_reason, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                       recompute=m.recompute, distributed_optimizer=bool(dist_opt), freeze_vision=m.freeze_vision,
                       image_tokens=image_tokens_per_sample(cfg.data.image, shp and shp.vision,
                                                            cfg.data.max_prompt_length))

@@ -20,6 +20,8 @@ def format_summary(plan) -> str:
         ("layout", _layout_line(plan)),
         ("model", f"{m.dtype}, layer_spec {m.layer_spec}, recompute {m.recompute}, "
                   f"distributed optimizer {'on' if m.distributed_optimizer else 'off'}"),
+        ("layer spec", f"{m.layer_spec_choice or m.layer_spec} ({m.layer_spec_reason or 'set by model.layer_spec'})"),
+        ("fp8", "off" if m.fp8 == "none" else f"{m.fp8}, {m.fp8_recipe} recipe (trained roles; TE spec)"),
         ("model shape", m.shape_source),
         ("prompts per step", f"{b.prompts_per_step} ({b.prompts_per_dp_rank} per DP rank)"),
         ("samples per step", f"{b.samples_per_step} ({b.samples_per_dp_rank} per DP rank), "

@@ -72,6 +72,9 @@ def load_trunk(cfg: Config, path: str, *, trainable: bool, value_head: bool = Fa
         raise ValueError("model.sequence_parallel=true with a value-head role (critic / GAD discriminator): "
                          "the head reads full hidden states; set model.sequence_parallel=false")
     kwargs = dict(recompute=mc.recompute, sequence_parallel=mc.sequence_parallel) if trainable else {}
+    if trainable:                               # model.fp8: the trained roles' GEMMs (models/fp8.py)
+        from megatron_rl.models.fp8 import fp8_model_kwargs
+        kwargs.update(fp8_model_kwargs(mc))
     if trainable and not mc.freeze_vision:      # vision-language: train the tower too (models/vl)
         kwargs["freeze_vision"] = False
     chunks = load_model_chunks(path, dtype=mc.dtype, layer_spec=mc.layer_spec, moe=mc.moe, **kwargs)

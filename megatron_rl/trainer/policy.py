@@ -114,7 +114,8 @@ class Policy(Offloadable):
 
         pad_to, multiple = packed_shape(self.max_tokens, tp=mpu.get_tensor_model_parallel_world_size(),
                                         pp=mpu.get_pipeline_model_parallel_world_size(),
-                                        sequence_parallel=getattr(self.chunks[0].config, "sequence_parallel", False))
+                                        sequence_parallel=getattr(self.chunks[0].config, "sequence_parallel", False),
+                                        fp8=bool(getattr(self.chunks[0].config, "fp8", None)))
         device = self._device()
         return [move_microbatch(mb, device) for mb in
                 make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
@@ -282,11 +283,14 @@ def _single(items: list, what: str):
     return items[0]
 
 
-def packed_shape(max_tokens: int, *, tp: int, pp: int, sequence_parallel: bool) -> tuple[int | None, int]:
+def packed_shape(max_tokens: int, *, tp: int, pp: int, sequence_parallel: bool,
+                 fp8: bool = False) -> tuple[int | None, int]:
     """(pad_to, pad_to_multiple_of) for packed streams: sequence parallelism splits T over
-    TP ranks (T % tp == 0); Megatron's pipeline schedule has fixed-size p2p buffers, so
-    under PP > 1 every stream is padded to the (aligned) budget."""
+    TP ranks (T % tp == 0); FP8 GEMMs need T % 16 (per TP rank under SP: models/fp8.py);
+    Megatron's pipeline schedule has fixed-size p2p buffers, so under PP > 1 every stream
+    is padded to the (aligned) budget."""
     multiple = tp if (tp > 1 and sequence_parallel) else 1
+    multiple *= 16 if fp8 else 1
     pad_to = -(-max_tokens // multiple) * multiple if pp > 1 else None
     return pad_to, multiple
 
