@@ -4,8 +4,9 @@ Two pieces the provider asks for:
 - `moe_transformer_kwargs(arch, moe)`: the `TransformerConfig` MoE fields that
   reproduce HF routing (softmax over fp32 router logits, top-k, renormalised or not)
   plus the training-only options of `model.moe`. Routing is dropless (no capacity
-  factor), experts are `SequentialMLP`s (no grouped GEMM: it needs TE or the
-  grouped_gemm package, and the HF per-expert names map one to one).
+  factor). Experts are `TEGroupedMLP` (one grouped GEMM per layer) under layer_spec te
+  with `model.moe.grouped_gemm` auto/true, else `SequentialMLP` (`resolve_grouped_gemm`);
+  both map to the same HF per-expert names (`weight_mapping.canonical_name`).
 - `moe_block_spec(dense_spec, ...)`: per-layer specs for this pipeline stage, the
   MoE layer where `arch.moe_layers` says so (Megatron's `moe_layer_freq` list) and the
   dense spec elsewhere.
@@ -25,9 +26,30 @@ from megatron_rl.models.hf_config import ModelArch
 from megatron_rl.models.moe_config import MoEConfig
 
 
-def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None) -> dict:
-    """MoE fields for `TransformerConfig` ({} for dense archs)."""
+def resolve_grouped_gemm(setting: bool | str, spec_name: str) -> bool:
+    """`model.moe.grouped_gemm` for a resolved layer spec: auto means the TE spec's
+    TEGroupedMLP. Off TE only megatron-core's legacy `GroupedMLP` (grouped_gemm package)
+    would group the experts; its fused weight1/weight2 layout has no HF mapping here, so
+    true with a non-TE spec is refused."""
+    if setting == "auto":
+        return spec_name == "te"
+    if setting and spec_name != "te":
+        from megatron.core.transformer.moe import grouped_gemm_util
+        pkg = ("the grouped_gemm package is importable, but megatron-core's legacy GroupedMLP stores all "
+               "experts in fused weight1/weight2 tensors, which the HF weight mapping does not cover"
+               if grouped_gemm_util.grouped_gemm_is_available() else
+               "megatron-core's legacy GroupedMLP also needs the grouped_gemm package, which is not importable")
+        raise ValueError(f"model.moe.grouped_gemm=true needs model.layer_spec=te (TEGroupedMLP), got layer spec "
+                         f"{spec_name!r}: {pkg}; set model.moe.grouped_gemm=auto or false")
+    return bool(setting)
+
+
+def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None, layer_spec: str = "local") -> dict:
+    """MoE fields for `TransformerConfig` ({} for dense archs); `layer_spec` (any name,
+    auto included) decides `moe_grouped_gemm` with `moe.grouped_gemm`."""
     from megatron.core import parallel_state as mpu
+
+    from megatron_rl.models.layer_specs import resolve_layer_spec_name
 
     moe = moe or MoEConfig()
     ep = mpu.get_expert_model_parallel_world_size()
@@ -55,7 +77,7 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None) -> dic
         moe_z_loss_coeff=float(moe.z_loss_coef) if moe.z_loss_coef > 0 else None,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_expert_capacity_factor=None,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=resolve_grouped_gemm(moe.grouped_gemm, resolve_layer_spec_name(layer_spec)),
         moe_permute_fusion=False,
         moe_router_fusion=False,
         moe_enable_routing_replay=bool(moe.routing_replay),   # models/routing_replay.py drives it
@@ -64,16 +86,19 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None) -> dic
     )
 
 
-def moe_layer_spec(dense_spec, spec_name: str, qk_layernorm: bool, num_experts: int):
-    """The dense layer spec with its MLP replaced by Megatron's `MoELayer` (SequentialMLP experts)."""
+def moe_layer_spec(dense_spec, spec_name: str, qk_layernorm: bool, num_experts: int, grouped_gemm: bool = False):
+    """The dense layer spec with its MLP replaced by Megatron's `MoELayer` (TEGroupedMLP
+    experts with `grouped_gemm` under the TE spec, else SequentialMLP)."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 
+    if grouped_gemm and spec_name != "te":
+        raise ValueError(f"grouped-GEMM experts need layer spec 'te', got {spec_name!r} (model.moe.grouped_gemm)")
     if spec_name == "te":
         # TE fuses pre_mlp_layernorm into linear_fc1 in dense layers only; Megatron's TE
         # spec builds the MoE variant with a separate norm.
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm,
                                                           qk_layernorm=qk_layernorm)
     spec = copy.deepcopy(dense_spec)
     spec.submodules.mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
@@ -87,7 +112,8 @@ def moe_block_spec(dense_spec, spec_name: str, config, qk_layernorm: bool, vp_st
                                                              get_num_layers_to_build)
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    sparse = moe_layer_spec(dense_spec, spec_name, qk_layernorm, config.num_moe_experts)
+    sparse = moe_layer_spec(dense_spec, spec_name, qk_layernorm, config.num_moe_experts,
+                            grouped_gemm=bool(config.moe_grouped_gemm))
     pattern = config.moe_layer_freq
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -97,7 +123,8 @@ def moe_block_spec(dense_spec, spec_name: str, config, qk_layernorm: bool, vp_st
 
 # --- expert weights under expert parallelism ---------------------------------------
 # Each EP rank holds experts [ep_rank * n_local, (ep_rank + 1) * n_local) as
-# `local_experts.0..n_local-1`, each split over the expert-tensor-parallel group like a
+# `local_experts.0..n_local-1` (TEGroupedMLP: `linear_fc1.weight0..n_local-1`, renamed to
+# these by `weight_mapping.canonical_name`), each split over the expert-tensor-parallel group like a
 # dense MLP over TP. Names outside this module use global expert indices.
 
 _EXPERT_RX = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")

@@ -20,6 +20,7 @@ class MoEConfig:
     router_dtype: str = "fp32"          # fp32 | fp64 | model (the parameter dtype)
     token_dispatcher: str = "alltoall"  # alltoall | allgather (both dropless)
     routing_replay: bool = False        # force the rollout's experts in training forwards (models/routing_replay.py)
+    grouped_gemm: bool | str = "auto"   # auto (= layer_spec te) | true | false: TEGroupedMLP experts (models/moe.py)
 
     def __post_init__(self) -> None:
         if self.aux_loss_coef < 0:
@@ -30,3 +31,7 @@ class MoEConfig:
             raise ValueError(f"model.moe.router_dtype={self.router_dtype!r}: valid {list(ROUTER_DTYPES)}")
         if self.token_dispatcher not in DISPATCHERS:
             raise ValueError(f"model.moe.token_dispatcher={self.token_dispatcher!r}: valid {list(DISPATCHERS)}")
+        if isinstance(self.grouped_gemm, str) and self.grouped_gemm.lower() in ("true", "false"):
+            self.grouped_gemm = self.grouped_gemm.lower() == "true"
+        if not (isinstance(self.grouped_gemm, bool) or self.grouped_gemm == "auto"):
+            raise ValueError(f"model.moe.grouped_gemm={self.grouped_gemm!r}: valid auto | true | false")

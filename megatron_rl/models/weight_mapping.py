@@ -9,7 +9,9 @@ Mixture-of-experts rules carry `{E}` (the global expert index) and `expert=True`
 they are split over the expert-tensor-parallel group and spread over expert-parallel
 ranks. Their HF names depend on the family (`MOE_RULES`), so `find_rule` takes the arch.
 Transformer Engine specs fuse the norms into the following linear layer; `TE_RENAMES`
-translates those names.
+translates those names. TE's grouped-GEMM experts (`TEGroupedMLP`) hold local expert i as
+`mlp.experts.linear_fc1.weight{i}` / `linear_fc2.weight{i}` (same per-expert shapes and
+ETP shards as SequentialMLP's); `canonical_name` renames them to `local_experts.{i}.*`.
 """
 from __future__ import annotations
 
@@ -89,8 +91,14 @@ _RULE_RES = [(_rx(r), r) for r in RULES + QK_NORM_RULES]
 _MOE_RES = {fam: [(_rx(r), r) for r in rules] for fam, rules in MOE_RULES.items()}
 
 
+_GROUPED_EXPERT_RX = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+
+
 def canonical_name(name: str) -> str:
-    """Megatron parameter name under any spec -> local-spec name."""
+    """Megatron parameter name under any spec -> local-spec name (SequentialMLP experts)."""
+    m = _GROUPED_EXPERT_RX.match(name)
+    if m:
+        return f"{m.group(1)}local_experts.{m.group(4)}.{m.group(2)}.{m.group(3)}"
     for local, te in TE_RENAMES.items():
         if name.endswith(te):
             return name[: -len(te)] + local
