@@ -9,6 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# vLLM's online FP8 (`vllm.LLM(quantization="fp8")`) replaces each linear weight after loading
+# by an FP8, transposed copy plus scales (Fp8 `process_weights_after_loading`); a plain
+# `model.load_weights` of bf16 tensors afterwards no longer fits those parameters (vLLM issues
+# #17272, #28425). vLLM re-quantizes updates only inside its layerwise reload
+# (`initialize_layerwise_reload` ... `finalize_layerwise_reload` around the whole update, PR #32133);
+# megatron-rl's weight sync loads bucket by bucket without it, so the key is refused until the
+# sync is wired to that path and measured.
+QUANTIZATION_REFUSAL = ("not supported yet: vLLM's online FP8 weights are re-quantized on update only through its "
+                        "layerwise reload (initialize/finalize_layerwise_reload around the whole sync), and the "
+                        "weight sync loads bf16 buckets with plain model.load_weights; leave it empty (bf16 rollouts)")
+
+
 @dataclass
 class VLLMConfig:
     """Engine start-up (passed to `vllm.LLM`): tensor_parallel_size is vLLM's own TP,
@@ -25,6 +37,8 @@ class VLLMConfig:
     seed: int = 0
     distributed_executor_backend: str = ""  # "" = vLLM's choice; "external_launcher" for SPMD under torchrun
     extra_args: dict = field(default_factory=dict)   # any other vllm.LLM keyword (e.g. max_num_seqs)
+    # "" (the actor's dtype) | fp8: refused for now (QUANTIZATION_REFUSAL says why)
+    quantization: str = ""
 
     """Colocation: after each generate the engine sleeps (level 1 offloads weights to
     CPU and drops the KV cache; level 2 drops both, safe because the trainer syncs new
@@ -45,6 +59,10 @@ class VLLMConfig:
     broadcast_port: int = 0
 
     def __post_init__(self) -> None:
+        if "quantization" in self.extra_args:
+            raise ValueError("rollout.vllm.extra_args.quantization: use rollout.vllm.quantization (checked there)")
+        if self.quantization:
+            raise ValueError(f"rollout.vllm.quantization={self.quantization!r}: " + QUANTIZATION_REFUSAL)
         checks = [("sleep_level", self.sleep_level, (0, 1, 2)),
                   ("logprobs_mode", self.logprobs_mode, ("raw_logprobs", "processed_logprobs")),
                   ("transport", self.transport, ("colocated", "broadcast"))]

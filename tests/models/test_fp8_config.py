@@ -131,3 +131,12 @@ def test_bench_fp8_args_table_and_batches():
     assert all(mb["packed"].num_tokens % 16 == 0 for mb in w.microbatches)
     assert w.tokens == sum(int((mb["packed"].rows >= 0).sum()) for mb in w.microbatches)
     assert all(0 < int(mb["resp"].sum()) < mb["packed"].num_tokens for mb in w.microbatches)
+
+
+def test_vllm_fp8_quantization_is_refused_by_name():
+    from megatron_rl.rollout.vllm_config import VLLMConfig
+    assert VLLMConfig().quantization == ""
+    with pytest.raises(ValueError, match="rollout.vllm.quantization='fp8': not supported yet: .*layerwise reload"):
+        VLLMConfig(quantization="fp8")
+    with pytest.raises(ValueError, match="rollout.vllm.extra_args.quantization: use rollout.vllm.quantization"):
+        VLLMConfig(extra_args={"quantization": "fp8"})
