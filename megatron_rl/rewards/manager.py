@@ -125,7 +125,10 @@ class RewardManager:
                     names: Sequence[str]) -> RewardResult:
         """Each row by the rule reward `names[i]`."""
         check_routable(names, samples)
-        tasks = [(n, r, s, self.kwargs_for(n)) for n, r, s in zip(names, responses, samples)]
+        # a sample's processed images (data/multimodal.py) stay here: rule rewards score text, and
+        # pickling pixel tensors to every reward worker would cost more than the scoring
+        tasks = [(n, r, {k: v for k, v in s.items() if k != "images"}, self.kwargs_for(n))
+                 for n, r, s in zip(names, responses, samples)]
         outcomes = self.pool.map(_score_one, tasks)
 
         scores, extras, weights = [], [], []
