@@ -6,7 +6,7 @@
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
-# offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
+# offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
@@ -67,6 +67,7 @@ stage_trainer() { timeout 400 python3 tools/gpu_trainer_smoke.py 2>&1 | grep --l
 stage_rm() { timeout 300 python3 tools/bench_reward_model.py 2>&1 | grep --line-buffered -v -i warn | tail -12; }
 stage_rmstep() { timeout 300 python3 tools/gpu_reward_model_step.py 2>&1 | grep --line-buffered "^|\|Error\|error"; }
 stage_moe() { timeout 400 python3 tools/bench_moe_slice.py 2>&1 | grep --line-buffered -v -i warn | tail -10; }
+stage_moete() { timeout 560 python3 tools/gpu_moe_te_check.py --json "$OUT/moete.json" 2>&1 | grep --line-buffered -v -i "warn\|it/s\]"; }   # needs TE in /tmp/site
 stage_resume() { timeout 200 $R2 tools/gpu_resume_check.py save 2>&1 | grep --line-buffered -v -i warn | tail -4; timeout 200 $R1 tools/gpu_resume_check.py resume 2>&1 | grep --line-buffered -v -i warn | tail -8; }
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
 stage_fp8() { timeout 330 python3 tools/bench_fp8.py --json "$OUT/fp8.json" 2>&1 | grep --line-buffered -v -i warn; }   # sdpa/te bf16 vs te fp8 (needs TE)
