@@ -6,7 +6,7 @@
   (registered by `megatron_rl.models.sdpa_attention` when present).
 - "auto" (`choose_layer_spec`): local on CPU; on a GPU te where a feature needs it (FP8
   GEMMs, context parallelism, sequence parallelism: Megatron's torch norms refuse SP,
-  grouped-GEMM MoE), else sdpa, which measured faster than te on dense shapes (one H200,
+  mixture-of-experts: grouped-GEMM experts), else sdpa, which measured faster than te on dense shapes (one H200,
   llama-1b: 391 vs 375 TFLOP/s dense, 283 vs 274 packed; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def te_available() -> bool:
 
 
 def te_features(*, fp8: bool = False, cp: int = 1, sequence_parallel: bool = False, tp: int = 1,
-                grouped_gemm: bool = False) -> list[str]:
+                grouped_gemm: bool = False, moe: bool = False) -> list[str]:
     """The requested features that only the TE spec provides."""
     need = []
     if fp8:
@@ -57,8 +57,8 @@ def te_features(*, fp8: bool = False, cp: int = 1, sequence_parallel: bool = Fal
         need.append(f"model.cp={cp} (context-parallel attention is Transformer Engine's)")
     if sequence_parallel and tp > 1:
         need.append("model.sequence_parallel (Megatron's torch norms refuse it; TE's norms support it)")
-    if grouped_gemm:
-        need.append("grouped-GEMM MoE experts")
+    if grouped_gemm or moe:
+        need.append("mixture-of-experts (grouped-GEMM experts, TEGroupedMLP; model.moe.grouped_gemm)")
     return need
 
 
@@ -83,19 +83,19 @@ def config_features(config) -> dict:
     return dict(fp8=bool(getattr(config, "fp8", None)), cp=getattr(config, "context_parallel_size", 1) or 1,
                 sequence_parallel=bool(getattr(config, "sequence_parallel", False)),
                 tp=getattr(config, "tensor_model_parallel_size", 1) or 1,
-                grouped_gemm=bool(getattr(config, "num_moe_experts", None) and getattr(config, "moe_grouped_gemm", False)))
+                moe=bool(getattr(config, "num_moe_experts", None)))
 
 
-def resolve_layer_spec_name(name: str, config=None) -> str:
-    """The registered spec `name` stands for here; `config` (a `TransformerConfig`) tells
-    `auto` which TE-only features are on."""
+def resolve_layer_spec_name(name: str, config=None, **features) -> str:
+    """The registered spec `name` stands for here; `config` (a `TransformerConfig`) or
+    `features` (`te_features` keywords) tell `auto` which TE-only features are on."""
     if name != "auto":
         if name not in LAYER_SPECS:
             _load_optional_specs()
         if name not in LAYER_SPECS:
             raise ValueError(f"unknown layer spec {name!r}; valid: {sorted(LAYER_SPECS) + ['auto']}")
         return name
-    spec, why = choose_layer_spec("auto", "cuda" if torch.cuda.is_available() else "cpu", **config_features(config))
+    spec, why = choose_layer_spec("auto", "cuda" if torch.cuda.is_available() else "cpu", **{**config_features(config), **features})
     if spec == "te" and not te_available():
         raise RuntimeError(f"model.layer_spec=auto picked te ({why}), but transformer_engine is not importable here")
     if spec == "sdpa":

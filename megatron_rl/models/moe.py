@@ -77,7 +77,7 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None, layer_
         moe_z_loss_coeff=float(moe.z_loss_coef) if moe.z_loss_coef > 0 else None,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_expert_capacity_factor=None,
-        moe_grouped_gemm=resolve_grouped_gemm(moe.grouped_gemm, resolve_layer_spec_name(layer_spec)),
+        moe_grouped_gemm=resolve_grouped_gemm(moe.grouped_gemm, resolve_layer_spec_name(layer_spec, moe=True)),
         moe_permute_fusion=False,
         moe_router_fusion=False,
         moe_enable_routing_replay=bool(moe.routing_replay),   # models/routing_replay.py drives it
@@ -103,6 +103,12 @@ def moe_layer_spec(dense_spec, spec_name: str, qk_layernorm: bool, num_experts: 
     spec = copy.deepcopy(dense_spec)
     spec.submodules.mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
                                                           moe_grouped_gemm=False)
+    # The local spec files pre_mlp_layernorm under TE's fused `mlp.linear_fc1.layer_norm_*`; TE's MoE
+    # layers keep a separate `pre_mlp_layernorm` (nothing to fuse into), so MoE layers keep that
+    # key too and dist-checkpoints move between the te and local/sdpa specs.
+    keys = dict(spec.submodules.sharded_state_dict_keys_map or {})
+    keys.pop("pre_mlp_layernorm.", None)
+    spec.submodules.sharded_state_dict_keys_map = keys
     return spec
 
 

@@ -87,7 +87,7 @@ def test_plan_with_fp8_picks_te_and_says_why():
 
 
 def test_auto_layer_spec_choice():
-    assert choose_layer_spec("auto", "cpu", fp8=True) [0] == "local"
+    assert choose_layer_spec("auto", "cpu", fp8=True)[0] == "local"
     spec, why = choose_layer_spec("auto", "cuda")
     assert spec == "sdpa" and "391 vs 375" in why
     assert choose_layer_spec("auto", "cuda", fp8=True)[0] == "te"
@@ -95,6 +95,7 @@ def test_auto_layer_spec_choice():
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=2)[0] == "te"
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=1)[0] == "sdpa"
     assert choose_layer_spec("auto", "cuda", grouped_gemm=True)[0] == "te"
+    assert choose_layer_spec("auto", "cuda", moe=True)[0] == "te"
     assert choose_layer_spec("local", "cuda", fp8=True) == ("local", "set by model.layer_spec")
     cfg = Config()
     plan = resolve_plan(cfg, world_size=1, device="cpu")
