@@ -5,7 +5,10 @@ Operations run in submission order (one_step_off, sync: deterministic versions),
 with `weights_first` (fully_async) a queued weight push goes before queued generate requests:
 the rollout ranks pick up new weights at their next engine call. A request's results (one per
 engine call) are collected before the next operation is sent, since the rollout ranks execute
-one command at a time.
+one command at a time, with one exception: under `trainer.async.partial_rollout` the rollout
+ranks may answer a generate request with a `PushRequest` (they stopped between two decode steps
+because a push was signalled, `BridgeComm.signal_push`); the thread then sends the oldest queued
+weight push right away and goes on collecting the request's results.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import threading
 import time
 from collections import deque
 
-from megatron_rl.async_rl.messages import GenerateCmd, GenResult, StopCmd, WeightsCmd
+from megatron_rl.async_rl.messages import GenerateCmd, GenResult, PushRequest, StopCmd, WeightsCmd
 from megatron_rl.rollout.weight_sync import BroadcastTransport
 
 
@@ -34,6 +37,7 @@ class RolloutClient:
 
     def push_weights(self, version: int, buckets: list) -> None:
         self._put((WeightsCmd(version), buckets))
+        self.bridge.signal_push()       # after queueing: a rollout rank that sees it finds the push queued
 
     def next_result(self, request_ids) -> GenResult:
         """The oldest arrived result of one of `request_ids`; blocks until there is one."""
@@ -75,13 +79,20 @@ class RolloutClient:
             while not self._ops:
                 self._cv.wait()
             if self.weights_first:
-                for i, op in enumerate(self._ops):
-                    if isinstance(op, tuple):
-                        del self._ops[i]
-                        self._busy = True
-                        return op
+                push = self._take_push()
+                if push is not None:
+                    self._busy = True
+                    return push
             self._busy = True
             return self._ops.popleft()
+
+    def _take_push(self):
+        """The oldest queued weight push, removed from the queue (None if there is none)."""
+        for i, op in enumerate(self._ops):
+            if isinstance(op, tuple):
+                del self._ops[i]
+                return op
+        return None
 
     def _run(self) -> None:
         try:
@@ -97,7 +108,10 @@ class RolloutClient:
                     chunks = 1
                     got = 0
                     while got < chunks:
-                        res: GenResult = self.bridge.recv_obj(src=1)
+                        res: GenResult | PushRequest = self.bridge.recv_obj(src=1)
+                        if isinstance(res, PushRequest):
+                            self._push_requested(res)
+                            continue
                         chunks, got = res.chunks, got + 1
                         with self._cv:
                             self._results.append(res)
@@ -109,6 +123,14 @@ class RolloutClient:
             with self._cv:
                 self._error, self._busy = e, False
                 self._cv.notify_all()
+
+    def _push_requested(self, req: PushRequest) -> None:
+        with self._cv:
+            push = self._take_push()
+        if push is None:        # cannot happen: a push is signalled only once it is queued
+            raise RuntimeError(f"rollout ranks asked for a weight push during request {req.request_id}, but none "
+                               "is queued")
+        self._push(*push)
 
     def _push(self, cmd: WeightsCmd, buckets: list) -> None:
         t0 = time.perf_counter()

@@ -25,7 +25,8 @@ from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.weight_sync.bucketing import Piece
 
 _CLASSES = {c.__name__: c for c in (Batch, SamplingParams, Piece, messages.GenerateCmd, messages.WeightsCmd,
-                                    messages.StopCmd, messages.GenResult)}
+                                    messages.StopCmd, messages.PushRequest,
+                                    messages.GenResult)}
 _TAGS = ("__tensor", "__tuple", "__bytes", "__dtype", "__items", "__dataclass")
 
 

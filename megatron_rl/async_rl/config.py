@@ -18,7 +18,8 @@ class AsyncConfig:
     # rollout ranks are between engine calls, samples older than max_staleness versions dropped
     mode: str = "sync"
     max_staleness: int = 1            # fully_async: a trained sample lags the policy by at most this many versions
-    partial_rollout: bool = False     # interrupt an in-flight generation at a weight update (refused: see plan)
+    partial_rollout: bool = False     # fully_async: a weight push interrupts an in-flight generation, which goes
+    #                                   on under the new weights (tokens tagged per version; docs/ASYNC.md)
     request_prompts: int = 0          # prompts per engine call on the rollout ranks (0: a step's whole batch);
     #                                   each call's groups go back to the trainer's buffer as soon as it ends
 

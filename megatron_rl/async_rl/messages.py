@@ -14,6 +14,7 @@ class GenerateCmd:
     prompts: Batch              # the global prompt batch of one step (or of one validation call)
     sampling: SamplingParams
     chunk_prompts: int = 0      # prompts per engine call (0: all); each call's result is sent on its own
+    partial: bool = False       # trainer.async.partial_rollout: a queued weight push interrupts the engine
 
 
 @dataclass
@@ -27,11 +28,20 @@ class StopCmd:
 
 
 @dataclass
+class PushRequest:
+    """Rollout rank 0 -> trainer rank 0, in place of a result: the engine stopped request
+    `request_id` between two decode steps and every rollout rank waits for the oldest queued
+    weight push (trainer.async.partial_rollout)."""
+    request_id: int
+
+
+@dataclass
 class GenResult:
     request_id: int
     chunk: int                  # 0 .. chunks-1, in order
     chunks: int
     batch: Batch                # samples carry `policy_version`; tensor `policy_version` [B, R]
-    version: int                # the engine's policy version while it generated this chunk
-    generate_s: float           # engine time of this chunk
+    version: int                # the engine's policy version when this chunk ended (its newest tokens')
+    generate_s: float           # engine time of this chunk (weight pushes taken mid-generation excluded)
     idle_s: float               # rollout ranks' wait for a command before this chunk's request
+    interrupts: int = 0         # weight pushes taken inside this chunk's generation (partial rollouts)

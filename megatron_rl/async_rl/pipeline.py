@@ -30,7 +30,7 @@ SAMPLES_LOG = "async_samples.jsonl"
 @dataclass
 class Group:
     batch: Batch                # the rows of one prompt
-    version: int                # policy version that generated it
+    version: int                # the oldest policy version among its tokens (partial rollouts mix versions)
     request_id: int
 
 
@@ -58,13 +58,14 @@ class RolloutPipeline:
         self.sampling_fn = sampling_fn                              # (cfg, request index) -> SamplingParams
         self.groups_per_step = cfg.data.train_batch_size
         self.chunk_prompts = cfg.trainer.async_.request_prompts
+        self.partial = cfg.trainer.async_.partial_rollout        # a queued push interrupts the engine
         self.buffer: list[Group] = []
         self.pending: dict[int, int] = {}       # request id -> groups not yet received
         self.dispatched = 0                     # training requests sent (request id = dispatch index)
         self.pushed = 0                         # the newest policy version queued to the rollout ranks
         self.dropped_total = 0
         self._val_id = 0
-        self._since_take = {"generate_s": 0.0, "idle_s": 0.0}
+        self._since_take = {"generate_s": 0.0, "idle_s": 0.0, "interrupts": 0}
 
     # --- dispatch and receipt (trainer rank 0) ---------------------------------------------
     def dispatch(self) -> None:
@@ -74,7 +75,7 @@ class RolloutPipeline:
         prompts = collate_prompts([self.data.train[i] for i in idx], self.data.pad_id)
         self.dispatched += 1
         self.client.submit(GenerateCmd(self.dispatched, prompts, self.sampling_fn(self.cfg, self.dispatched),
-                                       self.chunk_prompts))
+                                       self.chunk_prompts, self.partial))
         self.pending[self.dispatched] = len(idx)
 
     def fill(self) -> None:
@@ -84,12 +85,14 @@ class RolloutPipeline:
 
     def receive(self, res: GenResult) -> None:
         rows = groups_of(res.batch)
-        self.buffer += [Group(res.batch.select(r), res.version, res.request_id) for r in rows]
+        oldest = res.batch.field("policy_version")           # per row: its oldest token's version
+        self.buffer += [Group(res.batch.select(r), min(oldest[i] for i in r), res.request_id) for r in rows]
         self.pending[res.request_id] -= len(rows)
         if res.chunk == res.chunks - 1:
             self.pending.pop(res.request_id)
         self._since_take["generate_s"] += res.generate_s
         self._since_take["idle_s"] += res.idle_s
+        self._since_take["interrupts"] += res.interrupts
 
     def drain(self) -> None:
         """Every in-flight request into the buffer (before a checkpoint)."""
@@ -123,14 +126,17 @@ class RolloutPipeline:
         taken, self.buffer = self.buffer[:self.groups_per_step], self.buffer[self.groups_per_step:]
         self.dropped_total += dropped
         lags = [current - g.version for g in taken]
-        gen, idle = self._since_take["generate_s"], self._since_take["idle_s"]
-        self._since_take = {"generate_s": 0.0, "idle_s": 0.0}
+        gen, idle, interrupts = (self._since_take[k] for k in ("generate_s", "idle_s", "interrupts"))
+        self._since_take = {"generate_s": 0.0, "idle_s": 0.0, "interrupts": 0}
         metrics = {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
                    "async/dropped_stale": float(dropped), "async/dropped_stale_total": float(self.dropped_total),
                    "async/trainer_wait_s": wait, "async/rollout_wait_s": idle, "async/generate_s": gen,
                    "async/overlap_s": max(0.0, gen - wait), "async/buffered_groups": float(len(self.buffer))}
+        if self.partial:
+            metrics["async/interrupts"] = float(interrupts)
         batch = Batch.concat([g.batch for g in taken], pad_values={"prompt_ids": self.data.pad_id,
-                                                                   "response_ids": self.data.pad_id})
+                                                                   "response_ids": self.data.pad_id,
+                                                                   "policy_version": -1})
         self._log_trained(step, taken)
         return batch, metrics
 

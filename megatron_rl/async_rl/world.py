@@ -42,10 +42,24 @@ def active_placement() -> Placement | None:
 class BridgeComm:
     """The comm adapter of `weight_sync.BroadcastTransport` (`broadcast_obj`, `broadcast`) plus
     point-to-point objects, on an unregistered process group; one thread at a time may use it.
-    Objects travel as tensors + JSON (`codec.py`), never as pickles."""
+    Objects travel as tensors + JSON (`codec.py`), never as pickles. `store` (a key-value store
+    all bridge ranks share) carries the one signal that must not wait for the group: how many
+    weight pushes trainer rank 0 has queued, which a generating engine polls between decode steps
+    (`trainer.async.partial_rollout`)."""
 
-    def __init__(self, pg, rank: int, size: int):
-        self.pg, self.rank, self.size = pg, rank, size
+    PUSHES = "pushes_queued"
+
+    def __init__(self, pg, rank: int, size: int, store=None):
+        self.pg, self.rank, self.size, self.store = pg, rank, size, store
+
+    def signal_push(self) -> None:
+        """Trainer rank 0: one more weight push is queued (call after queueing it)."""
+        if self.store is not None:
+            self.store.add(self.PUSHES, 1)
+
+    def pushes_signalled(self) -> int:
+        """Weight pushes queued so far (a store round-trip, non-blocking)."""
+        return int(self.store.add(self.PUSHES, 0)) if self.store is not None else 0
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         opts = dist.BroadcastOptions()
@@ -118,7 +132,7 @@ def split_world(num_rollout: int, *, timeout_s: int = 1800) -> Placement:
     if rank == 0 or role == "rollout":
         b_rank = 0 if rank == 0 else rank - trainers + 1
         pg = dist.ProcessGroupGloo(dist.PrefixStore("bridge", store), b_rank, num_rollout + 1, timeout)
-        bridge = BridgeComm(pg, b_rank, num_rollout + 1)
+        bridge = BridgeComm(pg, b_rank, num_rollout + 1, store=dist.PrefixStore("bridge_signal", store))
     _ACTIVE = Placement(role=role, world_size=world, num_trainers=trainers, num_rollout=num_rollout,
                         global_rank=rank, bridge=bridge)
     return _ACTIVE

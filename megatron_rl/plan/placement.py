@@ -56,9 +56,9 @@ def check_placement(cfg, shape, recipe: str) -> dict:
     if cfg.actor.offload_during_rollout not in (None, "none"):
         raise PlanError("actor.offload_during_rollout frees trainer memory for a colocated engine; with "
                         "rollout.placement=disaggregated the engine has its own ranks: set it to none")
-    if a.partial_rollout:
-        raise PlanError("trainer.async.partial_rollout=true: the rollout worker does not yet drive the native "
-                        "engine's interrupt/resume API (rollout/partial.py) at a weight update; set it to false")
+    if a.partial_rollout and a.mode != "fully_async":
+        raise PlanError(f"trainer.async.partial_rollout=true needs trainer.async.mode=fully_async: mode={a.mode} "
+                        "pushes weights between engine calls by design (its policy versions are exact)")
     if a.mode != "fully_async" and a.request_prompts:
         raise PlanError(f"trainer.async.request_prompts={a.request_prompts} streams groups into the fully_async "
                         f"buffer; trainer.async.mode={a.mode} takes whole batches (set it to 0)")

@@ -20,6 +20,8 @@ def test_layout_counts_trainer_ranks_only():
     assert (p.rollout.placement, p.rollout.num_ranks, p.rollout.async_mode, p.rollout.max_staleness) == \
         ("disaggregated", 1, "fully_async", 2)
     assert plan(*DIS, "trainer.async.mode=one_step_off").rollout.max_staleness == 1
+    assert plan(*DIS, "trainer.async.mode=fully_async", "trainer.async.partial_rollout=true").rollout.async_mode \
+        == "fully_async"
 
 
 @pytest.mark.parametrize("world,overrides,match", [
@@ -27,7 +29,8 @@ def test_layout_counts_trainer_ranks_only():
     (2, ["rollout.placement=disaggregated"], r"needs rollout.num_ranks >= 1"),
     (2, ["rollout.num_ranks=1"], r"rollout.num_ranks=1 needs rollout.placement: disaggregated"),
     (1, ["trainer.async.mode=one_step_off"], r"trainer.async.mode=one_step_off needs rollout.placement"),
-    (2, DIS + ["trainer.async.partial_rollout=true"], r"trainer.async.partial_rollout=true"),
+    (2, DIS + ["trainer.async.partial_rollout=true"], r"trainer.async.partial_rollout=true needs "
+                                                       r"trainer.async.mode=fully_async: mode=sync"),
     (3, ["rollout.placement=disaggregated", "rollout.num_ranks=2"], r"rollout.num_ranks=2 is the engine's TP: "
                                                                     r"num_heads=9"),
     (3, DIS + ["model.tp=3"], r"world size 2 is not divisible by model.tp"),   # 3 ranks, 1 of them rollout
