@@ -7,7 +7,8 @@
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
 # offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
-# vLLM bundle part in /tmp/vparts) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
+# vLLM bundle part in /tmp/vparts) | vmoe (vLLM on a Qwen3-30B-A3B-shaped slice: MoE weight sync GB/s, routing replay
+# with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
 # parts of an xz tarball (../shared/gpu-wheels/build_vllm_bundle.sh, re-split at 50 MB
@@ -111,6 +112,12 @@ stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered arc
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
   PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 400 python3 tools/gpu_vllm.py --model-config "$SMOL" --sections graph \
     2>&1 | grep --line-buffered -v -i warn
+}
+
+stage_vmoe() {     # issue #19: MoE weight sync into vLLM's fused-MoE layers + enable_return_routed_experts (1 GPU)
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 500 python3 tools/gpu_vllm_moe.py --layers "${VMOE_LAYERS:-2}" 2>&1 \
+    | grep --line-buffered -v -i warn
 }
 
 for s in "$@"; do
