@@ -5,7 +5,7 @@
 #
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
-# time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
+# time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | vlvgr (VGR over the vision span, Qwen2.5-VL-3B-shaped, 1 GPU) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
 # offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | vmoe (vLLM on a Qwen3-30B-A3B-shaped slice: MoE weight sync GB/s, routing replay
 # with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
@@ -73,6 +73,7 @@ stage_resume() { timeout 200 $R2 tools/gpu_resume_check.py save 2>&1 | grep --li
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
 stage_fp8() { timeout 330 python3 tools/bench_fp8.py --json "$OUT/fp8.json" 2>&1 | grep --line-buffered -v -i warn; }   # sdpa/te bf16 vs te fp8 (needs TE)
 stage_vgr() { timeout 240 python3 tools/bench_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
+stage_vlvgr() { timeout 240 python3 tools/bench_vl_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
 
 stage_vpart() {
   mkdir -p /tmp/vparts
