@@ -1,23 +1,47 @@
 """SIGKILL the trainer rank of a disaggregated one-step-off run mid-update (torchrun takes the
 rollout rank down with it), resume with `trainer.resume: auto`: the buffered batch comes back
 from the checkpoint, so every step trains the same prompts (none lost, none repeated) and logs
-the same metrics as an uninterrupted run."""
+the same metrics as an uninterrupted run (slow, 4 steps, three launches); the lean CI variant
+(3 steps, two launches) checks the killed run's own record of the step it died in, and that
+nothing the killed run started outlives it (trainer/children.py)."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.async_rl.test_async_modes import LENGTH_REWARD, stable, trained
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(400)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(config: Path, overrides: list[str], env_extra: dict | None = None) -> int:
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:200]
+    except OSError:
+        return f"pid {pid} (gone)"
+
+
+def torchrun(config: Path, overrides: list[str], env_extra: dict | None = None,
+             survivors: list | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
            "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -25,7 +49,13 @@ def torchrun(config: Path, overrides: list[str], env_extra: dict | None = None) 
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        return proc.wait(200)
+        rc = proc.wait(200)
+        if survivors is not None:                     # what is still alive once the launcher is gone
+            deadline = time.monotonic() + 10          # (the resource tracker exits by itself, shortly)
+            while group_members(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            survivors += [_cmdline(p) for p in group_members(proc.pid)]
+        return rc
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)      # anything the launcher left behind
@@ -33,16 +63,44 @@ def torchrun(config: Path, overrides: list[str], env_extra: dict | None = None) 
             pass
 
 
-def test_sigkill_then_resume_loses_and_repeats_no_sample(tiny_run, tmp_path):
+def base_overrides(tiny_run, tmp_path, steps: int) -> tuple[Path, list[str]]:
     overrides, _ = tiny_run
     (tmp_path / "words.py").write_text(LENGTH_REWARD)
     config = tmp_path / "empty.yaml"
     config.write_text("{}\n")
     base = [o for o in overrides if not o.startswith(("reward.", "logging.run_dir", "trainer.total_steps"))]
     base += ["reward.name=words", f"reward.custom_functions={{words: '{tmp_path / 'words.py'}:words'}}",
-             "reward.num_workers=0", "trainer.total_steps=4", "trainer.save_every=1", "trainer.keep_last=0",
+             "reward.num_workers=0", f"trainer.total_steps={steps}", "trainer.save_every=1", "trainer.keep_last=0",
              "trainer.final_validation=false", "rollout.placement=disaggregated", "rollout.num_ranks=1",
              "trainer.async.mode=one_step_off"]
+    return config, base
+
+
+def test_lean_sigkill_then_resume_restores_the_buffered_batch_and_leaves_no_orphans(tiny_run, tmp_path):
+    config, base = base_overrides(tiny_run, tmp_path, steps=3)
+    run_dir = tmp_path / "killed"
+    survivors: list[str] = []
+    base += [f"logging.run_dir={run_dir}", "trainer.val_before_train=false"]
+    killed = torchrun(config, base + ["trainer.resume=none"], {"MEGATRON_RL_FAULT_KILL": "update:2"},
+                      survivors)                                     # step 2, after its backward
+    assert killed != 0
+    assert survivors == []                                           # no checkpoint writer, no rollout rank left
+    assert (run_dir / "checkpoints" / "step_000001").exists()
+    assert not (run_dir / "checkpoints" / "step_000002").exists()
+    before = trained(run_dir)                                        # step 2 was taken (from the buffer), then killed
+    assert sorted(before) == [1, 2]
+    assert torchrun(config, base + ["trainer.resume=auto"]) == 0
+    after = trained(run_dir)
+    assert sorted(after) == [1, 2, 3]
+    assert after[2] == before[2]                # the checkpointed buffer: the same groups, generated by v0
+    assert [after[s][1] for s in (1, 2, 3)] == [[0, 0], [0, 0], [1, 1]]      # one step off
+    uids = [u for s in (1, 2, 3) for u in after[s][0]]
+    assert len(set(uids)) == len(uids) == 6                          # 3 steps x 2 prompts: none lost, none twice
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_loses_and_repeats_no_sample(tiny_run, tmp_path):
+    config, base = base_overrides(tiny_run, tmp_path, steps=4)
     ref_dir, kill_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     assert torchrun(config, base + [f"logging.run_dir={ref_dir}", "trainer.resume=none"]) == 0
     killed = torchrun(config, base + [f"logging.run_dir={kill_dir}", "trainer.resume=none"],
