@@ -12,14 +12,14 @@ def _global_batch(step: int):
     return synthetic_batch(seed=100 + step, b=GLOBAL_BATCH)
 
 
-def _policy(hf, tp):
+def _policy(hf, tp, pp=1):
     from megatron_rl.config.schema import OptimConfig
     from megatron_rl.models import load_checkpoint
     from megatron_rl.parallel import init_distributed
     from megatron_rl.trainer.build import build_optimizer, wrap_ddp
     from megatron_rl.trainer.policy import Policy
 
-    init_distributed(tp=tp, pp=1)
+    init_distributed(tp=tp, pp=pp)
     model = load_checkpoint(hf, layer_spec="local")
     ddp = wrap_ddp(model, False)
     opt, sched = build_optimizer(ddp, OptimConfig(lr=1e-3, clip_grad=1.0), "float32", 10)
@@ -39,7 +39,8 @@ def _update(policy, sampler) -> list[int]:
 
 
 def full_adam_state(policy) -> dict:
-    """{global parameter name: {exp_avg, exp_avg_sq, step}} with TP shards gathered into full tensors."""
+    """{global parameter name: {exp_avg, exp_avg_sq, step}} with TP shards gathered into full
+    tensors and every pipeline stage's parameters on every rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
@@ -64,17 +65,21 @@ def full_adam_state(policy) -> dict:
             full[key] = tp_unshard(rule, shards, arch).clone()
         full["step"] = float(st["step"])
         out[gname] = full
+    if mpu.get_pipeline_model_parallel_world_size() > 1:
+        stages = [None] * mpu.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, out, group=mpu.get_pipeline_model_parallel_group())
+        out = {k: v for stage in stages for k, v in stage.items()}
     return out
 
 
-def first_run(rank, world, hf, tp, run_dir, ref_file):
+def first_run(rank, world, hf, tp, run_dir, ref_file, pp=1):
     """STEPS_BEFORE_SAVE steps, a checkpoint, then one more step (the uninterrupted reference)."""
     from megatron_rl.data.sampler import ResumableSampler
     from megatron_rl.models import iter_hf_weights
     from megatron_rl.parallel import destroy_distributed
     from megatron_rl.trainer.checkpoint import CheckpointManager
 
-    policy = _policy(hf, tp)
+    policy = _policy(hf, tp, pp)
     sampler = ResumableSampler(16, GLOBAL_BATCH, shuffle=True, seed=5)
     for _ in range(STEPS_BEFORE_SAVE):
         _update(policy, sampler)
@@ -88,14 +93,14 @@ def first_run(rank, world, hf, tp, run_dir, ref_file):
     destroy_distributed()
 
 
-def resumed_run(rank, world, hf, tp, run_dir, out_file):
+def resumed_run(rank, world, hf, tp, run_dir, out_file, pp=1):
     """A fresh actor at another layout, restored from the checkpoint; then the same next step."""
     from megatron_rl.data.sampler import ResumableSampler
     from megatron_rl.models import iter_hf_weights
     from megatron_rl.parallel import destroy_distributed
     from megatron_rl.trainer.checkpoint import CheckpointManager
 
-    policy = _policy(hf, tp)
+    policy = _policy(hf, tp, pp)
     manager = CheckpointManager(run_dir)
     state = manager.restore(manager.find("auto"), {"actor": policy})
     sampler = ResumableSampler(16, GLOBAL_BATCH, shuffle=True, seed=5)
@@ -111,6 +116,11 @@ def resumed_run(rank, world, hf, tp, run_dir, out_file):
 
 def check(ref_file, out_file):
     ref, got = torch.load(ref_file), torch.load(out_file)
+    for adam in (ref["adam"], got["adam"]):      # tied embeddings: a last stage's copy at PP > 1 only
+        tied = adam.pop("output_layer.weight", None) if len(ref["adam"]) != len(got["adam"]) else None
+        if tied is not None:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(tied[key], adam["embedding.word_embeddings.weight"][key]), key
     assert ref["adam"].keys() == got["adam"].keys() and len(ref["adam"]) > 10
     for name, st in ref["adam"].items():
         assert st["step"] == got["adam"][name]["step"] == STEPS_BEFORE_SAVE, name

@@ -44,3 +44,16 @@ def test_critic_dp2_checkpoint_resumes_at_dp1_with_equal_optimizer_state(tmp_pat
                                                                          for f in manifest["files"])
     run_multiproc(critic_resumed_run, 1, (hf, run, out))
     check_critic(ref, out)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("pp_saved,pp_resumed,tie", [(2, 1, False), (1, 2, True)])
+def test_pp_change_resumes_with_equal_optimizer_state(tmp_path, pp_saved, pp_resumed, tie):
+    """Megatron's sharded keys use global layer numbers: a PP=2 checkpoint (each stage writes its
+    own layers, optimizer state included) loads at PP=1 and the reverse; with tied embeddings the
+    last stage's output-layer copy gets the embedding's Adam state."""
+    hf = make_tiny_hf(tmp_path / "hf", "llama", tie=tie)
+    run, ref, out = str(tmp_path / "run"), str(tmp_path / "ref.pt"), str(tmp_path / "out.pt")
+    run_multiproc(first_run, pp_saved, (hf, 1, run, ref, pp_saved))
+    run_multiproc(resumed_run, pp_resumed, (hf, 1, run, out, pp_resumed))
+    check(ref, out)
