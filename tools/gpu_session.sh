@@ -73,7 +73,7 @@ stage_resume() { timeout 200 $R2 tools/gpu_resume_check.py save 2>&1 | grep --li
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
 stage_fp8() { timeout 330 python3 tools/bench_fp8.py --json "$OUT/fp8.json" 2>&1 | grep --line-buffered -v -i warn; }   # sdpa/te bf16 vs te fp8 (needs TE)
 stage_vgr() { timeout 240 python3 tools/bench_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
-stage_vlvgr() { timeout 240 python3 tools/bench_vl_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
+stage_vlvgr() { timeout 240 python3 tools/bench_vl_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i "warn\|Unknown MLP"; }
 
 stage_vpart() {
   mkdir -p /tmp/vparts
