@@ -1,7 +1,10 @@
 """Samples/s of `trainer.async.mode` sync, one_step_off and fully_async on the same processes.
 
     python tools/bench_async.py [--config configs/quickstart_async_cpu.yaml] [--steps 4] [--nproc 2]
-                                [--modes sync,one_step_off,fully_async] [section.key=value ...]
+                                [--modes sync,one_step_off,fully_async,fully_async+partial] [section.key=value ...]
+
+`fully_async+partial` is fully_async with `trainer.async.partial_rollout=true` (a weight push
+interrupts the generation in flight; "mid-gen pushes" counts them).
 
 Each mode is one `launch/torchrun.sh` run of the same config (placement disaggregated, the same
 steps, prompts and seeds; no validation, no checkpoint). "train wall s" is the sum of the steps'
@@ -21,8 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def mode_overrides(mode: str) -> list[str]:
+    """`mode` or `mode+partial` as config overrides."""
+    name, _, flag = mode.partition("+")
+    if flag not in ("", "partial"):
+        raise SystemExit(f"--modes: {mode!r}: the only suffix is +partial (trainer.async.partial_rollout=true)")
+    return [f"trainer.async.mode={name}"] + (["trainer.async.partial_rollout=true"] if flag else [])
+
+
 def run_mode(config: str, mode: str, steps: int, nproc: int, extra: list[str], run_dir: Path) -> dict:
-    overrides = [f"trainer.async.mode={mode}", f"trainer.total_steps={steps}", "trainer.val_before_train=false",
+    overrides = [*mode_overrides(mode), f"trainer.total_steps={steps}", "trainer.val_before_train=false",
                  "trainer.final_validation=false", "trainer.save_final=false", "trainer.save_every=0",
                  "trainer.resume=none", f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]", *extra]
     cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--cpu", "--nproc", str(nproc), "--", "--config", config,
@@ -38,7 +49,8 @@ def run_mode(config: str, mode: str, steps: int, nproc: int, extra: list[str], r
     return {"mode": mode, "steps": len(rows), "train_s": train_s, "process_s": wall, "rows": rows,
             "wait_s": sum(r.get("async/trainer_wait_s", 0.0) for r in rows),
             "overlap_s": sum(r.get("async/overlap_s", 0.0) for r in rows),
-            "staleness_max": max(r.get("async/staleness_max", 0.0) for r in rows)}
+            "staleness_max": max(r.get("async/staleness_max", 0.0) for r in rows),
+            "interrupts": sum(r.get("async/interrupts", 0.0) for r in rows)}
 
 
 def main(argv=None) -> int:
@@ -54,7 +66,7 @@ def main(argv=None) -> int:
 
     cfg = load_experiment_config(args.config, args.overrides)
     per_step = cfg.data.train_batch_size * cfg.rollout.n
-    results = []
+    results, load_before = [], _load()
     for mode in args.modes.split(","):
         r = run_mode(args.config, mode, args.steps, args.nproc, args.overrides, ROOT / args.out / mode)
         r["samples"] = r["steps"] * per_step
@@ -62,15 +74,21 @@ def main(argv=None) -> int:
         print(f"{mode}: {r['train_s']:.1f}s", file=sys.stderr, flush=True)
     base = results[0]["samples"] / results[0]["train_s"]
     print(f"| mode | steps | samples | train wall s | samples/s | vs {results[0]['mode']} | trainer wait s | "
-          "overlap s | max staleness | process s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "overlap s | max staleness | mid-gen pushes | process s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         sps = r["samples"] / r["train_s"]
         print(f"| {r['mode']} | {r['steps']} | {r['samples']} | {r['train_s']:.1f} | {sps:.2f} | {sps / base:.2f}x | "
-              f"{r['wait_s']:.1f} | {r['overlap_s']:.1f} | {r['staleness_max']:.0f} | {r['process_s']:.0f} |")
+              f"{r['wait_s']:.1f} | {r['overlap_s']:.1f} | {r['staleness_max']:.0f} | {r['interrupts']:.0f} | "
+              f"{r['process_s']:.0f} |")
     print(f"\n{args.config}, {args.nproc} processes ({cfg.rollout.num_ranks} rollout), {os.cpu_count()} CPU cores, "
-          f"{time.strftime('%Y-%m-%d')}")
+          f"{time.strftime('%Y-%m-%d %H:%M')}, load average before/after {load_before} / {_load()}")
     return 0
+
+
+def _load() -> str:
+    """The 1/5/15-minute load averages (the machine may be shared: say how busy it was)."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ class RolloutWorker:
     def take_pushes(self, request_id: int) -> float:
         """Receive every push queued so far (all rollout ranks take the same number); seconds spent."""
         t0 = time.perf_counter()
-        n = torch.tensor([self.bridge.pushes_signalled() - self.pushes_received if self.bridge.rank == 1 else 0],
+        waiting = max(0, self.bridge.pushes_signalled() - self.pushes_received) if self.bridge.rank == 1 else 0
+        n = torch.tensor([waiting],
                          device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         if dist.is_initialized() and dist.get_world_size() > 1:        # the rollout ranks' own world
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
