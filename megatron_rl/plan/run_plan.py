@@ -23,7 +23,7 @@ from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer
                                      resolve_old_logprob, resolve_rollout_offload)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
 from megatron_rl.plan.sampling import SamplingPlan, resolve_sampling
-from megatron_rl.plan.vision_memory import check_freeze_vision, image_tokens_per_sample
+from megatron_rl.plan.vision_memory import check_freeze_vision, check_packing_with_vision, image_tokens_per_sample
 
 FUSED_LOSS = {"auto": None, "on": "triton", "off": "torch"}   # actor.fused_loss -> kernels backend name
 
@@ -173,6 +173,7 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     if cfg.critic.enable:
         check_distributed_optimizer(cfg.critic.optim, "critic.optim", device)
     check_freeze_vision(m.freeze_vision, shp)
+    check_packing_with_vision(cfg.actor.max_tokens_per_microbatch, shp)
     spec, spec_reason = resolve_model_spec(cfg, device, shp)
     model = ModelPlan(shape=shp, shape_source=source, dtype=m.dtype, layer_spec=m.layer_spec,
                       layer_spec_choice=spec, layer_spec_reason=spec_reason, fp8=m.fp8, fp8_recipe=m.fp8_recipe,

@@ -65,6 +65,19 @@ def check_freeze_vision(freeze_vision: bool, shape) -> None:
                         "leave model.freeze_vision at true")
 
 
+def check_packing_with_vision(max_tokens_per_microbatch: int, shape) -> None:
+    """Packed micro-batches with a vision-language model: refused up front by name (the actor
+    would refuse at its first log-prob pass): M-RoPE positions and image features are laid
+    out per padded row."""
+    from megatron_rl.plan.layout import PlanError
+
+    if max_tokens_per_microbatch and max_tokens_per_microbatch > 0 and shape is not None \
+            and shape.vision is not None:
+        raise PlanError(f"actor.max_tokens_per_microbatch={max_tokens_per_microbatch} (packed micro-batches) "
+                        "cannot be used with a vision-language model: M-RoPE positions and image features are "
+                        "laid out per padded row; set actor.max_tokens_per_microbatch=0")
+
+
 def block_activation_bytes(vs: VisionShape, patches: int, act_bytes: int) -> float:
     """One ViT block's saved activations for `patches` patch tokens."""
     h, f, u = vs.hidden_size, vs.ffn_hidden_size, act_bytes / 2
