@@ -87,7 +87,8 @@ def test_rollout_trainer_with_vllm_engine_syncs_every_step(tiny_run, monkeypatch
     monkeypatch.setattr(plan_pkg, "resolve_plan", lambda cfg, **kw: resolve(cfg, **{**kw, "device": "cuda"}))
     overrides, run_dir = tiny_run
     assert train_main(None, overrides + ["rollout.engine=vllm", "trainer.total_steps=2", "algos.entropy_coef=0.5",
-                                            "actor.recompute_old_logprob=always"]) == 0
+                                            "actor.recompute_old_logprob=always",
+                                            "rollout.engine_logprobs=always"]) == 0   # logs rollout/logprob_diff
     rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     for step in (1, 2):
         assert rows[step]["weight_sync/bytes"] > 0 and rows[step]["weight_sync/buckets"] > 1
