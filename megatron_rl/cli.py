@@ -128,10 +128,11 @@ def _serve_model(sub):
 def _check(sub):
     sub.add_argument("--model", required=True, help="HF directory")
     sub.add_argument("--tol", type=float, default=1e-3)
+    sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size (TP > 1: that many gloo processes)")
 
     def run(args):
         from megatron_rl.models.parity import main as parity_main
-        return parity_main(args.model, args.tol)
+        return parity_main(args.model, args.tol, tp=args.tp)
     return run
 
 

@@ -78,9 +78,17 @@ def test_vl_image_features_change_the_logits(vl_dir):
 
 
 def test_check_logits_command_passes_on_the_tiny_vl(vl_dir, capsys):
-    from megatron_rl.models.parity import main
-    assert main(vl_dir, 1e-3) == 0
+    from megatron_rl.cli import main
+    assert main(["check-logits", "--model", vl_dir]) == 0
     assert "image tokens" in capsys.readouterr().out
+
+
+@pytest.mark.multiproc
+def test_check_logits_command_at_tp2(vl_dir, capsys):
+    """`megatron-rl check-logits --tp 2`: two gloo processes, logits gathered over TP."""
+    from megatron_rl.models.parity import check_tp
+    res, what = check_tp(vl_dir, 2)
+    assert res["max_abs_diff"] < 1e-4 and "image tokens" in what, res
 
 
 def test_freeze_vision_default_and_trainable(vl_dir):

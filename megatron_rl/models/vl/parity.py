@@ -40,15 +40,18 @@ def hf_vl_logits(hf_model, enc: dict) -> torch.Tensor:
 
 
 def compare_vl_logits(hf_dir, enc: dict, dtype=torch.float32, layer_spec: str = "local") -> dict:
-    """Single-process TP=1 comparison over real tokens."""
+    """Comparison at the initialised TP layout (default one process, TP=1) over real tokens."""
     import transformers
 
     from megatron_rl.data.multimodal import ImageBatch
     from megatron_rl.models import load_checkpoint
     from megatron_rl.models.vl.forward import vl_forward
     from megatron_rl.parallel import init_distributed
+    from megatron_rl.parallel.collectives import gather_vocab_parallel
 
-    init_distributed()
+    from megatron.core import parallel_state as mpu
+    if not mpu.model_parallel_is_initialized():     # else: the caller's layout (check-logits --tp)
+        init_distributed()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     mdt = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
     mc = load_checkpoint(hf_dir, dtype=mdt, layer_spec=layer_spec).eval()
@@ -57,7 +60,8 @@ def compare_vl_logits(hf_dir, enc: dict, dtype=torch.float32, layer_spec: str = 
     images = ImageBatch(enc["pixel_values"], enc["image_grid_thw"])
     with torch.no_grad():
         t0 = time.time()
-        a = vl_forward(mc, enc["input_ids"], enc["attention_mask"], images).float()[..., : hf.config.text_config.vocab_size]
+        a = gather_vocab_parallel(vl_forward(mc, enc["input_ids"], enc["attention_mask"], images))
+        a = a.float()[..., : hf.config.text_config.vocab_size]
         t1 = time.time()
         b = hf_vl_logits(hf, enc).float()
         t2 = time.time()
@@ -76,11 +80,8 @@ def random_images(n: int = 2, seed: int = 0, sizes=((56, 56), (28, 84))) -> list
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes[:n]]
 
 
-def main(hf_dir: str, tol: float = 1e-3) -> int:
+def check_vl(hf_dir: str) -> tuple[dict, str]:
+    """`check-logits` on a VL checkpoint: two questions about two random images."""
     enc = encode_image_prompts(hf_dir, ["Describe the image.", "How many shapes are there?"], random_images())
     res = compare_vl_logits(hf_dir, enc)
-    ok = res["max_abs_diff"] < tol
-    print(f"Megatron vs transformers logits on {res['tokens']} tokens ({res['image_tokens']} image tokens): "
-          f"max abs diff {res['max_abs_diff']:.3e}, mean {res['mean_abs_diff']:.3e} (tolerance {tol}): "
-          f"{'OK' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    return res, f"{res['tokens']} tokens ({res['image_tokens']} image tokens)"
