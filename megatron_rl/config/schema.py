@@ -161,6 +161,7 @@ class TrainerConfig:
     num_threads: int = 0              # torch intra-op threads on CPU (0 = torch default)
     final_validation: bool = True     # validate after the last step (false: benchmarks)
     save_final: bool = True           # checkpoint after the last step (false: benchmarks)
+    async_save: bool = False          # write checkpoints in the background (trainer/async_save.py)
     # step guard: optimizer steps with a non-finite loss or gradient are skipped (weights and optimizer
     # state untouched, counted in actor/skipped_steps); this many in a row stop the run
     max_bad_steps: int = 5

@@ -176,9 +176,11 @@ def sharded_model_state_dict(model) -> dict:
 
 
 def save_mcore_checkpoint(model, out_dir, arch: ModelArch | None = None, extra_meta: dict | None = None,
-                          extra_state=None) -> None:
+                          extra_state=None, async_save: bool = False):
     """Every chunk of every rank into one dist-checkpoint (call on all ranks). `extra_state`:
-    `model_sharded_state_dict -> dict` of more entries for the same checkpoint (the optimizer)."""
+    `model_sharded_state_dict -> dict` of more entries for the same checkpoint (the optimizer).
+    `async_save`: the tensor files are not written yet; returns Megatron's `AsyncRequest` that
+    writes them (trainer/async_save.py schedules it), else None."""
     from megatron.core import dist_checkpointing
 
     chunks = as_chunks(model)
@@ -188,13 +190,14 @@ def save_mcore_checkpoint(model, out_dir, arch: ModelArch | None = None, extra_m
     state = _sharded_state_dict(chunks)
     if extra_state is not None:
         state = {**state, **extra_state(state)}
-    dist_checkpointing.save(state, str(out / "model"))
+    request = dist_checkpointing.save(state, str(out / "model"), async_sharded_save=async_save)
     if not dist.is_initialized() or dist.get_rank() == 0:
         meta = {"format": MCORE_FORMAT, "arch": arch.to_dict(), **(extra_meta or {})}
         with open(out / MCORE_META, "w") as f:
             json.dump(meta, f, indent=2)
     if dist.is_initialized():
         dist.barrier()
+    return request
 
 
 def load_mcore_checkpoint(model, ckpt_dir) -> None:

@@ -17,6 +17,7 @@ containers only and are read with `torch.load(weights_only=True)`; small state i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.models.loading import load_mcore_checkpoint, save_mcore_checkpoint
+from megatron_rl.trainer.async_save import AsyncSaver, async_requested, collect_request
 from megatron_rl.trainer.faults import disk_full_now, fault_point
 from megatron_rl.trainer.manifest import CheckpointCorrupt, checksum_files, fsync_dir, verify_checkpoint, \
     write_manifest
@@ -62,23 +64,31 @@ def load_tensors(path: Path) -> dict:
 
 class CheckpointManager:
     """Saves and restores every role plus the trainer state of one run directory. `plan`: the
-    run plan's `to_dict()`, recorded in each manifest."""
+    run plan's `to_dict()`, recorded in each manifest. `async_save` (`trainer.async_save`): the
+    roles' dist-checkpoint files are written by a background process (trainer/async_save.py);
+    the save is verified and published (manifest, rename) when it is finalized: at the next
+    save, `poll()` once the write is done, `finalize()` (end of the run) or before a resume."""
 
-    def __init__(self, run_dir, keep_last: int = 2, plan: dict | None = None):
+    def __init__(self, run_dir, keep_last: int = 2, plan: dict | None = None, async_save: bool = False):
         self.root = checkpoint_root(run_dir)
         self.keep_last = keep_last
         self.plan = plan
+        self.saver = AsyncSaver() if async_save else None
 
     def save(self, step: int, roles: Mapping[str, Role], trainer_state: dict) -> Path:
+        """Synchronous: returns once `step_N` is published. Asynchronous: once the write started
+        (`step_N` appears when it is finalized)."""
+        self.finalize()                             # one save in flight
         final, tmp = self.root / f"step_{step:06d}", self.root / f"step_{step:06d}.tmp"
         if rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        try:
-            for name, role in roles.items():
-                role.save_checkpoint(tmp, name)
+        with self._guard(step, tmp):
+            with self.saver.collect() if self.saver is not None else contextlib.nullcontext():
+                for name, role in roles.items():
+                    role.save_checkpoint(tmp, name)
             rng = {"torch_rng": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda_rng"] = torch.cuda.get_rng_state()
@@ -86,27 +96,59 @@ class CheckpointManager:
             if rank() == 0:
                 (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
             barrier()
+        if self.saver is None:
+            self._complete(step, tmp, final)
+        else:
+            self.saver.schedule(lambda megatron_fns: self._complete(step, tmp, final, megatron_fns))
+            fault_point("save_async")               # the background write has started
+        return final
+
+    def _complete(self, step: int, tmp: Path, final: Path, megatron_fns=()) -> None:
+        """Every file of `tmp` written (after an async write: once Megatron's own finalize steps
+        ran): checksum + fsync them, the manifest last, publish."""
+        with self._guard(step, tmp):
+            for fn in megatron_fns:
+                fn()
             fault_point("save_write")
             disk_full_now(str(tmp))
             files = checksum_files(tmp)             # collective; fsyncs every file
             if rank() == 0:
                 write_manifest(tmp, files, step, self.plan)
-        except OSError as e:                        # a full disk: free what this save took, keep the last one
-            if rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise OSError(e.errno, f"checkpoint save of step {step} into {tmp} failed ({e}); the previous "
-                                   f"checkpoint is intact") from e
         if rank() == 0:
             publish(self.root, tmp, final, self.keep_last)
         barrier()
         fault_point("saved")
-        return final
+
+    @contextlib.contextmanager
+    def _guard(self, step: int, tmp: Path):
+        """A failed save (a full disk, a writer that failed) frees what it took; the last one stays."""
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        try:
+            yield
+        except (OSError, CheckpointingException) as e:
+            if rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(getattr(e, "errno", None), f"checkpoint save of step {step} into {tmp} failed ({e}); "
+                                                     f"the previous checkpoint is intact") from e
+
+    def finalize(self) -> None:
+        """Complete the asynchronous save in flight, if any (collective)."""
+        if self.saver is not None:
+            self.saver.finalize()
+
+    def poll(self) -> None:
+        """Complete the asynchronous save in flight if its write has finished (collective)."""
+        if self.saver is not None:
+            self.saver.poll()
 
     def find(self, resume: str) -> Path | None:
+        self.finalize()
         return find_checkpoint(self.root.parent, resume)
 
     def restore(self, path: Path, roles: Mapping[str, Role]) -> dict:
         """Load every role and this rank's RNG from `path`; returns the trainer state."""
+        self.finalize()
         for name, role in roles.items():
             role.load_checkpoint(path, name)
         f = rank_file(path, "rng")
@@ -238,7 +280,10 @@ def save_trained(chunks, optimizer, scheduler, out: Path) -> None:
         def extra(model_sd: dict) -> dict:
             return {"optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    save_mcore_checkpoint(chunks, out, extra_meta={"actor_state": ACTOR_STATE}, extra_state=extra)
+    request = save_mcore_checkpoint(chunks, out, extra_meta={"actor_state": ACTOR_STATE}, extra_state=extra,
+                                    async_save=async_requested())
+    if request is not None:
+        collect_request(request)
 
 
 def load_trained(chunks, optimizer, scheduler, path: Path) -> None:

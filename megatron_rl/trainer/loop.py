@@ -7,6 +7,7 @@ and the reference's offload/onload is visible where it happens.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import dataclasses
@@ -34,10 +35,12 @@ class RecipeLoop(RunContext):
     bad_steps: BadStepGuard = None  # trainer.max_bad_steps: skipped optimizer steps in a row
     guarded_metrics = "actor"       # whose `{prefix}/skipped_steps` the guard counts (class attribute)
 
-    @property
+    @functools.cached_property
     def checkpoints(self) -> CheckpointManager:
+        """One per run: it holds the asynchronous save in flight (`trainer.async_save`)."""
         return CheckpointManager(self.cfg.logging.run_dir, self.cfg.trainer.keep_last,
-                                 plan=self.plan.to_dict() if self.plan is not None else None)
+                                 plan=self.plan.to_dict() if self.plan is not None else None,
+                                 async_save=self.cfg.trainer.async_save)
 
     def fit(self) -> tuple[float | None, float]:
         t = self.cfg.trainer
@@ -52,6 +55,7 @@ class RecipeLoop(RunContext):
             self.step += 1
             last = self.step == t.total_steps
             fault_point("step")
+            self.checkpoints.poll()             # publishes an async save whose write has finished
             metrics = self.train_step(self.step)
             self.bad_steps.update(metrics, self.step, self.guarded_metrics)
             if (t.val_every and self.step % t.val_every == 0 and not last) or (last and t.final_validation):
@@ -59,6 +63,7 @@ class RecipeLoop(RunContext):
             self.logger.log(metrics, step=self.step)
             if (t.save_every and self.step % t.save_every == 0) or (last and t.save_final):
                 self.save()
+        self.checkpoints.finalize()             # an async save in flight is published before the run ends
         return self.val_before, metrics.get("val/reward", math.nan)
 
     def train_step(self, step: int) -> dict[str, float]:
