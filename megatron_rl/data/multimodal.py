@@ -19,7 +19,7 @@ never from matching strings.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,13 +36,14 @@ class ImageInputs:
     """One sample's images as the processor returns them."""
     pixel_values: torch.Tensor     # [num_patches, C * temporal_patch * patch * patch] float
     image_grid_thw: torch.Tensor   # [num_images, 3] long
+    raw: tuple = field(default=(), repr=False, compare=False)   # the PIL images (vLLM runs its own processor)
 
     @property
     def num_images(self) -> int:
         return int(self.image_grid_thw.shape[0])
 
     def to(self, device) -> "ImageInputs":
-        return ImageInputs(self.pixel_values.to(device), self.image_grid_thw.to(device))
+        return ImageInputs(self.pixel_values.to(device), self.image_grid_thw.to(device), self.raw)
 
 
 @dataclass
@@ -197,18 +198,23 @@ class ImageEncoder:
         return record_images(record, self.cfg.key, self.cfg.max_images)
 
     def process(self, images: list[Any]) -> ImageInputs:
-        size = dict(self.processor.size)
-        if self.cfg.min_pixels is not None:
-            size["shortest_edge"] = self.cfg.min_pixels
-        if self.cfg.max_pixels is not None:
-            size["longest_edge"] = self.cfg.max_pixels
-        out = self.processor(images=images, size={k: size[k] for k in ("shortest_edge", "longest_edge")},
-                             return_tensors="pt")
-        return ImageInputs(out["pixel_values"].float(), out["image_grid_thw"].long())
+        out = self.processor(images=images, size=image_size_kwargs(self.processor, self.cfg), return_tensors="pt")
+        return ImageInputs(out["pixel_values"].float(), out["image_grid_thw"].long(), tuple(images))
 
     def expand(self, ids: list[int], inputs: ImageInputs, where: str) -> list[int]:
         return expand_image_pads(ids, image_token_counts(inputs.image_grid_thw, self.merge_size),
                                  self.tokens.pad, where)
+
+
+def image_size_kwargs(processor, cfg) -> dict[str, int]:
+    """The processor's `size` (pixel bounds) with `data.image.min_pixels` / `max_pixels` applied;
+    the vLLM engine hands the same bounds to vLLM's processor (rollout/vllm_multimodal.py)."""
+    size = dict(processor.size)
+    if cfg.min_pixels is not None:
+        size["shortest_edge"] = cfg.min_pixels
+    if cfg.max_pixels is not None:
+        size["longest_edge"] = cfg.max_pixels
+    return {k: size[k] for k in ("shortest_edge", "longest_edge")}
 
 
 def vision_token_ids(tokenizer) -> list[int]:

@@ -41,6 +41,8 @@ from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.vllm_config import VLLMConfig
 from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lists, request_seeds,
                                               steering_groups, vllm_sampling_kwargs)
+from megatron_rl.rollout.vllm_multimodal import (attach_images, check_expanded_prompts, vision_skip_prefixes,
+                                                 vl_engine_kwargs, without_prefixes)
 from megatron_rl.rollout.weight_sync import ColocatedTransport, receive_bucket, sync_weights
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def _load_on_worker(payload, model) -> int:
 class VLLMEngine:
     def __init__(self, llm, tokenizer, config: VLLMConfig | None = None, *, colocate: bool = True,
                  bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None,
-                 routing_layers: tuple[int, ...] | None = None):
+                 routing_layers: tuple[int, ...] | None = None, skip_prefixes: tuple[str, ...] = ()):
         from megatron_rl.rollout.native_engine import eos_token_ids
 
         self.llm, self.tokenizer = llm, tokenizer
@@ -84,6 +86,7 @@ class VLLMEngine:
         self.per_request = False                      # steering rows travel with the requests (graph mode)
         self.last_metrics: dict[str, float] = {}
         self.routing_layers = routing_layers          # MoE layers whose routing vLLM returns (None: not asked)
+        self.skip_prefixes = tuple(skip_prefixes)     # HF names never synced (a frozen vision tower: visual.)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -119,13 +122,14 @@ class VLLMEngine:
 
             register_steered_arch()
             kwargs["hf_overrides"] = graph_overrides(cfg.model.path, steering[1], steering[0].name)
+        kwargs.update(vl_engine_kwargs(cfg, kwargs["tokenizer"]))   # image prompts (vllm_multimodal.py)
         extra = dict(v.extra_args)
         if "hf_overrides" in extra and "hf_overrides" in kwargs:
             kwargs["hf_overrides"] = {**extra.pop("hf_overrides"), **kwargs["hf_overrides"]}
         kwargs.update(extra)
         llm = vllm.LLM(**kwargs)
         engine = cls(llm, tokenizer, v, colocate=r.colocate, bucket_mb=r.weight_sync_bucket_mb,
-                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers)
+                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers, skip_prefixes=vision_skip_prefixes(cfg))
         if steering is not None:
             engine.attach_intervention(steering[0], steering[1], steer.scope)
         return engine
@@ -160,6 +164,7 @@ class VLLMEngine:
         seeds = request_seeds(sampling, len(batch))
         kwargs = [vllm_sampling_kwargs(sampling, s, self.eos_ids) for s in seeds]
         requests = [{"prompt_token_ids": p} for p in prompts]
+        image_rows = attach_images(batch, requests, self._image_pad_id)
         outputs: list = [None] * len(batch)
         if self.steering_scope is None or self.per_request:
             groups = [(None, None, list(range(len(batch))))]
@@ -182,6 +187,7 @@ class VLLMEngine:
             res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
             for i, o in zip(idx, res):
                 outputs[i] = o
+        check_expanded_prompts(prompts, outputs, image_rows)
         out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs,
                                moe_layers=self.routing_layers)
         if self.colocate and self.cfg.sleep_level:
@@ -191,6 +197,7 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Load full HF-named tensors (any device) into every vLLM worker, bucketed."""
         self._wake_weights()
+        named_tensors = without_prefixes(named_tensors, self.skip_prefixes)
         if self.cfg.transport == "broadcast":
             metrics = sync_weights(named_tensors, self._broadcast_transport(), bucket_mb=self.bucket_mb,
                                    dtype=self.dtype, device=torch.device("cuda", torch.cuda.current_device()))
@@ -231,6 +238,11 @@ class VLLMEngine:
         self.state = "awake"
 
     # --- internals ----------------------------------------------------------------------------
+    def _image_pad_id(self) -> int:
+        from megatron_rl.data.multimodal import VisionTokens
+
+        return VisionTokens.of(self.tokenizer).pad
+
     def _wake_weights(self) -> None:
         if self.state == "asleep":
             self.llm.wake_up(tags=["weights"])
