@@ -12,7 +12,6 @@ from dataclasses import replace
 
 VL_ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen2VLForConditionalGeneration": "qwen2_vl"}
 VL_FAMILIES = tuple(VL_ARCHITECTURES.values())
-_TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def text_config(cfg: dict) -> dict:
@@ -46,9 +45,8 @@ def vl_arch_from_hf(cfg: dict, architecture: str):
     text = text_config(cfg)
     if cfg.get("vision_config") is None:
         raise ValueError(f"config.json of {architecture} has no 'vision_config'")
-    missing = [k for k in _TOKEN_FIELDS[:1] if cfg.get(k, text.get(k)) is None]
-    if missing:
-        raise ValueError(f"config.json field {missing[0]!r} is missing (the image-pad token id)")
+    if cfg.get("image_token_id", text.get("image_token_id")) is None:
+        raise ValueError("config.json field 'image_token_id' is missing (the image-pad token id)")
     rope = dict(text.get("rope_scaling") or text.get("rope_parameters") or {})
     as_qwen2 = {k: v for k, v in text.items() if k not in ("rope_scaling", "rope_parameters")}
     as_qwen2.update(architectures=["Qwen2ForCausalLM"], rope_theta=text.get("rope_theta", rope.get("rope_theta",
