@@ -19,6 +19,10 @@ and each generate returns the top-k experts of every token it fed, as the batch'
 `prompt_routed_experts` / `response_routed_experts` (`vllm_convert.completion_routing`); the
 trainer's forwards then replay vLLM's routing.
 
+Image prompts (Qwen2-VL / Qwen2.5-VL): rows with `sample["images"]` go with one image pad per
+image and the raw images as `multi_modal_data`; a frozen tower is left out of the weight sync
+(rollout/vllm_multimodal.py).
+
 Steering (`steering.enable`): the SAE intervention is hooked on every vLLM worker
 (steering/vllm_hooks.py, eager mode); with `rollout.vllm.enforce_eager: false`, additive
 modes are built into the model instead (steering/vllm_graph.py) so CUDA graphs and
