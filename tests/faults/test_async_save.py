@@ -70,3 +70,25 @@ def test_async_checkpoint_equals_a_sync_one_taken_at_the_same_moment(hf, tmp_pat
     ma, mb = (json.loads((p / "manifest.json").read_text())["files"] for p in (a, b))
     ma.pop("model/.metadata"), mb.pop("model/.metadata")     # it records the directory's path
     assert ma == mb and any(f.endswith(".distcp") for f in ma)   # the same files, sizes and CRC32s
+
+
+def test_sigkill_during_the_async_write_leaves_the_previous_checkpoint_and_resume_equals_sync(tmp_path):
+    """The trainer is SIGKILLed right after step 2's background write started: `step_000002`
+    never appears (no manifest, no rename), step 1 stays the newest verified checkpoint, no child
+    (the forked writer, its per-file writers) survives, and the resumed async run logs exactly
+    the metrics of an uninterrupted synchronous run."""
+    from tools import fault_soak
+
+    overrides, _ = fault_soak.tiny_setup(tmp_path, steps=2)
+    ref, run = tmp_path / "reference", tmp_path / "run"
+    assert fault_soak.train_subprocess(overrides + [f"logging.run_dir={ref}", "trainer.resume=none"]) == 0
+    run_async = overrides + [f"logging.run_dir={run}", "trainer.async_save=true", "trainer.resume=auto"]
+    assert fault_soak.train_subprocess(run_async, {"MEGATRON_RL_FAULT_KILL": "save_async:2"}) == -9
+    assert fault_soak.ORPHANS[-1] == 0, "children of the killed trainer outlived it"
+    root = run / "checkpoints"
+    assert [p.name for p in complete_steps(root)] == ["step_000001"] and (root / "step_000002.tmp").is_dir()
+    assert (root / "latest").read_text() == "step_000001"
+    assert find_checkpoint(run, "auto") == root / "step_000001"          # passes its manifest check
+    assert fault_soak.train_subprocess(run_async) == 0
+    assert [p.name for p in complete_steps(root)] == ["step_000002", "step_000001"]   # finalized at the end
+    assert fault_soak.compare(fault_soak.read_metrics(ref), fault_soak.read_metrics(run)) == []
