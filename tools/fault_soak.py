@@ -2,7 +2,7 @@
 `trainer.resume=auto` each time, and check that its per-step metrics equal an
 uninterrupted run's.
 
-    python tools/fault_soak.py --kills 20 --steps 6 --seed 0 [--workdir DIR]
+    python tools/fault_soak.py --kills 20 --steps 6 --seed 0 [--async-save] [--workdir DIR]
 
 Builds the tiny offline set-up of tests/trainer/conftest.py (random tiny Llama, word
 tokenizer, rule reward), runs it once uninterrupted, then again with kills: each trainer
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 POINTS = ("step", "update", "save_write", "save_renamed", "saved")
+ASYNC_POINTS = POINTS + ("save_async",)     # `save_async`: a background checkpoint write has just started
 VOLATILE = ("timing/", "perf/")
 _RUN = "import sys; from megatron_rl.trainer.main import train_main; sys.exit(train_main(None, sys.argv[1:]))"
 
@@ -101,9 +102,9 @@ def run_with_kills(overrides: list[str], kills: list[str], log=print) -> list[in
     return codes
 
 
-def random_kills(n: int, seed: int, max_hit: int = 3) -> list[str]:
+def random_kills(n: int, seed: int, max_hit: int = 3, points: tuple = POINTS) -> list[str]:
     rng = random.Random(seed)
-    return [f"{rng.choice(POINTS)}:{rng.randint(1, max_hit)}" for _ in range(n)]
+    return [f"{rng.choice(points)}:{rng.randint(1, max_hit)}" for _ in range(n)]
 
 
 def compare(reference: list[dict], resumed: list[dict], rel: float = 0.0) -> list[str]:
@@ -152,13 +153,15 @@ def tiny_setup(workdir: Path, steps: int) -> tuple[list[str], Path]:
 KILLED: list[int] = []      # SIGKILLs delivered by the last `soak` (a scheduled point may not be reached)
 
 
-def soak(kills: list[str], steps: int, workdir: Path, log=print) -> list[str]:
+def soak(kills: list[str], steps: int, workdir: Path, log=print, async_save: bool = False) -> list[str]:
     """Reference run + killed run in `workdir`; the mismatches (empty: identical). The number
-    of kills actually delivered is left in `KILLED[0]`."""
+    of kills actually delivered is left in `KILLED[0]`. `async_save`: the killed run writes its
+    checkpoints in the background (`trainer.async_save`); the reference stays synchronous."""
     overrides, _ = tiny_setup(workdir, steps)
     ref_dir, run_dir = workdir / "reference", workdir / "killed"
     train_subprocess(overrides + [f"logging.run_dir={ref_dir}", "trainer.resume=none"])
-    codes = run_with_kills(overrides + [f"logging.run_dir={run_dir}"], kills, log)
+    killed = overrides + [f"logging.run_dir={run_dir}"] + (["trainer.async_save=true"] if async_save else [])
+    codes = run_with_kills(killed, kills, log)
     KILLED[:] = [sum(rc == -9 for rc in codes)]
     return compare(read_metrics(ref_dir), read_metrics(run_dir))
 
@@ -169,15 +172,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--async-save", action="store_true", help="the killed run saves asynchronously "
+                   "(trainer.async_save); kills also land right after a background write started")
     p.add_argument("--max-hit", type=int, default=3, help="a kill point fires at its n-th hit, n in 1..max-hit; "
                    "1 kills each process at its first hit (most kills per step)")
     a = p.parse_args(argv)
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="fault_soak_"))
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    kills = random_kills(a.kills, a.seed, a.max_hit)
-    bad = soak(kills, a.steps, workdir)
-    print(f"{KILLED[0]} SIGKILLs delivered ({len(kills)} scheduled), {a.steps} steps, {time.time() - t0:.0f}s: "
+    kills = random_kills(a.kills, a.seed, a.max_hit, ASYNC_POINTS if a.async_save else POINTS)
+    bad = soak(kills, a.steps, workdir, async_save=a.async_save)
+    print(f"{KILLED[0]} SIGKILLs delivered ({len(kills)} scheduled), {a.steps} steps, {time.time() - t0:.0f}s, "
+          f"children left behind: {sum(ORPHANS)} over {len(ORPHANS)} trainer processes: "
           f"{'IDENTICAL per-step metrics' if not bad else f'{len(bad)} MISMATCHES'} (workdir {workdir})")
     for line in bad[:20]:
         print("  " + line)

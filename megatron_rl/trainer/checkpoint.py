@@ -10,7 +10,9 @@ the trainer state (the sampler position is global: prompts consumed, not per DP 
 Everything is written into `step_N.tmp`, fsync'ed, the manifest written last,
 and the directory renamed when complete; `resume: auto` takes the newest checkpoint that
 passes its manifest check and names the file of each one it skips. The last `keep_last`
-are kept (>= 2 leaves a fallback when the newest is damaged).
+are kept (>= 2 leaves a fallback when the newest is damaged). Under `trainer.async_save` the
+roles' dist-checkpoint files are written in the background (trainer/async_save.py) and the
+manifest + rename wait until that write is finalized.
 
 Loading never unpickles arbitrary objects: `.pt` files hold tensors, primitives and
 containers only and are read with `torch.load(weights_only=True)`; small state is JSON.

@@ -5,7 +5,8 @@ Off unless an environment variable asks, and then only in the process that reads
 - `MEGATRON_RL_FAULT_KILL="point:n"`: SIGKILL this process the n-th time (from 1) it reaches
   `point`. Points: `step` (start of a rollout step), `update` (after the backward, before the
   optimizer step), `save_write` (every file of a checkpoint written, no manifest yet),
-  `save_renamed` (`step_N` renamed, `latest` not yet moved), `saved` (save complete).
+  `save_renamed` (`step_N` renamed, `latest` not yet moved), `saved` (save complete),
+  `save_async` (`trainer.async_save`: the background write has just started).
 - `MEGATRON_RL_FAULT_STOP="point:n"`: SIGSTOP instead, so a test can list the process's
   children before it SIGKILLs it (tests/faults/test_orphans.py).
 - `MEGATRON_RL_FAULT_NAN="2,5"`: the loss of this process's 2nd and 5th optimizer steps is
