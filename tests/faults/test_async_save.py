@@ -72,6 +72,21 @@ def test_async_checkpoint_equals_a_sync_one_taken_at_the_same_moment(hf, tmp_pat
     assert ma == mb and any(f.endswith(".distcp") for f in ma)   # the same files, sizes and CRC32s
 
 
+def test_a_failed_async_write_surfaces_at_finalize_and_leaves_the_previous_checkpoint(hf, tmp_path, monkeypatch):
+    """A full disk found when the background save is finalized: the error names the directory,
+    `step_N.tmp` is removed, the previous checkpoint is still the newest and verifies."""
+    policy, step = _policy_and_step(hf)
+    manager = CheckpointManager(tmp_path / "run", async_save=True)
+    monkeypatch.setenv("MEGATRON_RL_FAULT_ENOSPC", "2")          # the 2nd save's finalize
+    manager.save(1, {"actor": policy}, {})
+    step(1)
+    manager.save(2, {"actor": policy}, {})                       # finalizes step 1 first: fine
+    with pytest.raises(OSError, match=r"step 2 into .*step_000002\.tmp failed.*previous checkpoint is intact"):
+        manager.finalize()
+    root = manager.root
+    assert not manager.saver.pending and not (root / "step_000002.tmp").exists()
+    assert find_checkpoint(tmp_path / "run", "auto") == root / "step_000001"
+
 def test_sigkill_during_the_async_write_leaves_the_previous_checkpoint_and_resume_equals_sync(tmp_path):
     """The trainer is SIGKILLed right after step 2's background write started: `step_000002`
     never appears (no manifest, no rename), step 1 stays the newest verified checkpoint, no child
