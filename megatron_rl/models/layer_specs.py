@@ -6,7 +6,8 @@
   (registered by `megatron_rl.models.sdpa_attention` when present).
 - "auto" (`choose_layer_spec`): local on CPU; on a GPU te where a feature needs it (FP8
   GEMMs, context parallelism, sequence parallelism: Megatron's torch norms refuse SP,
-  mixture-of-experts: grouped-GEMM experts), else sdpa, which measured faster than te on dense shapes (one H200,
+  `model.moe.grouped_gemm: true`: TEGroupedMLP experts), else sdpa (MoE models included: grouped
+  GEMM missed bf16 parity on the H200, docs/BENCHMARKS.md), which measured faster than te on dense shapes (one H200,
   llama-1b: 391 vs 375 TFLOP/s dense, 283 vs 274 packed; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -57,8 +58,10 @@ def te_features(*, fp8: bool = False, cp: int = 1, sequence_parallel: bool = Fal
         need.append(f"model.cp={cp} (context-parallel attention is Transformer Engine's)")
     if sequence_parallel and tp > 1:
         need.append("model.sequence_parallel (Megatron's torch norms refuse it; TE's norms support it)")
-    if grouped_gemm or moe:
-        need.append("mixture-of-experts (grouped-GEMM experts, TEGroupedMLP; model.moe.grouped_gemm)")
+    if grouped_gemm:
+        need.append("model.moe.grouped_gemm=true (grouped-GEMM experts are TE's TEGroupedMLP)")
+    # `moe` alone does not pick TE: TEGroupedMLP's bf16 logits missed transformers' by 0.70 on the H200
+    # (docs/BENCHMARKS.md, grouped-GEMM MoE), so MoE models stay on sdpa's SequentialMLP until that is fixed.
     return need
 
 
@@ -83,7 +86,8 @@ def config_features(config) -> dict:
     return dict(fp8=bool(getattr(config, "fp8", None)), cp=getattr(config, "context_parallel_size", 1) or 1,
                 sequence_parallel=bool(getattr(config, "sequence_parallel", False)),
                 tp=getattr(config, "tensor_model_parallel_size", 1) or 1,
-                moe=bool(getattr(config, "num_moe_experts", None)))
+                moe=bool(getattr(config, "num_moe_experts", None)),
+                grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False)))
 
 
 def resolve_layer_spec_name(name: str, config=None, **features) -> str:

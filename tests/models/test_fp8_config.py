@@ -95,7 +95,7 @@ def test_auto_layer_spec_choice():
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=2)[0] == "te"
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=1)[0] == "sdpa"
     assert choose_layer_spec("auto", "cuda", grouped_gemm=True)[0] == "te"
-    assert choose_layer_spec("auto", "cuda", moe=True)[0] == "te"
+    assert choose_layer_spec("auto", "cuda", moe=True)[0] == "sdpa"   # grouped GEMM is opt-in (bf16 parity open)
     assert choose_layer_spec("local", "cuda", fp8=True) == ("local", "set by model.layer_spec")
     cfg = Config()
     plan = resolve_plan(cfg, world_size=1, device="cpu")

@@ -92,7 +92,7 @@ def test_canonical_name_maps_grouped_experts_to_sequential():
 
 def test_grouped_gemm_setting_resolves_per_layer_spec():
     from megatron_rl.models.moe import resolve_grouped_gemm
-    assert resolve_grouped_gemm("auto", "te") is True
+    assert resolve_grouped_gemm("auto", "te") is False    # opt-in until TEGroupedMLP passes bf16 parity
     assert resolve_grouped_gemm("auto", "sdpa") is False and resolve_grouped_gemm("auto", "local") is False
     assert resolve_grouped_gemm(False, "te") is False and resolve_grouped_gemm(True, "te") is True
     with pytest.raises(ValueError, match=r"model\.moe\.grouped_gemm=true needs model\.layer_spec=te"):
