@@ -15,7 +15,7 @@ TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden
 
 
 def make_tiny_hf(out_dir, family: str = "llama", tie: bool = True, seed: int = 0, **overrides) -> str:
-    """Save a random tiny HF causal LM (llama, qwen2, qwen3, qwen3_moe, mixtral) as an HF directory."""
+    """Save a random tiny HF causal LM (llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v3) as an HF directory."""
     import transformers
 
     cfg = dict(TINY_LLAMA, tie_word_embeddings=tie)
@@ -38,6 +38,15 @@ def make_tiny_hf(out_dir, family: str = "llama", tie: bool = True, seed: int = 0
                    num_experts_per_tok=2, intermediate_size=48, **overrides)
         config = transformers.MixtralConfig(**cfg)
         cls = transformers.MixtralForCausalLM
+    elif family == "deepseek_v3":  # MLA, layer 0 dense, 8 experts in 2 groups, top-4, 1 shared expert
+        cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", num_hidden_layers=3,
+                   num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                   num_experts_per_tok=4, n_group=2, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                   first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                   v_head_dim=12, norm_topk_prob=True)
+        cfg.update(overrides)
+        config = transformers.DeepseekV3Config(**cfg)
+        cls = transformers.DeepseekV3ForCausalLM
     else:
         cfg.update(overrides)
         config = transformers.LlamaConfig(**cfg)
@@ -48,6 +57,9 @@ def make_tiny_hf(out_dir, family: str = "llama", tie: bool = True, seed: int = 0
         for n, p in model.named_parameters():
             if "norm" in n or n.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in n else 0.0))
+        for n, b in model.named_buffers():  # DeepSeek-V3's aux-free routing bias: make it steer routing
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.05)
     model.save_pretrained(out_dir, safe_serialization=True)
     return str(out_dir)
 

@@ -1,7 +1,7 @@
 """HF `config.json` -> a small typed model description, and from it a Megatron
 `TransformerConfig`. Supported families: Llama (SmolLM2, Llama-2/3/3.1), Qwen2, Qwen3
 (QK-norm, free head_dim), the mixture-of-experts Qwen3-MoE and Mixtral (see
-`megatron_rl.models.moe`) and the vision-language Qwen2-VL / Qwen2.5-VL (`models/vl/`). Anything we cannot reproduce exactly is an error naming the
+`megatron_rl.models.moe`), DeepSeek-V3 (multi-latent attention, `models/deepseek_v3.py`) and the vision-language Qwen2-VL / Qwen2.5-VL (`models/vl/`). Anything we cannot reproduce exactly is an error naming the
 config field.
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
                            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-                           "Qwen2VLForConditionalGeneration": "qwen2_vl"}
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+                           "Qwen2VLForConditionalGeneration": "qwen2_vl",
+                           "DeepseekV3ForCausalLM": "deepseek_v3"}
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
 
 
 @dataclass
@@ -47,10 +48,28 @@ class ModelArch:
     # (vision tower, special token ids), see megatron_rl.models.vl.
     mrope_section: list[int] | None = None
     vl_config: dict | None = None
+    # DeepSeek-V3 (models/deepseek_v3.py): multi-latent attention (kv_lora_rank 0 = not MLA), sigmoid
+    # routing with the aux-free expert bias, group-limited top-k, shared experts, YaRN.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    moe_score_function: str = "softmax"
+    moe_expert_bias: bool = False
+    moe_num_groups: int = 0
+    moe_group_topk: int = 0
+    moe_scaling_factor: float | None = None
+    moe_shared_ffn_hidden_size: int = 0
+    yarn: dict | None = None
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
     def is_vl(self) -> bool:
@@ -87,6 +106,9 @@ def arch_from_hf_config(path_or_dict) -> ModelArch:
     if family in ("qwen2_5_vl", "qwen2_vl"):
         from megatron_rl.models.vl.config import vl_arch_from_hf
         return vl_arch_from_hf(cfg, arch)
+    if family == "deepseek_v3":
+        from megatron_rl.models.deepseek_v3 import deepseek_v3_arch_from_hf
+        return deepseek_v3_arch_from_hf(cfg)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json field 'hidden_act' = {act!r} is not supported (only 'silu')")
@@ -173,6 +195,9 @@ def arch_to_hf_config(arch: ModelArch, dtype: str = "float32") -> dict:
     """The inverse, for writing HF checkpoints."""
     if arch.is_vl:
         return {**arch.vl_config, "torch_dtype": dtype}
+    if arch.family == "deepseek_v3":
+        from megatron_rl.models.deepseek_v3 import deepseek_v3_hf_config
+        return deepseek_v3_hf_config(arch, dtype)
     cfg = {
         "architectures": [arch.hf_architecture],
         "model_type": arch.family,

@@ -92,7 +92,13 @@ def config_features(config) -> dict:
 
 def resolve_layer_spec_name(name: str, config=None, **features) -> str:
     """The registered spec `name` stands for here; `config` (a `TransformerConfig`) or
-    `features` (`te_features` keywords) tell `auto` which TE-only features are on."""
+    `features` (`te_features` keywords) tell `auto` which TE-only features are on. Multi-latent
+    attention (`config.multi_latent_attention`) runs on the local spec only: auto gives local."""
+    if getattr(config, "multi_latent_attention", False):
+        if name not in ("auto", "local"):
+            raise ValueError(f"model.layer_spec={name!r} is not supported with multi-latent attention (DeepSeek-V3): "
+                             "only the local spec's MLASelfAttention is tested here (set model.layer_spec=local or auto)")
+        return "local"
     if name != "auto":
         if name not in LAYER_SPECS:
             _load_optional_specs()
@@ -113,7 +119,11 @@ def get_layer_spec(name: str = "auto", qk_layernorm: bool = False, config=None, 
     """The layer spec (a dense `ModuleSpec`), or for a mixture-of-experts `config`
     (`num_moe_experts` set) the block spec of this pipeline stage's layers."""
     name = resolve_layer_spec_name(name, config)
-    spec = LAYER_SPECS[name](qk_layernorm=qk_layernorm)
+    if getattr(config, "multi_latent_attention", False):     # DeepSeek-V3 (models/deepseek_v3.py)
+        from megatron_rl.models.mla_attention import mla_local_spec
+        spec = mla_local_spec()
+    else:
+        spec = LAYER_SPECS[name](qk_layernorm=qk_layernorm)
     if config is not None and config.num_moe_experts:
         from megatron_rl.models.moe import moe_block_spec
         return moe_block_spec(spec, name, config, qk_layernorm, vp_stage)

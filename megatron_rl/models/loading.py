@@ -62,6 +62,9 @@ def iter_local_params(model) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
         off, e_off = layer_offset(m), expert_offset(m.arch)
         for name, p in m.named_parameters():
             yield name, local_to_global_name(canonical_name(name), off, e_off), p
+        for name, b in m.named_buffers():      # DeepSeek-V3's aux-free bias: mapped, not optimised
+            if name.endswith(".mlp.router.expert_bias"):
+                yield name, local_to_global_name(name, off, e_off), b
 
 
 def hf_source_name(gname: str, arch: ModelArch) -> str:

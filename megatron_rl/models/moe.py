@@ -65,13 +65,14 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None, layer_
     layers = list(arch.moe_layers or [1] * arch.num_layers)
     if len(layers) != arch.num_layers:
         raise ValueError(f"arch.moe_layers has {len(layers)} entries for {arch.num_layers} layers")
+    from megatron_rl.models.deepseek_v3 import router_kwargs
     return dict(
         num_moe_experts=arch.num_experts,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
         moe_router_topk=arch.moe_top_k,
         moe_layer_freq=layers,
-        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
-        moe_router_score_function="softmax",
+        **({} if arch.moe_score_function == "sigmoid" else dict(
+            moe_router_pre_softmax=not arch.moe_norm_topk_prob, moe_router_score_function="softmax")),
         moe_router_dtype=None if moe.router_dtype == "model" else moe.router_dtype,
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coef > 0 else "none",
         moe_aux_loss_coeff=float(moe.aux_loss_coef),
@@ -85,6 +86,7 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None, layer_
         moe_enable_routing_replay=bool(moe.routing_replay),   # models/routing_replay.py drives it
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        **router_kwargs(arch, moe.expert_bias_update_rate),   # DeepSeek-V3: sigmoid + expert bias
     )
 
 

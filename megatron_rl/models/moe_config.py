@@ -21,12 +21,17 @@ class MoEConfig:
     token_dispatcher: str = "alltoall"  # alltoall | allgather (both dropless)
     routing_replay: bool = False        # force the rollout's experts in training forwards (models/routing_replay.py)
     grouped_gemm: bool | str = "auto"   # auto (= layer_spec te) | true | false: TEGroupedMLP experts (models/moe.py)
+    # DeepSeek-V3's aux-free expert bias (a buffer, never in the optimizer): Megatron's per-step
+    # sign update in finalize_model_grads; 0 keeps the checkpoint's bias (rollout and training route alike).
+    expert_bias_update_rate: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.aux_loss_coef < 0:
             raise ValueError(f"model.moe.aux_loss_coef={self.aux_loss_coef}: must be >= 0")
         if self.z_loss_coef < 0:
             raise ValueError(f"model.moe.z_loss_coef={self.z_loss_coef}: must be >= 0")
+        if self.expert_bias_update_rate < 0:
+            raise ValueError(f"model.moe.expert_bias_update_rate={self.expert_bias_update_rate}: must be >= 0")
         if self.router_dtype not in ROUTER_DTYPES:
             raise ValueError(f"model.moe.router_dtype={self.router_dtype!r}: valid {list(ROUTER_DTYPES)}")
         if self.token_dispatcher not in DISPATCHERS:

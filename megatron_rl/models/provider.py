@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_rl.models.deepseek_v3 import mla_transformer_kwargs
 from megatron_rl.models.hf_config import ModelArch, parse_dtype
 from megatron_rl.models.layer_specs import get_layer_spec, resolve_layer_spec_name
 from megatron_rl.models.moe import moe_transformer_kwargs
@@ -79,7 +80,11 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
     kwargs.update(qk_layernorm=arch.qk_layernorm, **moe_transformer_kwargs(arch, moe, layer_spec))
     if arch.mrope_section:                      # vision-language: M-RoPE (models/vl)
         kwargs["mrope_section"] = list(arch.mrope_section)
+    kwargs.update(mla_transformer_kwargs(arch))  # DeepSeek-V3 multi-latent attention (models/deepseek_v3.py)
     kwargs.update(overrides)
+    if arch.is_mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+        return MLATransformerConfig(**kwargs)
     return TransformerConfig(**kwargs)
 
 

@@ -56,10 +56,25 @@ QK_NORM_RULES: tuple[ParamRule, ...] = (
     ParamRule("decoder.layers.{L}.self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",)),
     ParamRule("decoder.layers.{L}.self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",)),
 )
+# DeepSeek-V3 multi-latent attention (models/deepseek_v3.py); the column-parallel down projections
+# are split over TP on their output dim like the up projections (MLASelfAttention gathers them).
+_SA = "decoder.layers.{L}.self_attention."
+MLA_RULES: tuple[ParamRule, ...] = (
+    ParamRule(_SA + "linear_q_proj.weight", (_L + "self_attn.q_proj.weight",), tp_dim=0),
+    ParamRule(_SA + "linear_q_down_proj.weight", (_L + "self_attn.q_a_proj.weight",), tp_dim=0),
+    ParamRule(_SA + "q_layernorm.weight", (_L + "self_attn.q_a_layernorm.weight",)),
+    ParamRule(_SA + "linear_q_up_proj.weight", (_L + "self_attn.q_b_proj.weight",), tp_dim=0),
+    ParamRule(_SA + "linear_kv_down_proj.weight", (_L + "self_attn.kv_a_proj_with_mqa.weight",), tp_dim=0),
+    ParamRule(_SA + "kv_layernorm.weight", (_L + "self_attn.kv_a_layernorm.weight",)),
+    ParamRule(_SA + "linear_kv_up_proj.weight", (_L + "self_attn.kv_b_proj.weight",), tp_dim=0),
+)
 _DENSE_MLP = ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight")
 _ROUTER = "decoder.layers.{L}.mlp.router.weight"
 _FC1 = "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight"
 _FC2 = "decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight"
+_EXPERT_BIAS = "decoder.layers.{L}.mlp.router.expert_bias"
+_SHARED_FC1 = "decoder.layers.{L}.mlp.shared_experts.linear_fc1.weight"
+_SHARED_FC2 = "decoder.layers.{L}.mlp.shared_experts.linear_fc2.weight"
 
 
 def _moe_rules(router: str, gate: str, up: str, down: str) -> tuple[ParamRule, ...]:
@@ -73,6 +88,13 @@ MOE_RULES: dict[str, tuple[ParamRule, ...]] = {
                             "mlp.experts.{E}.up_proj.weight", "mlp.experts.{E}.down_proj.weight"),
     "mixtral": _moe_rules("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{E}.w1.weight",
                           "block_sparse_moe.experts.{E}.w3.weight", "block_sparse_moe.experts.{E}.w2.weight"),
+    # the aux-free bias is the router's `expert_bias` buffer; shared experts are split over TP (not expert-TP)
+    "deepseek_v3": _moe_rules("mlp.gate.weight", "mlp.experts.{E}.gate_proj.weight",
+                              "mlp.experts.{E}.up_proj.weight", "mlp.experts.{E}.down_proj.weight") + (
+        ParamRule(_EXPERT_BIAS, (_L + "mlp.gate.e_score_correction_bias",)),
+        ParamRule(_SHARED_FC1, (_L + "mlp.shared_experts.gate_proj.weight", _L + "mlp.shared_experts.up_proj.weight"),
+                  fuse="gate_up", tp_dim=0),
+        ParamRule(_SHARED_FC2, (_L + "mlp.shared_experts.down_proj.weight",), tp_dim=1)),
 }
 
 TE_RENAMES = {
@@ -89,6 +111,7 @@ def _rx(rule: ParamRule) -> re.Pattern:
 
 _RULE_RES = [(_rx(r), r) for r in RULES + QK_NORM_RULES]
 _MOE_RES = {fam: [(_rx(r), r) for r in rules] for fam, rules in MOE_RULES.items()}
+_MLA_RES = [(_rx(r), r) for r in MLA_RULES]
 
 
 _GROUPED_EXPERT_RX = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
@@ -112,13 +135,13 @@ def find_rule(mcore_name: str, arch: ModelArch | None = None) -> tuple[ParamRule
     `hf_names(rule, layer)` is complete; expert names need `arch` (the HF names
     depend on the family).
     """
-    for rx, rule in _RULE_RES:
+    for rx, rule in (_MLA_RES if arch is not None and arch.is_mla else []) + _RULE_RES:
         m = rx.match(mcore_name)
         if m:
             return rule, (int(m.group("L")) if "L" in m.groupdict() else None)
     if mcore_name.startswith("visual."):        # vision tower (models/vl): HF names, replicated over TP
         return ParamRule(mcore_name, (mcore_name,)), None
-    if ".mlp.router." in mcore_name or ".mlp.experts." in mcore_name:
+    if ".mlp.router." in mcore_name or ".mlp.experts." in mcore_name or ".mlp.shared_experts." in mcore_name:
         if arch is None or arch.family not in _MOE_RES:
             raise KeyError(f"Megatron parameter {mcore_name!r} is a mixture-of-experts weight: its HF name "
                            f"needs a MoE arch (families {sorted(MOE_RULES)}), got "
@@ -141,7 +164,13 @@ def rules_for(arch: ModelArch) -> list[ParamRule]:
             continue
         if r.mcore == "output_layer.weight" and arch.tie_word_embeddings:
             continue
+        if arch.is_mla and ".linear_qkv." in r.mcore:
+            continue
         out.append(r)
+    if arch.is_mla:
+        proj = next(i for i, r in enumerate(out) if r.mcore.endswith("linear_proj.weight"))
+        out[proj:proj] = [r for r in MLA_RULES if ("linear_q_proj" in r.mcore) == (arch.q_lora_rank is None)
+                          or "kv_" in r.mcore]
     if arch.qk_layernorm:
         proj = next(i for i, r in enumerate(out) if r.mcore.endswith("linear_proj.weight"))
         out[proj:proj] = QK_NORM_RULES      # HF order: q/k norms sit in self_attn
@@ -162,8 +191,12 @@ def layer_param_names(arch: ModelArch, layer: int) -> list[str]:
             if r.mcore.endswith("linear_fc1.weight"):
                 continue
             names.append(_ROUTER.format(L=layer))
+            if arch.moe_expert_bias:
+                names.append(_EXPERT_BIAS.format(L=layer))
             for e in range(arch.num_experts):
                 names += [_FC1.format(L=layer, E=e), _FC2.format(L=layer, E=e)]
+            if arch.moe_shared_ffn_hidden_size:
+                names += [_SHARED_FC1.format(L=layer), _SHARED_FC2.format(L=layer)]
             continue
         names.append(r.mcore.format(L=layer))
     return names
@@ -210,7 +243,22 @@ def global_shape(gname: str, arch: ModelArch) -> tuple[int, ...]:
         "mlp.router.weight": (arch.num_experts, h),
         "expert.linear_fc1.weight": (2 * arch.moe_ffn_hidden_size, h),
         "expert.linear_fc2.weight": (h, arch.moe_ffn_hidden_size),
+        "mlp.router.expert_bias": (arch.num_experts,),
+        "mlp.shared_experts.linear_fc1.weight": (2 * arch.moe_shared_ffn_hidden_size, h),
+        "mlp.shared_experts.linear_fc2.weight": (h, arch.moe_shared_ffn_hidden_size),
     }
+    if arch.is_mla:
+        n, q = arch.num_heads, arch.q_lora_rank
+        shapes.update({
+            "self_attention.linear_q_proj.weight": (n * hd, h),
+            "self_attention.linear_q_down_proj.weight": (q, h),
+            "self_attention.q_layernorm.weight": (q,),
+            "self_attention.linear_q_up_proj.weight": (n * hd, q),
+            "self_attention.linear_kv_down_proj.weight": (arch.kv_lora_rank + arch.qk_rope_head_dim, h),
+            "self_attention.kv_layernorm.weight": (arch.kv_lora_rank,),
+            "self_attention.linear_kv_up_proj.weight": (n * (arch.qk_nope_head_dim + arch.v_head_dim), arch.kv_lora_rank),
+            "self_attention.linear_proj.weight": (h, n * arch.v_head_dim),
+        })
     if tail not in shapes:
         raise KeyError(f"no global shape known for Megatron parameter {gname!r}")
     return shapes[tail]

@@ -51,7 +51,7 @@ class _CpuTorchProxy(types.ModuleType):
 
 
 def install_no_te_fixes() -> None:
-    """Fixes for Megatron-Core 0.16.1 without Transformer Engine, on CPU and GPU alike.
+    """Fixes for Megatron-Core 0.16.1 without Transformer Engine, on CPU and GPU alike (two).
 
     transformer/moe/moe_utils.py imports `te_general_gemm` only when TE imports, yet
     `RouterGatingLinearFunction` (every MoE router's gating GEMM) tests
@@ -62,6 +62,13 @@ def install_no_te_fixes() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # transformer/multi_latent_attention.py (DeepSeek-V3) sets HAVE_TE from an import that succeeds without TE
+    # (megatron's extensions module then exports MagicMock placeholders), so `isinstance(linear_proj, TELinear)`
+    # raises TypeError; without TE there is no TELinear: mark it absent.
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.HAVE_TE and not isinstance(mla.TELinear, type):
+        mla.HAVE_TE = False
 
 
 def install_cpu_shims() -> bool:
