@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ def run_mode(config: str, mode: str, steps: int, nproc: int, extra: list[str], r
                  "trainer.resume=none", f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]", *extra]
     cmd = ["bash", str(ROOT / "launch/torchrun.sh"), "--cpu", "--nproc", str(nproc), "--", "--config", config,
            *overrides]
+    shutil.rmtree(run_dir, ignore_errors=True)       # metrics.jsonl appends: a previous run's rows would count
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
@@ -50,7 +52,8 @@ def run_mode(config: str, mode: str, steps: int, nproc: int, extra: list[str], r
             "wait_s": sum(r.get("async/trainer_wait_s", 0.0) for r in rows),
             "overlap_s": sum(r.get("async/overlap_s", 0.0) for r in rows),
             "staleness_max": max(r.get("async/staleness_max", 0.0) for r in rows),
-            "interrupts": sum(r.get("async/interrupts", 0.0) for r in rows)}
+            "interrupts": sum(r.get("async/interrupts", 0.0) for r in rows),
+            "token_staleness": sum(r.get("async/token_staleness_mean", 0.0) for r in rows) / max(len(rows), 1)}
 
 
 def main(argv=None) -> int:
@@ -74,12 +77,12 @@ def main(argv=None) -> int:
         print(f"{mode}: {r['train_s']:.1f}s", file=sys.stderr, flush=True)
     base = results[0]["samples"] / results[0]["train_s"]
     print(f"| mode | steps | samples | train wall s | samples/s | vs {results[0]['mode']} | trainer wait s | "
-          "overlap s | max staleness | mid-gen pushes | process s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "overlap s | max staleness | token staleness | mid-gen pushes | process s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         sps = r["samples"] / r["train_s"]
         print(f"| {r['mode']} | {r['steps']} | {r['samples']} | {r['train_s']:.1f} | {sps:.2f} | {sps / base:.2f}x | "
-              f"{r['wait_s']:.1f} | {r['overlap_s']:.1f} | {r['staleness_max']:.0f} | {r['interrupts']:.0f} | "
+              f"{r['wait_s']:.1f} | {r['overlap_s']:.1f} | {r['staleness_max']:.0f} | {r['token_staleness']:.2f} | {r['interrupts']:.0f} | "
               f"{r['process_s']:.0f} |")
     print(f"\n{args.config}, {args.nproc} processes ({cfg.rollout.num_ranks} rollout), {os.cpu_count()} CPU cores, "
           f"{time.strftime('%Y-%m-%d %H:%M')}, load average before/after {load_before} / {_load()}")

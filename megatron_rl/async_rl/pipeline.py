@@ -137,6 +137,7 @@ class RolloutPipeline:
         batch = Batch.concat([g.batch for g in taken], pad_values={"prompt_ids": self.data.pad_id,
                                                                    "response_ids": self.data.pad_id,
                                                                    "policy_version": -1})
+        metrics["async/token_staleness_mean"] = _token_staleness(batch, current)
         self._log_trained(step, taken)
         return batch, metrics
 
@@ -219,6 +220,14 @@ class RolloutPipeline:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+
+def _token_staleness(batch: Batch, current: int) -> float:
+    """Mean of (current - version that sampled it) over the batch's response tokens: below the
+    sample-level staleness when partial rollouts sampled a sample's later tokens with newer weights."""
+    v = batch["policy_version"]
+    valid = (v >= 0) & (batch.get("response_attention_mask", batch["response_mask"]) > 0)
+    return float((current - v[valid]).float().mean()) if valid.any() else 0.0
 
 
 def _dp_share(batch: Batch) -> Batch:

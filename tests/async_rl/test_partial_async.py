@@ -62,4 +62,5 @@ def test_buffer_staleness_counts_from_the_oldest_token(result, tmp_path):
     assert [g.version for g in pipe.buffer] == [0, 0, 0] and not pipe.pending
     batch, m = pipe._take_on_rank0(step=2)                   # the update starts from version 1
     assert (m["async/staleness_mean"], m["async/staleness_max"], m["async/interrupts"]) == (1.0, 1.0, 1.0)
+    assert m["async/token_staleness_mean"] == PAUSE_AT / SP.max_new_tokens      # only the v0 tokens lag
     assert len(batch) == 6 and (batch["policy_version"] == res.batch["policy_version"]).all()
