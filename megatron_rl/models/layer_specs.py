@@ -98,6 +98,10 @@ def resolve_layer_spec_name(name: str, config=None, **features) -> str:
         if name not in ("auto", "local"):
             raise ValueError(f"model.layer_spec={name!r} is not supported with multi-latent attention (DeepSeek-V3): "
                              "only the local spec's MLASelfAttention is tested here (set model.layer_spec=local or auto)")
+        need = te_features(**{**config_features(config), **features}) if hasattr(config, "num_moe_experts") else []
+        if need:
+            raise ValueError("multi-latent attention (DeepSeek-V3) runs on the local spec only, but "
+                             + ", ".join(need) + " needs Transformer Engine's")
         return "local"
     if name != "auto":
         if name not in LAYER_SPECS:

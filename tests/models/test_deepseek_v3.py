@@ -210,3 +210,12 @@ def test_hf_to_mcore_ep2_to_hf_is_bit_exact(hf_dir, tmp_path):
     a = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()(input_ids=ids).logits
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.multiproc
+def test_check_logits_cli_tp2(hf_dir, capsys):
+    """TP=2 (two gloo processes): MLA's column-parallel down projections are split and gathered."""
+    from megatron_rl.models.parity import main
+
+    assert main(hf_dir, tp=2) == 0
+    assert "(TP=2)" in capsys.readouterr().out
