@@ -2,7 +2,8 @@
 the real bridge, gloo): a weight push queued while the engine generates interrupts it between two
 decode steps, the worker takes the push and resumes; the result carries both versions' tags per
 token, each token's log-prob equals a recompute under the version that sampled it, and the
-trainer's buffer counts a sample's staleness from its oldest token."""
+trainer's buffer counts a sample's staleness from its oldest token; also with two rollout ranks
+(engine TP=2), which must stop at the same step and take the push together."""
 import types
 
 import pytest
@@ -19,12 +20,29 @@ SP = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=T
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
+def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("partial_async")
-    hf0, hf1 = make_tiny_hf(d / "v0", "llama", seed=0), make_tiny_hf(d / "v1", "llama", seed=1)
-    out = str(d / "result.pt")
-    run_multiproc(partial_pair, 2, (hf0, hf1, SP, out))
+    return make_tiny_hf(d / "v0", "llama", seed=0), make_tiny_hf(d / "v1", "llama", seed=1)
+
+
+def run_pair(ckpts, out_dir, world: int):
+    out = str(out_dir / f"result{world}.pt")
+    run_multiproc(partial_pair, world, (*ckpts, SP, out))
     return codec.load(out), torch.load(out + ".lp")
+
+
+@pytest.fixture(scope="module")
+def result(ckpts, tmp_path_factory):
+    return run_pair(ckpts, tmp_path_factory.mktemp("pair"), 2)
+
+
+def check_tags_and_logprobs(res, lp) -> None:
+    out, v, mask = res.batch, res.batch["policy_version"], res.batch["response_mask"] > 0
+    assert (v[:, :PAUSE_AT] == 0).all() and (v[:, PAUSE_AT:] == 1).all()     # both versions, per token
+    want = torch.where(v == 0, lp["lp0"], lp["lp1"])
+    assert ((out["rollout_logprob"] - want) * mask).abs().max().item() < 1e-5
+    wrong = torch.where(v == 0, lp["lp1"], lp["lp0"])                        # the other version's: far off
+    assert ((out["rollout_logprob"] - wrong) * mask).abs().max().item() > 0.1
 
 
 def test_a_push_mid_generation_interrupts_and_resumes_under_the_new_version(result):
@@ -40,12 +58,13 @@ def test_a_push_mid_generation_interrupts_and_resumes_under_the_new_version(resu
 
 
 def test_each_token_logprob_is_its_sampling_versions_recompute(result):
-    res, lp = result
-    out, v, mask = res.batch, res.batch["policy_version"], res.batch["response_mask"] > 0
-    want = torch.where(v == 0, lp["lp0"], lp["lp1"])
-    assert ((out["rollout_logprob"] - want) * mask).abs().max().item() < 1e-5
-    wrong = torch.where(v == 0, lp["lp1"], lp["lp0"])                        # the other version's: far off
-    assert ((out["rollout_logprob"] - wrong) * mask).abs().max().item() > 0.1
+    check_tags_and_logprobs(*result)
+
+
+def test_two_rollout_ranks_at_tp2_stop_and_take_the_push_together(ckpts, tmp_path):
+    res, lp = run_pair(ckpts, tmp_path, 3)          # trainer rank 0 + rollout ranks 1, 2 (engine TP=2)
+    assert (res.version, res.interrupts) == (1, 1)
+    check_tags_and_logprobs(res, lp)
 
 
 def test_buffer_staleness_counts_from_the_oldest_token(result, tmp_path):

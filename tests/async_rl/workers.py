@@ -24,13 +24,14 @@ def partial_prompts():
 
 
 def partial_pair(rank, world, hf0, hf1, sampling, out_path):
-    """Rank 0 plays trainer rank 0 (a `RolloutClient`), rank 1 a rollout rank (`RolloutWorker` over a
-    native engine); one partial generate request, interrupted by a weight push at decode step PAUSE_AT."""
+    """Rank 0 plays trainer rank 0 (a `RolloutClient`), ranks 1.. the rollout ranks (`RolloutWorker`s over
+    a native engine at TP = world - 1); one partial generate request, interrupted by a weight push at
+    decode step PAUSE_AT."""
     from megatron_rl.async_rl.world import split_world
     from megatron_rl.parallel import init_distributed
 
-    placement = split_world(1, timeout_s=120)
-    init_distributed(tp=1, pp=1)
+    placement = split_world(world - 1, timeout_s=120)
+    init_distributed(tp=1 if rank == 0 else world - 1, pp=1)
     if rank == 0:
         _trainer_side(placement.bridge, hf0, hf1, sampling, out_path)
     else:
@@ -73,7 +74,7 @@ def _rollout_side(bridge, hf0):
 
         def push_waiting(self) -> bool:
             self.checks += 1
-            if self.checks == PAUSE_AT:
+            if self.checks == PAUSE_AT and self.bridge.rank == 1:      # the rank that reads the signal
                 self.bridge.store.set("test/paused", "1")
                 while not super().push_waiting():
                     time.sleep(0.01)
