@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_rl.parallel.cpu_compat import reset_moe_aux_loss_scale
+
 
 def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
                      forward_fn: Callable[[Any, dict], torch.Tensor],
@@ -54,6 +56,7 @@ def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
             return loss, {"_": loss.detach()}
         return out, reduce
 
+    reset_moe_aux_loss_scale()      # Megatron keeps it across runs (parallel/cpu_compat.py says why)
     fb = get_forward_backward_func()
     fb(forward_step_func=step, data_iterator=it, model=model, num_microbatches=len(microbatches),
        seq_length=seq, micro_batch_size=mbs, forward_only=forward_only)

@@ -1,4 +1,4 @@
-"""CPU compatibility shims for Megatron-Core 0.16.1 (the only place we patch it).
+"""Compatibility shims for Megatron-Core 0.16.1 (the only place we patch or reset its state).
 
 Megatron-Core assumes CUDA in a handful of spots that are harmless to redirect to
 the CPU. Every shim here is installed only when `torch.cuda.is_available()` is
@@ -228,3 +228,15 @@ class _CpuCudaStreams:
 
 class _CpuStreamsTorchProxy(_CpuTorchProxy):
     cuda = _CpuCudaStreams()
+
+
+def reset_moe_aux_loss_scale() -> None:
+    """Megatron-Core's `MoEAuxLossAutoScaler` keeps the aux-loss backward scale as a class
+    attribute: the first schedule run stores the very tensor it was given and later runs
+    `copy_` into it, so a run whose scale has another shape (a 0-dim one from a
+    `grad_scale_func`, another device) fails with "output with shape [] doesn't match the
+    broadcast shape [1]". Every schedule sets the scale before its first forward, so clearing
+    it first (on CPU and GPU) only drops the stale one."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
