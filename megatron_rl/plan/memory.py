@@ -75,6 +75,7 @@ class Shape:
     moe_ffn_hidden_size: int = 0
     moe_layers: tuple[int, ...] | None = None   # 1 = sparse layer i; None with experts = every layer
     vision: vis.VisionShape | None = None       # vision-language: the tower (plan/vision_memory.py)
+    is_mla: bool = False              # DeepSeek-V3 multi-latent attention (attention terms approximate)
 
     @property
     def is_moe(self) -> bool:
@@ -111,7 +112,8 @@ def shape_from_arch(arch) -> Shape:
                  qk_layernorm=bool(getattr(arch, "qk_layernorm", False)),
                  num_experts=int(getattr(arch, "num_experts", 0) or 0), moe_top_k=int(getattr(arch, "moe_top_k", 0) or 0),
                  moe_ffn_hidden_size=int(getattr(arch, "moe_ffn_hidden_size", 0) or 0),
-                 moe_layers=tuple(int(x) for x in layers) if layers else None, vision=vis.vision_shape(arch))
+                 moe_layers=tuple(int(x) for x in layers) if layers else None, vision=vis.vision_shape(arch),
+                 is_mla=bool(getattr(arch, "is_mla", False)))
 
 
 def resolve_shape(spec: str | None, model_path: str = "") -> Shape:

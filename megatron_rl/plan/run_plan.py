@@ -127,6 +127,11 @@ def resolve_model_spec(cfg, device: str, shape) -> tuple[str, str]:
                           max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch, pp=m.pp)
     if problem:
         raise PlanError(problem)
+    if shape is not None and getattr(shape, "is_mla", False):      # as the model builder resolves it
+        if m.layer_spec not in ("auto", "local"):
+            raise PlanError(f"model.layer_spec={m.layer_spec!r} is not supported with multi-latent attention "
+                            "(DeepSeek-V3): only the local spec's MLASelfAttention is tested; use local or auto")
+        spec, why = "local", "multi-latent attention (DeepSeek-V3) runs on the local spec only"
     return spec, why
 
 

@@ -219,3 +219,15 @@ def test_check_logits_cli_tp2(hf_dir, capsys):
 
     assert main(hf_dir, tp=2) == 0
     assert "(TP=2)" in capsys.readouterr().out
+
+
+def test_run_plan_states_the_local_spec_on_gpu(hf_dir):
+    """The plan resolves layer_spec auto as the builder does for MLA (local), and refuses sdpa/te."""
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import PlanError, resolve_plan
+
+    base = [f"model.path={hf_dir}", "model.dtype=bfloat16", "rollout.engine=native"]
+    plan = resolve_plan(load_experiment_config(None, base), world_size=1, device="cuda")
+    assert plan.model.layer_spec_choice == "local" and "multi-latent" in plan.model.layer_spec_reason
+    with pytest.raises(PlanError, match="model.layer_spec='sdpa' is not supported with multi-latent"):
+        resolve_plan(load_experiment_config(None, base + ["model.layer_spec=sdpa"]), world_size=1, device="cuda")
