@@ -156,14 +156,6 @@ class FakeLLM:
         self.calls.append(("reset_prefix_cache",))
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod.SamplingParams = lambda **kw: types.SimpleNamespace(kw=kw)
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    return mod
-
-
 def _engine(**cfg):
     from megatron_rl.rollout.vllm_engine import VLLMEngine
 

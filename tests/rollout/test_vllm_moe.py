@@ -77,16 +77,6 @@ def test_vllm_missing_or_misshapen_routing_is_an_error_naming_the_option():
                          1, 0, logprobs=False, moe_layers=(0, 3))
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    import sys
-
-    mod = types.ModuleType("vllm")
-    mod.SamplingParams = lambda **kw: types.SimpleNamespace(kw=kw)
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    return mod
-
-
 def _cfg(path, routing_replay=True):
     from megatron_rl.models.moe_config import MoEConfig
 

@@ -71,14 +71,6 @@ class FakeLLM:
         return outs
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod.SamplingParams = lambda **kw: types.SimpleNamespace(kw=kw)
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    return mod
-
-
 def _engine(tok, llm):
     from megatron_rl.rollout.vllm_engine import VLLMEngine
 
