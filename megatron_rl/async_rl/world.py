@@ -12,6 +12,7 @@ registered with torch.distributed, so it is reached only through `BridgeComm`.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -135,7 +136,33 @@ def split_world(num_rollout: int, *, timeout_s: int = 1800) -> Placement:
         bridge = BridgeComm(pg, b_rank, num_rollout + 1, store=dist.PrefixStore("bridge_signal", store))
     _ACTIVE = Placement(role=role, world_size=world, num_trainers=trainers, num_rollout=num_rollout,
                         global_rank=rank, bridge=bridge)
+    global _STORE
+    _STORE = store
     return _ACTIVE
+
+
+_STORE = None
+
+
+def leave_world(timeout_s: float = 600.0) -> None:
+    """Tear the split down in an order that cannot abort a peer: every process destroys its
+    groups, the others then check in on the store, and global rank 0 - which hosts the
+    TCPStore - waits for all of them before it goes. A store host that exits first makes a
+    peer's gloo teardown throw in a C++ thread (SIGABRT, exit -6: seen in CI)."""
+    global _STORE, _ACTIVE
+    if _ACTIVE is None or _STORE is None:
+        return
+    placement, store = _ACTIVE, _STORE
+    placement.bridge = None          # drop the bridge group before the store can go
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if placement.global_rank != 0:
+        store.add("left", 1)
+    else:
+        deadline = time.monotonic() + timeout_s
+        while store.add("left", 0) < placement.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _STORE, _ACTIVE = None, None
 
 
 def reset_placement() -> None:

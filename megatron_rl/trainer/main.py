@@ -54,8 +54,18 @@ def train_main(config_path, overrides=None) -> int:
     cfg = load_experiment_config(config_path, overrides)
     if cfg.rollout.placement == "disaggregated":
         from megatron_rl.async_rl.trainer import split_or_serve
+        from megatron_rl.async_rl.world import leave_world
         if split_or_serve(cfg):          # a rollout rank: it served the trainer until told to stop
+            leave_world()
             return 0
+        try:
+            return _train(cfg, dist)
+        finally:
+            leave_world()
+    return _train(cfg, dist)
+
+
+def _train(cfg: Config, dist) -> int:
     trainer = RECIPES.lookup(recipe(cfg))(cfg)
     try:
         before, after = trainer.fit()
