@@ -61,6 +61,7 @@ def test_each_token_logprob_is_its_sampling_versions_recompute(result):
     check_tags_and_logprobs(*result)
 
 
+@pytest.mark.slow   # the one-rollout-rank partial tests stay in CI
 def test_two_rollout_ranks_at_tp2_stop_and_take_the_push_together(ckpts, tmp_path):
     res, lp = run_pair(ckpts, tmp_path, 3)          # trainer rank 0 + rollout ranks 1, 2 (engine TP=2)
     assert (res.version, res.interrupts) == (1, 1)

@@ -87,6 +87,7 @@ def test_a_failed_async_write_surfaces_at_finalize_and_leaves_the_previous_check
     assert not manager.saver.pending and not (root / "step_000002.tmp").exists()
     assert find_checkpoint(tmp_path / "run", "auto") == root / "step_000001"
 
+@pytest.mark.slow   # ~36 s; the async-vs-sync and ENOSPC tests stay in CI
 def test_sigkill_during_the_async_write_leaves_the_previous_checkpoint_and_resume_equals_sync(tmp_path):
     """The trainer is SIGKILLed right after step 2's background write started: `step_000002`
     never appears (no manifest, no rename), step 1 stays the newest verified checkpoint, no child

@@ -30,6 +30,7 @@ def test_tp1_checkpoint_resumes_at_tp2_with_equal_gathered_optimizer_state(tmp_p
     check(ref, out)
 
 
+@pytest.mark.slow   # same sharded path as the actor's DP/TP tests (CI)
 @pytest.mark.multiproc
 def test_critic_dp2_checkpoint_resumes_at_dp1_with_equal_optimizer_state(tmp_path):
     """The PPO critic (trunk + value head) is one Megatron distributed checkpoint under `critic/`
@@ -46,6 +47,7 @@ def test_critic_dp2_checkpoint_resumes_at_dp1_with_equal_optimizer_state(tmp_pat
     check_critic(ref, out)
 
 
+@pytest.mark.slow   # ~19 s each; DP=2->1 and TP=1->2 stay in CI
 @pytest.mark.multiproc
 @pytest.mark.parametrize("pp_saved,pp_resumed,tie", [(2, 1, False), (1, 2, True)])
 def test_pp_change_resumes_with_equal_optimizer_state(tmp_path, pp_saved, pp_resumed, tie):

@@ -42,6 +42,7 @@ def _pp2(rank, world, hf_dir, enc, ref):
     destroy_distributed()
 
 
+@pytest.mark.slow   # the PP=1 greedy test stays in CI
 @pytest.mark.multiproc
 def test_engine_greedy_on_image_prompts_pp2(vl_dir):
     enc = processed_batch(vl_dir)
