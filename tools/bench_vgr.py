@@ -70,6 +70,21 @@ def measure(fn, reps: int, gpu: bool) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+def build_policy(arch, args, gpu: bool):
+    """(model, Policy) of the benchmarked model (bf16 + sdpa on GPU, fp32 + local on CPU unless
+    `--layer-spec`), in eval mode, seed 0; shared with tools/bench_vl_vgr.py."""
+    from megatron_rl.models.provider import build_model
+    from megatron_rl.parallel import init_distributed
+    from megatron_rl.trainer.policy import Policy
+
+    init_distributed()
+    torch.manual_seed(0)
+    model = build_model(arch, dtype="bfloat16" if gpu else "float32",
+                        layer_spec=args.layer_spec or ("sdpa" if gpu else "local"))
+    model.eval()
+    return model, Policy(model, micro_batch_size=args.micro_batch)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model and lengths (CPU smoke test)")
@@ -84,24 +99,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from megatron_rl.models.hf_config import ModelArch
-    from megatron_rl.models.provider import build_model
-    from megatron_rl.parallel import init_distributed
     from megatron_rl.token_weights.attention_rows import capture_rows, selected_layer_numbers
     from megatron_rl.token_weights.phase import compute_vgr_weights
-    from megatron_rl.trainer.policy import Policy
 
     gpu = torch.cuda.is_available()
     if args.tiny:
         args.batch, args.micro_batch, args.prompt, args.response = 2, 1, 16, 32
         args.last_k, args.row_chunk, args.reps = [2], [8, 32], 1
     arch = ModelArch(**(TINY if args.tiny else SMOLLM2_135M))
-    init_distributed()
-    torch.manual_seed(0)
-    dtype = "bfloat16" if gpu else "float32"
-    spec = args.layer_spec or ("sdpa" if gpu else "local")
-    model = build_model(arch, dtype=dtype, layer_spec=spec)
-    model.eval()
-    policy = Policy(model, micro_batch_size=args.micro_batch)
+    model, policy = build_policy(arch, args, gpu)
+    dtype, spec = ("bfloat16" if gpu else "float32"), args.layer_spec or ("sdpa" if gpu else "local")
     batch, ctx, ins = make_batch(args.batch, args.prompt, args.response, arch.vocab_size)
     resident = torch.cuda.memory_allocated() / 2**20 if gpu else 0.0
 

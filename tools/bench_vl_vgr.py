@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.bench_vgr import measure  # noqa: E402
+from tools.bench_vgr import build_policy, measure  # noqa: E402
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
 QWEN2_5_VL_3B = {      # the hub's Qwen/Qwen2.5-VL-3B-Instruct config.json (the fields the model reads)
@@ -108,24 +108,16 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     args = parse_args(argv)
     from megatron_rl.models.hf_config import arch_from_hf_config
-    from megatron_rl.models.provider import build_model
-    from megatron_rl.parallel import init_distributed
     from megatron_rl.token_weights.attention_rows import capture_rows, selected_layer_numbers
     from megatron_rl.token_weights.phase import compute_vgr_weights
-    from megatron_rl.trainer.policy import Policy
 
     gpu = torch.cuda.is_available()
     hf = dict(TINY if args.tiny else QWEN2_5_VL_3B)
     if args.num_layers:
         hf["num_hidden_layers"] = args.num_layers
     arch = arch_from_hf_config(hf)
-    init_distributed()
-    torch.manual_seed(0)
-    dtype = "bfloat16" if gpu else "float32"
-    spec = args.layer_spec or ("sdpa" if gpu else "local")
-    model = build_model(arch, dtype=dtype, layer_spec=spec)
-    model.eval()
-    policy = Policy(model, micro_batch_size=args.micro_batch)
+    model, policy = build_policy(arch, args, gpu)
+    dtype, spec = ("bfloat16" if gpu else "float32"), args.layer_spec or ("sdpa" if gpu else "local")
     batch, ctx, ins = make_vl_batch(args.batch, args.image_size, args.text, args.response, hf["vision_config"])
     prompt_len = batch["prompt_ids"].shape[1]
     resident = torch.cuda.memory_allocated() / 2**30 if gpu else 0.0

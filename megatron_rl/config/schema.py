@@ -123,7 +123,8 @@ class RolloutConfig:
     logprob_mode: str = "recompute"   # recompute | rollout (use the engine's log-probs)
     # The engine's per-token log-probs of the sampled tokens (`rollout_logprob`): auto = only when something
     # reads them (logprob_mode rollout, steering IS weights, off-policy correction); always = also for the
-    # `rollout/logprob_diff` metric; never. Asking vLLM for them slows generation (issue #20: 1.4-1.7x).
+    # `rollout/logprob_diff` metric; never. Asking vLLM for them slows generation (issue #20: 1.4-1.7x);
+    # the native engine has them for free from its own logits and always returns them.
     engine_logprobs: str = "auto"     # auto | always | never
     gpu_memory_utilization: float = 0.5   # vLLM
     colocate: bool = True             # false is refused: use rollout.placement: disaggregated
