@@ -37,7 +37,9 @@ def _te_spec(qk_layernorm: bool = False):
     if not te_available():
         raise RuntimeError("model.layer_spec=te needs transformer_engine, which is not importable here")
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+
+    from megatron_rl.models.te_attention import honour_padding_mask   # bf16 TE ignored padding masks
+    return honour_padding_mask(get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm))
 
 
 def te_available() -> bool:

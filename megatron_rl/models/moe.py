@@ -102,8 +102,9 @@ def moe_layer_spec(dense_spec, spec_name: str, qk_layernorm: bool, num_experts: 
         # TE fuses pre_mlp_layernorm into linear_fc1 in dense layers only; Megatron's TE
         # spec builds the MoE variant with a separate norm.
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=grouped_gemm,
-                                                          qk_layernorm=qk_layernorm)
+        from megatron_rl.models.te_attention import honour_padding_mask
+        return honour_padding_mask(get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=grouped_gemm, qk_layernorm=qk_layernorm))
     spec = copy.deepcopy(dense_spec)
     spec.submodules.mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
                                                           moe_grouped_gemm=False)
