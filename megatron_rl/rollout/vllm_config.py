@@ -46,6 +46,17 @@ class VLLMConfig:
 
     sleep_level: int = 1
 
+    """Sampling noise. False (default): no per-request seed; vLLM draws every request's noise
+    from the device's generator in one batched kernel, and the engine seeds that generator
+    before each in-process generate from the step's seed, `seed` and the trainer's DP rank
+    (restoring the trainer's state after): reproducible for the same batch and engine, not
+    row by row, as in verl and TRL (one engine seed, no SamplingParams.seed). True: one seed
+    per prompt (`vllm_convert.request_seeds`), row-reproducible, but vLLM 0.26 then leaves
+    FlashInfer's sampler and draws each seeded sequence's noise in a Python loop, one
+    `exponential_` kernel per sequence per decode step (512 x 256 on the e2e benchmark)."""
+
+    per_request_seed: bool = False
+
     """Log-probs: processed_logprobs = after temperature (and top-k/top-p, which the
     default rollout leaves off), the distribution the trainer recomputes."""
 

@@ -43,6 +43,7 @@ import torch
 from megatron_rl.data.batch import Batch
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.vllm_config import VLLMConfig
+from megatron_rl.rollout.vllm_device import generate_seed, release_torch_cache, seeded_device_generator
 from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lists, request_seeds,
                                               steering_groups, vllm_sampling_kwargs)
 from megatron_rl.rollout.vllm_multimodal import (attach_images, check_expanded_prompts, vision_skip_prefixes,
@@ -72,7 +73,8 @@ def _load_on_worker(payload, model) -> int:
 class VLLMEngine:
     def __init__(self, llm, tokenizer, config: VLLMConfig | None = None, *, colocate: bool = True,
                  bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None,
-                 routing_layers: tuple[int, ...] | None = None, skip_prefixes: tuple[str, ...] = ()):
+                 routing_layers: tuple[int, ...] | None = None, skip_prefixes: tuple[str, ...] = (),
+                 dp_rank: int = 0):
         from megatron_rl.rollout.native_engine import eos_token_ids
 
         self.llm, self.tokenizer = llm, tokenizer
@@ -91,6 +93,7 @@ class VLLMEngine:
         self.last_metrics: dict[str, float] = {}
         self.routing_layers = routing_layers          # MoE layers whose routing vLLM returns (None: not asked)
         self.skip_prefixes = tuple(skip_prefixes)     # HF names never synced (a frozen vision tower: visual.)
+        self.dp_rank = dp_rank                        # the trainer's DP rank: its share of the engine seed
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -133,7 +136,8 @@ class VLLMEngine:
         kwargs.update(extra)
         llm = vllm.LLM(**kwargs)
         engine = cls(llm, tokenizer, v, colocate=r.colocate, bucket_mb=r.weight_sync_bucket_mb,
-                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers, skip_prefixes=vision_skip_prefixes(cfg))
+                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers, skip_prefixes=vision_skip_prefixes(cfg),
+                     dp_rank=_trainer_dp_rank())
         if steering is not None:
             engine.attach_intervention(steering[0], steering[1], steer.scope)
         return engine
@@ -163,13 +167,15 @@ class VLLMEngine:
     def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
         import vllm
 
-        self._wake_for_generate()
+        wake_metrics = self._wake_for_generate()
         prompts = prompt_token_lists(batch)
-        seeds = request_seeds(sampling, len(batch))
+        per_request = self.cfg.per_request_seed      # else one engine draw (rollout.vllm.per_request_seed says why)
+        seeds = request_seeds(sampling, len(batch)) if per_request else [None] * len(batch)
         kwargs = [vllm_sampling_kwargs(sampling, s, self.eos_ids) for s in seeds]
         requests = [{"prompt_token_ids": p} for p in prompts]
         image_rows = attach_images(batch, requests, self._image_pad_id)
         outputs: list = [None] * len(batch)
+        self.last_metrics = {}
         if self.steering_scope is None or self.per_request:
             groups = [(None, None, list(range(len(batch))))]
             if self.per_request:
@@ -185,12 +191,15 @@ class VLLMEngine:
                             len(groups), len(batch),
                             " and prompt length" if self.steering_scope != "all" else "")
         params = [vllm.SamplingParams(**kw) for kw in kwargs]
-        for strengths, plen, idx in groups:
-            if self.steering_scope is not None and not self.per_request:
-                self._set_steering(strengths, plen)
-            res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
-            for i, o in zip(idx, res):
-                outputs[i] = o
+        seed = None if per_request else generate_seed(sampling.seed, self.cfg.seed, self.dp_rank)
+        with seeded_device_generator(seed):
+            for strengths, plen, idx in groups:
+                if self.steering_scope is not None and not self.per_request:
+                    self._set_steering(strengths, plen)
+                res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
+                for i, o in zip(idx, res):
+                    outputs[i] = o
+        self.last_metrics.update(wake_metrics)
         check_expanded_prompts(prompts, outputs, image_rows)
         out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs,
                                moe_layers=self.routing_layers)
@@ -234,12 +243,15 @@ class VLLMEngine:
             self._steer_key = None      # sleep drops the KV cache; level 2 also the steering buffers
             self.weights_stale = self.cfg.sleep_level >= 2
 
-    def wake(self) -> None:
+    def wake(self) -> dict[str, float]:
+        """Wake for generation; torch's cached blocks go back first (vllm_device.py says why)."""
+        metrics = release_torch_cache() if self.state != "awake" else {}
         if self.state == "asleep":
             self.llm.wake_up()
         elif self.state == "weights":
             self.llm.wake_up(tags=["kv_cache"])
         self.state = "awake"
+        return metrics
 
     # --- internals ----------------------------------------------------------------------------
     def _image_pad_id(self) -> int:
@@ -249,14 +261,15 @@ class VLLMEngine:
 
     def _wake_weights(self) -> None:
         if self.state == "asleep":
+            release_torch_cache()
             self.llm.wake_up(tags=["weights"])
             self.state = "weights"
 
-    def _wake_for_generate(self) -> None:
+    def _wake_for_generate(self) -> dict[str, float]:
         if self.weights_stale:
             raise RuntimeError("vLLM slept at level 2 (weights dropped) and no weight sync followed; "
                                "call sync_weights(actor) before generate, or use rollout.vllm.sleep_level=1")
-        self.wake()
+        return self.wake()
 
     def _attach_request_steering(self, batch: Batch, kwargs: list[dict], requests: list[dict]) -> None:
         """Per-request mode: each request carries its strength row (`extra_args`) and a prefix-cache
@@ -312,6 +325,17 @@ def _attach_on_worker(model, **kwargs) -> bool:
     from megatron_rl.steering.vllm_hooks import attach_vllm_steering
 
     return bool(getattr(attach_vllm_steering(model, **kwargs), "per_request", False))
+
+
+def _trainer_dp_rank() -> int:
+    """This rank's trainer DP rank (0 outside a torchrun world)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return 0
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_rank()
 
 
 def replay_layers(cfg) -> tuple[int, ...] | None:
