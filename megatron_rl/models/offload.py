@@ -13,6 +13,15 @@ tensors at their original views. Host buffers are kept for the next round trip (
 slow). On a machine without CUDA the same code frees and restores the host storages, so it
 is testable on CPU.
 
+Overlapped onload (`onload(overlap=True)`, the actor's optimizer state after a rollout): only
+`optimizer.step()` reads fp32 master params and Adam moments, so their host-to-device copies
+run on a side CUDA stream while the update's forward/backward run on the current one;
+`finish_onload()` makes the current stream wait on the copies' event and re-points the
+tensors, and must run before anything reads them (Policy calls it right before the optimizer
+step). Until then the tensors stay empty placeholders, so a read that forgot to wait raises a
+size error instead of racing the copy. Without CUDA the copies are synchronous and the
+re-pointing waits for `finish_onload()` the same way, so CPU tests catch a missing wait too.
+
 Why not Megatron's `MegatronOptimizer.offload_to_cpu` (0.16.1): it replaces `p.data` with
 an unpinned `.cpu()` copy and restores with `.cuda()`, which breaks the aliasing between
 fp32 parameters the optimizer shares with the model (FP32Optimizer, fp32 shards that view
@@ -49,6 +58,29 @@ class MoveStats:
         return self.bytes_copied / self.seconds / 1e9 if self.seconds > 0 else float("nan")
 
 
+@dataclass(frozen=True)
+class OverlapStats:
+    """An overlapped onload on CUDA: `copy_s` the side-stream copy took, `wait_s` how long the
+    current stream stalled at `finish_onload()` for it (the part on the critical path);
+    `overlapped_s` the rest, hidden behind the update's forward/backward."""
+    copy_s: float
+    wait_s: float
+
+    @property
+    def overlapped_s(self) -> float:
+        return max(self.copy_s - self.wait_s, 0.0)
+
+
+@dataclass
+class _PendingOnload:
+    """Copies launched by `StorageOffloader.onload(overlap=True)`, not yet waited on: the
+    tensors to re-point, and on CUDA the side stream's start/done events (timing enabled)."""
+    records: list[tuple[torch.Tensor, torch.Tensor]]
+    start: "torch.cuda.Event | None" = None
+    done: "torch.cuda.Event | None" = None
+    ready: "torch.cuda.Event | None" = None       # recorded on the waiting stream by finish_onload
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -76,10 +108,18 @@ class StorageOffloader:
         self._records: list[tuple[torch.Tensor, torch.Tensor]] = []    # (tensor, its original view)
         self._storages: list[tuple[torch.UntypedStorage, int]] = []    # (storage, nbytes)
         self._host: list[torch.Tensor] = []                           # uint8 host copies, reused
+        self._pending: _PendingOnload | None = None                   # an overlapped onload not waited on
+        self._waited: _PendingOnload | None = None                    # the last one waited on (its timing)
+        self._stream = None                                           # the side CUDA stream, made once
 
     @property
     def is_offloaded(self) -> bool:
         return bool(self._storages)
+
+    @property
+    def onload_pending(self) -> bool:
+        """An overlapped onload whose copies nobody has waited on yet (`finish_onload`)."""
+        return self._pending is not None
 
     def _plan(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.UntypedStorage, int]]]:
         skip = self._exclude() if self._exclude is not None else set()
@@ -102,6 +142,7 @@ class StorageOffloader:
     def offload(self) -> MoveStats:
         if self.is_offloaded:
             return MoveStats()
+        self.finish_onload()                      # the host buffers are the pending copies' source
         _sync()
         t0 = time.perf_counter()
         records, storages = self._plan()
@@ -119,19 +160,68 @@ class StorageOffloader:
         n = sum(n for _, n in storages)
         return MoveStats(n, n, time.perf_counter() - t0)
 
-    def onload(self) -> MoveStats:
+    def onload(self, overlap: bool = False) -> MoveStats:
+        """The storages back on the device. `overlap`: the copies run on a side stream and the
+        tensors stay placeholders until `finish_onload()` (module docstring); the seconds are
+        then the launch time only."""
         if not self.is_offloaded:
             return MoveStats()
         t0 = time.perf_counter()
-        for (s, n), h in zip(self._storages, self._host):
+        cuda = overlap and torch.cuda.is_available()
+        pending = _PendingOnload(self._records)
+        if cuda:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            # the storages are (re)allocated on the current stream: the side stream waits for it,
+            # so a reused block's earlier readers finish before the copy overwrites it
+            self._stream.wait_stream(torch.cuda.current_stream())
+            pending.start, pending.done = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        for (s, n), _ in zip(self._storages, self._host):
             s.resize_(n)
-            _bytes_view(s).copy_(h, non_blocking=True)
-        _sync()
-        for t, view in self._records:
-            t.data = view
+        with torch.cuda.stream(self._stream) if cuda else contextlib.nullcontext():
+            if cuda:
+                pending.start.record()
+            for (s, _), h in zip(self._storages, self._host):
+                dst = _bytes_view(s)
+                dst.copy_(h, non_blocking=True)
+                if cuda:
+                    dst.record_stream(self._stream)   # the allocator keeps the block until the copy is done
+            if cuda:
+                pending.done.record()
+        if not overlap:
+            _sync()
         n = sum(n for _, n in self._storages)
         self._records, self._storages = [], []
+        self._pending = pending
+        if not overlap:
+            self.finish_onload()
         return MoveStats(n, n, time.perf_counter() - t0)
+
+    def finish_onload(self) -> None:
+        """Wait (on the current stream, not the host) for an overlapped onload's copies and
+        re-point the tensors at their views; a no-op when none is pending. The host buffers
+        stay alive in `self._host` until the next offload, which waits here first."""
+        pending = self._pending
+        if pending is None:
+            return
+        if pending.done is not None:
+            pending.ready = torch.cuda.Event(enable_timing=True)
+            pending.ready.record()
+            torch.cuda.current_stream().wait_event(pending.done)
+        for t, view in pending.records:
+            t.data = view
+        self._pending, self._waited = None, pending
+
+    def overlap_stats(self) -> OverlapStats | None:
+        """Timing of the last overlapped CUDA onload that was waited on, read once (this call
+        waits for its events); None on CPU, for a synchronous onload or when already read."""
+        p, self._waited = self._waited, None
+        if p is None or p.done is None:
+            return None
+        p.ready.synchronize()
+        p.done.synchronize()
+        return OverlapStats(copy_s=p.start.elapsed_time(p.done) / 1e3,
+                            wait_s=max(p.ready.elapsed_time(p.done), 0.0) / 1e3)
 
 
 def _as_list(x) -> list:
@@ -267,6 +357,19 @@ class TrainingStateOffloader(_Offloadable):
     def is_offloaded(self) -> bool:
         return self._opt.is_offloaded or self._grads_freed > 0 or self.weights.is_offloaded
 
+    @property
+    def onload_pending(self) -> bool:
+        """The optimizer state's overlapped copy has not been waited on (`finish_onload`)."""
+        return self._opt.onload_pending
+
+    def finish_onload(self) -> None:
+        """Before the optimizer (or a checkpoint) reads its state after `onload(overlap_optimizer=True)`."""
+        self._opt.finish_onload()
+
+    def overlap_stats(self) -> OverlapStats | None:
+        """The last overlapped optimizer-state onload's copy time and stall (CUDA), once."""
+        return self._opt.overlap_stats()
+
     def offload(self, weights: bool | None = None) -> MoveStats:
         """Idempotent; `weights` (default: `offload_weights`) also moves the model weights, also
         after an earlier grads+optimizer offload."""
@@ -288,14 +391,18 @@ class TrainingStateOffloader(_Offloadable):
         self.last = MoveStats(stats.bytes_copied, stats.bytes_freed, time.perf_counter() - t0)
         return self.last
 
-    def onload(self) -> MoveStats:
+    def onload(self, overlap_optimizer: bool = False) -> MoveStats:
+        """Weights and grad buffers (re-allocated, zeroed) are ready on return: the forward and
+        backward need them. `overlap_optimizer`: the optimizer state's copy is launched last,
+        on a side stream, and waited on by `finish_onload()` (module docstring)."""
         t0 = time.perf_counter()
-        stats = self.weights.onload() + self._opt.onload()
+        stats = self.weights.onload()
         if self._grads_freed:
             for d in self.ddp:
                 d.restore_grad_buffers(synchronize=torch.cuda.is_available())
             stats = stats + MoveStats(0, self._grads_freed, 0.0)
             self._grads_freed = 0
+        stats = stats + self._opt.onload(overlap=overlap_optimizer)
         self.last = MoveStats(stats.bytes_copied, stats.bytes_freed, time.perf_counter() - t0)
         return self.last
 

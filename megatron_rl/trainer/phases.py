@@ -178,6 +178,7 @@ def update_actor(tr, batch: Batch, step: int) -> dict[str, float]:
         vals = [s[k] for s in steps]
         out[f"actor/{k}"] = sum(vals) / len(vals)
     out["actor/skipped_steps"] = float(sum(s.get("skipped", 0.0) for s in steps))   # step guard (update_steps)
+    out.update(tr.actor.onload_metrics())     # perf/onload_overlapped_s, perf/onload_wait_s (CUDA, overlapped onload)
     if tr.actor.moe_metrics is not None:
         out.update(tr.actor.moe_metrics.collect())     # moe/aux_loss, moe/z_loss, moe/load_imbalance/*
     if tr.actor.routing_replay is not None:

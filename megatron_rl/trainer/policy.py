@@ -18,7 +18,7 @@ from megatron_rl.data.batch import Batch
 from megatron_rl.kernels import token_logprob_entropy
 from megatron_rl.models.forward import gpt_forward, vision_language_model
 from megatron_rl.models.moe_metrics import MoEMetrics
-from megatron_rl.models.offload import Offloadable
+from megatron_rl.models.offload import Offloadable, TrainingStateOffloader
 from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.routing_replay import RoutingReplay
 from megatron_rl.models.schedule import run_microbatches
@@ -204,7 +204,7 @@ class Policy(Offloadable):
             for g in groups:
                 g["lr"] = lr
         res, step = optimizer_step(self.ddp_chunks, self.optimizer, None if lr is not None else self.scheduler,
-                                   mbs, self._forward, loss_fn)
+                                   mbs, self._forward, loss_fn, before_step=self.finish_onload)
         if lr is not None:
             for g, old in zip(groups, old_lrs):
                 g["lr"] = old
@@ -212,7 +212,31 @@ class Policy(Offloadable):
                                   "actor/grad_norm": step["grad_norm"], "actor/update_ok": step["update_ok"]})
 
     # --- role lifecycle (trainer/roles.py): checkpoints through trainer/checkpoint.py ----
+    def onload(self):
+        """The training state back on the device for the update. The optimizer state (fp32
+        master params, Adam moments) comes back on a side CUDA stream while the update's
+        forward/backward run: `finish_onload` waits for it right before the optimizer step,
+        and before anything else here reads the optimizer (checkpoints, state dicts)."""
+        if isinstance(self.offloader, TrainingStateOffloader):
+            return self.offloader.onload(overlap_optimizer=True)
+        return super().onload()
+
+    def finish_onload(self) -> None:
+        """Wait for an overlapped optimizer-state onload (no-op when none is pending)."""
+        if isinstance(self.offloader, TrainingStateOffloader):
+            self.offloader.finish_onload()
+
+    def onload_metrics(self) -> dict[str, float]:
+        """`perf/onload_overlapped_s` (copy time hidden behind the update) and `perf/onload_wait_s`
+        (the stall before the optimizer step) of the last overlapped onload; {} on CPU or none."""
+        stats = self.offloader.overlap_stats() if isinstance(self.offloader, TrainingStateOffloader) else None
+        if stats is None:
+            return {}
+        return {"perf/onload_overlapped_s": stats.overlapped_s, "perf/onload_wait_s": stats.wait_s,
+                "perf/onload_copy_s": stats.copy_s}
+
     def state_dict(self) -> dict:
+        self.finish_onload()
         sds = [c.state_dict() for c in self.chunks]
         state = {"model": sds[0] if len(sds) == 1 else sds}
         if self.optimizer is not None:
@@ -224,6 +248,7 @@ class Policy(Offloadable):
         if len(sds) != len(self.chunks):
             raise ValueError(f"Policy.load_state_dict: state holds {len(sds)} model chunks, this layout "
                              f"{len(self.chunks)} (model.vpp differs; resume through the dist-checkpoint)")
+        self.finish_onload()
         for c, sd in zip(self.chunks, sds):
             c.load_state_dict(sd)
         if self.optimizer is not None:
@@ -232,10 +257,12 @@ class Policy(Offloadable):
 
     def save_checkpoint(self, ckpt_dir, name: str) -> None:
         from megatron_rl.trainer.checkpoint import save_policy
+        self.finish_onload()
         save_policy(self, ckpt_dir)
 
     def load_checkpoint(self, ckpt_dir, name: str) -> None:
         from megatron_rl.trainer.checkpoint import load_policy
+        self.finish_onload()
         load_policy(self, ckpt_dir)
 
     def _optimizer_step(self, mini: Batch, algos, use_ref: bool) -> dict[str, float]:
@@ -257,7 +284,8 @@ class Policy(Offloadable):
             return loss * mb["loss_scale"], info
 
         with self._replayed(mini, record_if_missing=False) as forward:
-            res, step = optimizer_step(self.ddp_chunks, self.optimizer, self.scheduler, mbs, forward, loss_fn)
+            res, step = optimizer_step(self.ddp_chunks, self.optimizer, self.scheduler, mbs, forward, loss_fn,
+                                       before_step=self.finish_onload)
         return {**broadcast_metrics(weighted_mean(res)), **step}
 
     @contextmanager

@@ -62,10 +62,12 @@ def weighted_mean(res: list[dict]) -> dict[str, float]:
     return {k: sum(r[k] * r["_w"] for r in res if not math.isnan(r[k])) / total for k in keys}
 
 
-def optimizer_step(ddp, optimizer, scheduler, mbs: list[dict], forward_fn, loss_fn) -> tuple[list[dict], dict]:
+def optimizer_step(ddp, optimizer, scheduler, mbs: list[dict], forward_fn, loss_fn,
+                   before_step: Callable[[], None] | None = None) -> tuple[list[dict], dict]:
     """Zero grads, forward/backward every micro-batch through the schedule, step optimizer and
     scheduler. Returns (per-micro-batch loss infos, {grad_norm, update_ok, skipped, lr}). `ddp`:
-    one DDP wrapper or the list of a chunked (`model.vpp`) model's.
+    one DDP wrapper or the list of a chunked (`model.vpp`) model's. `before_step` runs right
+    before `optimizer.step()` (Policy: wait for the optimizer state's overlapped onload).
 
     Step guard: a non-finite loss or gradient on any rank skips the step on every rank, so
     weights, optimizer state and LR schedule stay untouched (Megatron checks only fp16 runs with
@@ -94,6 +96,8 @@ def optimizer_step(ddp, optimizer, scheduler, mbs: list[dict], forward_fn, loss_
         optimizer.zero_grad()
         return res, {"grad_norm": float("nan"), "update_ok": 0.0, "skipped": 1.0,
                      "lr": optimizer.param_groups[0]["lr"]}
+    if before_step is not None:
+        before_step()
     ok, grad_norm, _ = optimizer.step()
     if ok and scheduler is not None:
         scheduler.step(increment=1)

@@ -140,6 +140,7 @@ def test_training_state_round_trip_gives_a_bit_identical_next_update(hf, dtype):
     assert stats.bytes_freed >= grad_bytes + stats.bytes_copied and stats.bytes_copied > 0
     run.onload()
     assert not run.offloader.is_offloaded
+    run.finish_onload()                 # Policy.onload overlaps the optimizer state's copy until the step
     assert all(torch.equal(a, b) for a, b in zip(_adam_state(run), state))
     second = [p.detach().clone() for p in ref_run.model.parameters()]
     m_ref, m = _update(ref_run, batch), _update(run, batch)
@@ -167,3 +168,59 @@ def test_training_state_onloaded_scope_re_offloads_what_was_offloaded(hf):
         pass
     assert off.weights.is_offloaded
     off.onload()
+
+
+def _optimizer_owned(off):
+    """The optimizer-state tensors the offloader moves (fp32: Adam moments; bf16: also master params)."""
+    skip = off._not_optimizer_owned()
+    return [t for _, t in off._opt._collect() if (t.is_cuda or not torch.cuda.is_available())
+            and t.untyped_storage().data_ptr() not in skip]
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="Megatron's Float16 optimizer wraps CUDA tensors only"))])
+def test_overlapped_onload_gives_a_bit_identical_next_update(hf, dtype):
+    """Policy.onload copies the optimizer state on a side stream (CUDA; synchronously on CPU) and
+    keeps its tensors placeholders until the optimizer step waits: the update matches one without
+    the round trip, also after a pending onload is offloaded again (an update that never came)."""
+    from megatron_rl.models.offload import TrainingStateOffloader
+
+    batch = ragged_batch()
+    ref_run, run = _actor(hf, dtype), _actor(hf, dtype)
+    run.offloader = TrainingStateOffloader(run.ddp, run.optimizer)
+    _update(ref_run, batch), _update(run, batch)
+    owned = _optimizer_owned(run.offloader)
+    assert owned
+    state = _adam_state(run)
+    for _ in range(2):                                          # the second round: offload while pending
+        run.offload()
+        run.onload()
+        assert run.offloader.onload_pending and not run.offloader.is_offloaded
+        assert all(t.numel() == 0 for t in owned)               # placeholders until the wait
+        assert run.offloader.weights.resident_bytes > 0
+    m_ref, m = _update(ref_run, batch), _update(run, batch)
+    assert not run.offloader.onload_pending and all(t.numel() > 0 for t in owned)
+    assert m_ref == m
+    for (n, p), q in zip(run.model.named_parameters(), ref_run.model.parameters()):
+        assert torch.equal(p, q), n
+    assert not all(torch.equal(a, b) for a, b in zip(_adam_state(run), state))   # the step moved the moments
+    perf = run.onload_metrics()
+    if torch.cuda.is_available():
+        assert perf["perf/onload_copy_s"] > 0 and 0 <= perf["perf/onload_wait_s"] <= perf["perf/onload_copy_s"]
+    else:
+        assert perf == {}
+
+
+def test_state_dict_waits_for_a_pending_onload(hf):
+    from megatron_rl.models.offload import TrainingStateOffloader
+
+    run = _actor(hf, "float32")
+    run.offloader = TrainingStateOffloader(run.ddp, run.optimizer)
+    _update(run, ragged_batch())
+    expect = _adam_state(run)
+    run.offload()
+    run.onload()
+    state = run.state_dict()["optimizer"]["state"]
+    assert not run.offloader.onload_pending
+    got = [v for s in state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(_adam_state(run), expect)) and len(got) >= len(expect)
