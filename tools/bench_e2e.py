@@ -8,11 +8,23 @@ graphs and the same `gpu_memory_utilization` in both frameworks.
 
     python3 tools/bench_e2e.py all --dir /tmp/e2e --tokenizer DIR       # every part, then the table
     python3 tools/bench_e2e.py prepare|vllm|mrl|trl|table --dir /tmp/e2e  # one part (each in its own process)
+    python3 tools/bench_e2e.py mrl --dir /tmp/e2e --variant 'none:actor.offload_during_rollout=none' \
+        --variant 'seeded:actor.offload_during_rollout=none,rollout.vllm.per_request_seed=true'
 
-Each part writes `DIR/<part>.json`; `table` prints them as one markdown table. Step times are the
-median of steps 2..N (step 1 carries CUDA-graph capture and allocator warm-up); peak memory is the
-device's (total - free, sampled every 20 ms), which counts vLLM's pool and the trainer's alike.
-Needs CUDA, vLLM 0.26 and, for `trl`, TRL 1.16 + datasets (docs/gpu_staging.md).
+Each part writes `DIR/<part>.json` (`mrl`: `mrl_<label>.json`; each `--variant LABEL:k=v,k=v` runs
+in its own process, one after another, on top of the `--override`s); `table` prints them. Step
+times are the median of steps 2..N (step 1 carries CUDA-graph capture and allocator warm-up);
+peak memory is the device's (total - free, sampled every 20 ms), which counts vLLM's pool and
+the trainer's alike. Needs CUDA, vLLM 0.26 and, for `trl`, TRL 1.16 + datasets (docs/gpu_staging.md).
+
+Seeding: vLLM 0.26 leaves FlashInfer's sampler when any request has its own seed and then draws
+each seeded sequence's noise in a Python loop (one kernel per sequence per decode step), so vLLM
+alone is timed both ways: `request_seed` (SamplingParams.seed per prompt, what
+`rollout.vllm.per_request_seed=true` sends) and `engine_seed` (no request seed: the engine's
+generator, megatron-rl's default). TRL 1.16 (trl/generation/vllm_generation.py, colocate) passes
+no SamplingParams.seed: `vllm.LLM(seed=process_index // tp)`, n=1 per request with each prompt
+repeated num_generations times, max_num_batched_tokens=4096. An mrl row's "vs vLLM alone" uses
+the vLLM row of its own seeding and log-prob setting (both recorded in its json).
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ SMOLLM2_1_7B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=
                     num_key_value_heads=32, vocab_size=49152, max_position_embeddings=2048, rope_theta=130000.0,
                     rms_norm_eps=1e-5, tie_word_embeddings=True)
 PROMPTS, SAMPLES, NEW_TOKENS = 64, 8, 256
+SEEDINGS = ("engine_seed", "request_seed")
 
 
 def vowel_reward(response: str, sample: dict | None = None) -> float:
@@ -112,8 +125,21 @@ def prepare(d: Path, tokenizer: Path) -> None:
     print(f"prepared {model}")
 
 
+def vllm_row(seeding: str, logprobs: bool) -> str:
+    return f"{seeding}_{'logprobs' if logprobs else 'no_logprobs'}"
+
+
+def vllm_params(vllm, seeding: str, logprobs: bool) -> list:
+    """One SamplingParams per prompt; `request_seed` seeds them as `vllm_convert.request_seeds` does."""
+    extra = {"logprobs": 0} if logprobs else {}
+    return [vllm.SamplingParams(n=SAMPLES, max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0,
+                                seed=i * SAMPLES if seeding == "request_seed" else None, **extra)
+            for i in range(PROMPTS)]
+
+
 def run_vllm(d: Path, gpu_util: float, reps: int) -> None:
-    """vLLM alone: the same prompts, n, length and engine settings, with and without log-probs."""
+    """vLLM alone: the same prompts, n, length and engine settings; both seedings, with and
+    without log-probs (each row guarded: a failure is recorded, the others still run)."""
     import vllm
     from transformers import AutoTokenizer
 
@@ -123,23 +149,28 @@ def run_vllm(d: Path, gpu_util: float, reps: int) -> None:
         llm = vllm.LLM(model=str(d / "model"), dtype="bfloat16", gpu_memory_utilization=gpu_util, enforce_eager=False,
                        enable_prefix_caching=True, max_model_len=512, seed=0, generation_config="vllm")
         out = {"kv_cache_tokens": kv_cache_tokens(llm)}
-        for name, extra in (("no_logprobs", {}), ("logprobs_flat", {"logprobs": 0, "flat_logprobs": True}),
-                            ("logprobs", {"logprobs": 0})):
-            sp = vllm.SamplingParams(n=SAMPLES, max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0, seed=0, **extra)
-            llm.generate(reqs, sp, use_tqdm=False)                     # warm-up (graphs, allocator)
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                res = llm.generate(reqs, sp, use_tqdm=False)
-                times.append(time.perf_counter() - t0)
-            tokens = sum(len(c.token_ids) for r in res for c in r.outputs)
-            out[name] = {"s": statistics.median(times), "tokens": tokens,
-                         "tokens_per_s": tokens / statistics.median(times)}
+        for seeding in SEEDINGS:
+            for logprobs in (False, True):
+                name, sp = vllm_row(seeding, logprobs), vllm_params(vllm, seeding, logprobs)
+                try:
+                    llm.generate(reqs, sp, use_tqdm=False)                     # warm-up (graphs, allocator)
+                    times = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        res = llm.generate(reqs, sp, use_tqdm=False)
+                        times.append(time.perf_counter() - t0)
+                except Exception as e:     # noqa: BLE001 - one row's failure must not lose the others
+                    out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    continue
+                tokens = sum(len(c.token_ids) for r in res for c in r.outputs)
+                out[name] = {"s": statistics.median(times), "tokens": tokens,
+                             "tokens_per_s": tokens / statistics.median(times)}
+                print(f"vllm {name}: {out[name]}", flush=True)
     out["peak_gib"] = mem.peak_gib
     write(d, "vllm", out)
 
 
-def mrl_config(d: Path, gpu_util: float, steps: int, extra: list[str]) -> list[str]:
+def mrl_config(d: Path, gpu_util: float, steps: int, extra: list[str], run_dir: Path) -> list[str]:
     return [f"model.path={d / 'model'}", "model.dtype=bfloat16", "model.layer_spec=sdpa",
             f"data.train_files=[{d / 'train.jsonl'}]", f"data.val_files=[{d / 'val.jsonl'}]",
             "data.use_chat_template=false", "data.train_batch_size=64", "data.max_prompt_length=64",
@@ -149,7 +180,7 @@ def mrl_config(d: Path, gpu_util: float, steps: int, extra: list[str]) -> list[s
             "algos.adv_estimator=grpo", "algos.policy_loss=ppo", "algos.loss_agg_mode=token-mean",
             "algos.use_kl_loss=false", "reward.name=e2e_vowels",
             f"reward.custom_functions={{e2e_vowels: {ROOT / 'tools' / 'bench_e2e.py'}:vowel_reward}}",
-            "reward.num_workers=0", f"logging.run_dir={d / 'mrl_run'}", "logging.sinks=[jsonl]",
+            "reward.num_workers=0", f"logging.run_dir={run_dir}", "logging.sinks=[jsonl]",
             f"trainer.total_steps={steps}", "trainer.val_before_train=false", "trainer.final_validation=false",
             "trainer.save_final=false", "trainer.save_every=0", "trainer.resume=none"] + extra
 
@@ -160,10 +191,10 @@ def run_mrl(d: Path, gpu_util: float, steps: int, extra: list[str], label: str) 
     from megatron_rl.config import load_experiment_config
     from megatron_rl.trainer.main import build_trainer
 
-    run_dir = d / "mrl_run"
+    run_dir = d / f"mrl_run_{label}"
     shutil.rmtree(run_dir, ignore_errors=True)
     with PeakMemory() as mem:
-        tr = build_trainer(load_experiment_config(None, mrl_config(d, gpu_util, steps, extra)))
+        tr = build_trainer(load_experiment_config(None, mrl_config(d, gpu_util, steps, extra, run_dir)))
         try:
             tr.fit()
         finally:
@@ -177,8 +208,46 @@ def run_mrl(d: Path, gpu_util: float, steps: int, extra: list[str], label: str) 
            "phases": {k[len("timing/"):]: med(k) for k in phases}, "peak_gib": mem.peak_gib,
            "kv_cache_tokens": kv_cache_tokens(getattr(tr.engine, "llm", None)),
            "gen_tokens_per_s": PROMPTS * SAMPLES * NEW_TOKENS / med("timing/rollout") if med("timing/rollout") else None,
-           "offload_freed_gib": med("perf/offload_freed_gib")}
+           "offload_freed_gib": med("perf/offload_freed_gib"), "torch_reserved_gib": med("perf/torch_reserved_gib"),
+           "per_request_seed": bool(tr.cfg.rollout.vllm.per_request_seed),
+           "engine_logprobs": bool(tr.plan.rollout.engine_logprobs)}
     write(d, f"mrl_{label}", out)
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """`text` split at `sep` outside brackets and braces (override values may be lists)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += 1 if ch in "[{(" else -1 if ch in "]})" else 0
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in parts + [cur] if p.strip()]
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """'LABEL:key=v,key=v' -> (LABEL, ["key=v", "key=v"]); the label names mrl_LABEL.json."""
+    label, sep, rest = spec.partition(":")
+    if not sep or not label.strip() or not label.replace("-", "").replace("_", "").isalnum():
+        raise SystemExit(f"--variant {spec!r}: expected 'LABEL:key=value,key=value' (LABEL: letters, digits, - and _)")
+    overrides = split_top(rest)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SystemExit(f"--variant {spec!r}: {bad[0]!r} is not key=value")
+    return label.strip(), overrides
+
+
+def run_variants(a, env: dict) -> None:
+    """Each variant in its own process (a fresh CUDA context and vLLM), one after another."""
+    me, common = [sys.executable, __file__], ["--dir", str(a.dir), "--steps", str(a.steps), "--gpu-util", str(a.gpu_util)]
+    for label, overrides in map(parse_variant, a.variant):
+        print(f"== mrl {label}: {overrides}", flush=True)
+        rc = subprocess.call(me + ["mrl", *common, "--label", label]
+                             + [f"--override={o}" for o in [*a.override, *overrides]], env=env)
+        if rc:
+            print(f"mrl {label} exited {rc}", flush=True)
 
 
 def run_trl(d: Path, gpu_util: float, steps: int) -> None:
@@ -225,27 +294,35 @@ def table(d: Path) -> None:
     gen_tok = PROMPTS * SAMPLES * NEW_TOKENS
     print(f"workload: SmolLM2-1.7B shape (random, bf16), {PROMPTS} prompts x {SAMPLES} x {NEW_TOKENS} tokens "
           f"({gen_tok} generated), one optimizer step per rollout\n")
-    if v:
-        print("| vLLM alone | s | tokens/s |\n|---|---:|---:|")
-        for k in ("no_logprobs", "logprobs_flat", "logprobs"):
-            if k in v:
-                print(f"| {k} | {v[k]['s']:.2f} | {v[k]['tokens_per_s']:,.0f} |")
-        print(f"\nvLLM alone: peak {v['peak_gib']:.1f} GiB, KV cache {v.get('kv_cache_tokens')} tokens\n")
+    alone = lambda seeding, lp: (v or {}).get(vllm_row(seeding, lp), {}).get("s")
     f = lambda x, fmt="{:.2f}": fmt.format(x) if isinstance(x, (int, float)) else "-"
-    print("| run | step s (median 2..N) | rollout s | gen tokens/s | vs vLLM alone | old logprob s | update s | "
-          "weight sync s | reward s | peak GiB | KV tokens | vs TRL |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    alone = v["no_logprobs"]["s"] if v else None
+    if v:
+        print("| vLLM alone | no log-probs s | tokens/s | `logprobs=0` s | tokens/s |\n|---|---:|---:|---:|---:|")
+        for seeding in SEEDINGS:
+            cells = []
+            for lp in (False, True):
+                row = v.get(vllm_row(seeding, lp), {})
+                cells += [f(row.get("s")), f(row.get("tokens_per_s"), "{:,.0f}")] if "s" in row else [
+                    row.get("error", "-")[:60], "-"]
+            print(f"| {seeding} | " + " | ".join(cells) + " |")
+        print(f"\nvLLM alone: peak {v['peak_gib']:.1f} GiB, KV cache {v.get('kv_cache_tokens')} tokens\n")
+    print("| run | seeding | step s (median 2..N) | rollout s | gen tokens/s | vs vLLM alone | old logprob s | "
+          "update s | offload + onload s | weight sync s | reward s | torch reserved GiB | peak GiB | KV tokens | vs TRL |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in mrls:
-        p = m["phases"]
-        print(f"| megatron-rl {m['label']} | {f(m['step_s'])} | {f(p.get('rollout'))} | {f(m['gen_tokens_per_s'], '{:,.0f}')} | "
-              f"{f(p.get('rollout') / alone if alone and p.get('rollout') else None)}x | {f(p.get('logprob'))} | "
-              f"{f(p.get('update'))} | {f(p.get('weight_sync'))} | {f(p.get('reward'))} | {f(m['peak_gib'], '{:.1f}')} | "
-              f"{m.get('kv_cache_tokens') or '-'} | "
+        p, seeding = m["phases"], "request_seed" if m.get("per_request_seed") else "engine_seed"
+        ref = alone(seeding, m.get("engine_logprobs", False))
+        moves = f"{f(p.get('offload'))} + {f(p.get('onload'))}" if p.get("offload") is not None else "-"
+        print(f"| megatron-rl {m['label']} | {seeding} | {f(m['step_s'])} | {f(p.get('rollout'))} | "
+              f"{f(m['gen_tokens_per_s'], '{:,.0f}')} | {f(p.get('rollout') / ref if ref and p.get('rollout') else None)}x | "
+              f"{f(p.get('logprob'))} | {f(p.get('update'))} | {moves} | {f(p.get('weight_sync'))} | {f(p.get('reward'))} | "
+              f"{f(m.get('torch_reserved_gib'), '{:.1f}')} | {f(m['peak_gib'], '{:.1f}')} | {m.get('kv_cache_tokens') or '-'} | "
               f"{f(m['step_s'] / trl['step_s'] if trl and trl.get('step_s') and m['step_s'] else None)} |")
     if trl:
-        print(f"| TRL GRPOTrainer | {f(trl['step_s'])} | - | - | - | - | - | - | - | {f(trl['peak_gib'], '{:.1f}')} | "
-              f"{trl.get('kv_cache_tokens') or '-'} | 1.00 |")
+        print(f"| TRL GRPOTrainer | engine seed (TRL's) | {f(trl['step_s'])} | - | - | - | - | - | - | - | - | - | "
+              f"{f(trl['peak_gib'], '{:.1f}')} | {trl.get('kv_cache_tokens') or '-'} | 1.00 |")
+    print("\nvs vLLM alone: the vLLM-alone row of the same seeding and log-prob setting. TRL 1.16 passes no "
+          "per-request seed (vllm.LLM(seed=process_index // tp), n=1 per repeated prompt).")
 
 
 def main() -> int:
@@ -254,15 +331,22 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/e2e"))
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".cache/demo/SmolLM2-135M-Instruct",
                     help="a directory with SmolLM2's tokenizer files (vocab 49152)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4, help="steps per run; times are the median of 2..N")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--gpu-util", type=float, default=0.42, help="vLLM gpu_memory_utilization, both frameworks")
     ap.add_argument("--label", default="default")
     ap.add_argument("--override", action="append", default=[], help="extra megatron-rl config overrides")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="'LABEL:key=v,key=v': one mrl run (own process) per variant, on top of --override")
     ap.add_argument("--skip", action="append", default=[], help="parts `all` leaves out")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    if a.part == "prepare":
+    for spec in a.variant:
+        parse_variant(spec)                         # refuse a malformed spec before any device work
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if a.part == "mrl" and a.variant:
+        run_variants(a, env)
+    elif a.part == "prepare":
         prepare(a.dir, a.tokenizer)
     elif a.part == "vllm":
         run_vllm(a.dir, a.gpu_util, a.reps)
@@ -273,7 +357,6 @@ def main() -> int:
     elif a.part == "table":
         table(a.dir)
     else:
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         me = [sys.executable, __file__]
         common = ["--dir", str(a.dir), "--steps", str(a.steps), "--gpu-util", str(a.gpu_util)]
         runs = [me + ["prepare", "--dir", str(a.dir), "--tokenizer", str(a.tokenizer)],
@@ -285,6 +368,9 @@ def main() -> int:
             if part in a.skip:
                 continue
             print(f"== {part}", flush=True)
+            if part == "mrl" and a.variant:
+                run_variants(a, env)
+                continue
             rc = subprocess.call(cmd, env=env)
             if rc:
                 print(f"{part} exited {rc}", flush=True)
