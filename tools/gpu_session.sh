@@ -6,7 +6,7 @@
 # Stages: memory (planner vs measured peaks, 1 GPU) | memory2 (2 GPUs) | multi (TP=2/PP=2 step
 # parity + fused loss TP=2, 2 GPUs) | fusedtp (fused vs naive loss
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | vlvgr (VGR over the vision span, Qwen2.5-VL-3B-shaped, 1 GPU) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
-# offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
+# offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vllmvl (vLLM rollouts on image prompts through the Trainer, 1 GPU; VLLMVL_RUNS picks runs) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | vmoe (vLLM on a Qwen3-30B-A3B-shaped slice: MoE weight sync GB/s, routing replay
 # with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
 #
@@ -107,6 +107,12 @@ stage_vdp() {     # all GPUs: Trainer GRPO at DP = n/2 x TP=2 with one vLLM TP=2
   PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 400 python3 -m torch.distributed.run --standalone --nproc-per-node $n \
     tools/gpu_vllm_spmd.py --model-config "$SMOL" --mode grpo --tp 2 2>&1 \
     | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP"
+}
+
+stage_vllmvl() {   # issue #25: Trainer GRPO on image prompts with vLLM (frozen / trained tower, native reference, 3B-shaped)
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 590 python3 tools/gpu_vllm_vl.py ${VLLMVL_RUNS:+--runs "$VLLMVL_RUNS"} 2>&1 \
+    | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP\|it/s\]"
 }
 
 stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered architecture (own process)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 RUNS = ("tiny_frozen", "tiny_tower", "tiny_native", "big_tower")
 TIMEOUTS = {"tiny_frozen": 150, "tiny_tower": 150, "tiny_native": 90, "big_tower": 300}
+MIN_S = {"tiny": 40, "big": 120}             # a run is skipped when less of the budget is left
 BIG_TEXT = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                 num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6)
 BIG_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
@@ -208,18 +209,26 @@ def child(name: str, root: Path, steps: int, out: Path) -> int:
     t0 = time.time()
     try:
         cuda = torch.cuda.is_available()
+        if name.startswith("big"):     # written here (on the GPU), not in the parent, which stays off CUDA
+            model, _ = big_assets(root)
+            res["assets_s"] = time.time() - t0
+            try:
+                res["processor"] = check_processor(model)
+            except Exception as e:      # vLLM will say more; the run still goes
+                res["processor"] = f"FAILED {type(e).__name__}: {e}"
+            print(f"{name}: assets {res['assets_s']:.0f} s, processor {res['processor']}", flush=True)
         cfg = load_cfg(name, root, cuda, steps)
         res.update(plan_checks(cfg))
         from megatron_rl.trainer.main import build_trainer
 
         tr = build_trainer(cfg)
-        res["build_s"] = time.time() - t0
+        res["build_s"] = time.time() - t0 - res.get("assets_s", 0.0)
         try:
             tr.fit()
         finally:
             tr.logger.close()
             tr.rewards.close()
-        res["fit_s"] = time.time() - t0 - res["build_s"]
+        res["fit_s"] = time.time() - t0 - res["build_s"] - res.get("assets_s", 0.0)
         if cfg.rollout.engine == "vllm":
             res["expanded_match"] = "engine check passed every step; probe " + expansion_probe(tr)
         else:
@@ -318,6 +327,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--child", default="")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("VLLMVL_BUDGET_S", 290)),
+                    help="wall-clock budget of all runs; a run that cannot get its minimum is skipped")
     args = ap.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -331,31 +342,27 @@ def main() -> int:
     if args.dry_run:
         return dry_run(root, runs)
     notes, results = [], []
-    for kind, make in (("tiny", tiny_assets), ("big", big_assets)):
-        if not any(r.startswith(kind) for r in runs):
-            continue
-        try:
-            t = time.time()
-            model, _ = make(root)
-            notes.append(f"{kind} assets {model} ({time.time() - t:.0f} s)")
+    t_start = time.time()
+    if any(r.startswith("tiny") for r in runs):
+        try:   # CPU only; the 3B checkpoint is written by its own child (GPU), not here
+            model, _ = tiny_assets(root)
+            notes.append(f"tiny assets {model} ({time.time() - t_start:.0f} s)")
+            notes.append(f"tiny HF processor (use_fast=True): {check_processor(model)}")
         except Exception as e:
             traceback.print_exc()
-            notes.append(f"{kind} assets FAILED: {type(e).__name__}: {e}")
-            results += [{"run": r, "ok": False, "error": f"assets: {e}"} for r in runs if r.startswith(kind)]
-            runs = [r for r in runs if not r.startswith(kind)]
-            continue
-        try:      # what vLLM builds first; a failure here is reported, the runs still go
-            notes.append(f"{kind} HF processor (use_fast=True): {check_processor(model)}")
-        except Exception as e:
-            traceback.print_exc()
-            notes.append(f"{kind} HF processor FAILED: {type(e).__name__}: {e}")
-        print(notes[-2:], flush=True)
+            notes.append(f"tiny assets / processor FAILED: {type(e).__name__}: {e}")
+        print(notes, flush=True)
     for name in runs:
+        left = args.budget_s - (time.time() - t_start)
+        if left < MIN_S[name.split("_")[0]]:
+            results.append({"run": name, "ok": False, "error": f"skipped: {left:.0f} s left of --budget-s "
+                                                                f"{args.budget_s:.0f} (VLLMVL_RUNS={name} runs it alone)"})
+            continue
         steps = 2 if name.startswith("big") else args.steps
-        results.append(run_child(name, root, steps, TIMEOUTS[name]))
+        results.append(run_child(name, root, steps, int(min(TIMEOUTS[name], left))))
         report(results, notes)
+    report(results, notes)
     return 0 if results and all(r.get("ok") for r in results) else 1
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
