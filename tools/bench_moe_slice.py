@@ -2,7 +2,7 @@
 head_dim 128), 128 experts with top-8 routing (moe_intermediate 768, norm_topk_prob) and
 vocab 151936, but 4 layers; random weights written by transformers, loaded into Megatron-Core
 (`--layer-spec sdpa`: SequentialMLP experts; `--layer-spec te`: Transformer Engine with
-TEGroupedMLP experts under `--grouped-gemm auto|true`; alltoall dispatcher, router in fp32),
+TEGroupedMLP experts with `--grouped-gemm true`, auto keeps SequentialMLP; alltoall dispatcher, router in fp32),
 bf16. Times one PPO update (Policy.update: forward + backward + Adam) on 8 x 2048 tokens and
 the log-prob pass, prints TFLOP/s counted on the active parameters (6 x active x tokens for the
 update) and the update's measured peak next to the memory planner's train-phase prediction.
@@ -44,16 +44,20 @@ def make(out: Path, layers: int) -> Path:
     return out
 
 
-def planned_train_gib(path: Path, layer_spec: str, rows: int, seq: int) -> float:
-    """The planner's train-phase peak (no fixed overhead) for this run: 1 GPU, micro-batch 1 x
-    `seq`, `rows` micro-batches, bf16 with fp32 grads, distributed optimizer, fused loss."""
+def planned_train_gib(path: Path, layer_spec: str, rows: int, seq: int) -> tuple[float, float]:
+    """The planner's train-phase peak (no fixed overhead) for exactly this run: the slice's
+    config.json, 1 GPU, micro-batch 1 x `seq`, `rows` micro-batches in one optimizer step (PP=1:
+    one in flight), bf16 with fp32 grads, distributed optimizer, fused loss; flash attention and
+    fused swiglu as `plan/memory.py` sets them for a non-local spec (`megatron-rl plan`'s mapping)."""
     from megatron_rl.plan import memory as mp
 
     inputs = mp.PlanInputs(shape=mp.resolve_shape(str(path)), gpus=1, gpu_mem_gib=1e9, sp_supported=layer_spec == "te",
                            dtype="bfloat16", grad_fp32=True, distributed_optimizer=True, micro_batch=1, seq_len=seq,
-                           num_microbatches=rows, loss_path="fused", flash_attention=True, fused_swiglu=True,
-                           engine="native", colocate=False, overhead_gib=0.0)
-    return mp.estimate_stage(inputs, "only").train_allocated / mp.GiB
+                           num_microbatches=rows, loss_path="fused", flash_attention=layer_spec != "local",
+                           fused_swiglu=layer_spec != "local", engine="native", colocate=False, overhead_gib=0.0)
+    plan = mp.estimate_stage(inputs, "only")
+    resident = sum(plan.components[k] for k in ("actor weights", "actor grads", "optimizer"))
+    return plan.train_allocated / mp.GiB, resident / mp.GiB   # (train peak, weights + grads + optimizer state)
 
 
 def active_params(layers: int) -> float:
@@ -69,7 +73,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--layer-spec", default="sdpa", help="sdpa (SequentialMLP experts) | te | local")
-    ap.add_argument("--grouped-gemm", default="auto", help="model.moe.grouped_gemm: auto (= te spec) | true | false")
+    ap.add_argument("--grouped-gemm", default="auto", help="model.moe.grouped_gemm: true (TEGroupedMLP, te spec) | auto | false (SequentialMLP)")
     ap.add_argument("--iters", type=int, default=4, help="rounds; the first is a warm-up")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -103,7 +107,7 @@ def main() -> int:
                    "response_ids": torch.randint(0, A3B["vocab_size"], (b, r), generator=g),
                    "response_mask": torch.ones(b, r), "advantages": torch.randn(b, r, generator=g)},
                   [{"uid": str(i), "group": i // 4} for i in range(b)])
-    lp_times, up_times = [], []
+    lp_times, up_times, resident = [], [], float("nan")
     for i in range(args.iters):
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -111,6 +115,8 @@ def main() -> int:
         torch.cuda.synchronize()
         if i == 0:
             torch.cuda.reset_peak_memory_stats()        # the update's peak (optimizer state allocated in round 0)
+        if i == 1:
+            resident = torch.cuda.memory_allocated() / 2 ** 30   # weights + grads + optimizer state, between steps
         t1 = time.perf_counter()
         metrics = policy.update(batch, AlgosConfig(), mini_batch_size=0, ppo_epochs=1, use_ref=False, seed=i)
         torch.cuda.synchronize()
@@ -127,19 +133,26 @@ def main() -> int:
     print("|---|---:|---:|---:|")
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
     try:
-        planned = planned_train_gib(path, args.layer_spec, b, args.seq)
+        planned, planned_resident = planned_train_gib(path, args.layer_spec, b, args.seq)
     except Exception as e:                              # the timing still counts
         print(f"planner failed: {type(e).__name__}: {e}")
-        planned = float("nan")
+        planned = planned_resident = float("nan")
+    adam = type(getattr(opt, "optimizer", opt))
+    adam = f"{adam.__module__}.{adam.__name__}"
     print(f"| log-probs (forward) | {lp:.3f} | {2 * act * tokens / lp / 1e12:.1f} | |")
     print(f"| PPO update (fwd + bwd + Adam) | {up:.3f} | {6 * act * tokens / up / 1e12:.1f} | {peak:.1f} |")
-    print(f"planner train peak {planned:.1f} GiB vs measured {peak:.1f} GiB ({100 * (planned - peak) / peak:+.1f}%)")
+    err = 100 * (planned - peak) / peak
+    print(f"planner train peak {planned:.2f} GiB vs measured {peak:.2f} GiB: relative error {err:+.1f}% "
+          f"({'within' if abs(err) <= 10 else 'OUTSIDE'} 10%); resident between steps {resident:.2f} GiB vs planned "
+          f"weights + grads + optimizer {planned_resident:.2f} GiB; optimizer {adam} (torch's foreach Adam keeps "
+          "fp32 temporaries of the parameters in its step, TE/Apex FusedAdam does not; the planner counts none)")
     print(f"grad_norm {metrics[0]['grad_norm']:.4g}, update_ok {metrics[0]['update_ok']}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             layer_spec=args.layer_spec, grouped_gemm=args.grouped_gemm, experts=experts, layers=args.layers,
             tokens=tokens, active_params=act, logprob_s=lp, update_s=up, logprob_tflops=2 * act * tokens / lp / 1e12,
-            update_tflops=6 * act * tokens / up / 1e12, peak_gib=peak, planned_gib=planned,
+            update_tflops=6 * act * tokens / up / 1e12, peak_gib=peak, planned_gib=planned, planner_err_pct=err,
+            resident_gib=resident, planned_resident_gib=planned_resident, optimizer=adam,
             grad_norm=float(metrics[0]["grad_norm"]), update_ok=float(metrics[0]["update_ok"])), indent=1))
     return 0 if metrics[0]["update_ok"] == 1.0 else 1
 
