@@ -98,6 +98,8 @@ def big_assets(root: Path) -> tuple[Path, Path]:
         torch.set_default_dtype(old)
     hf.save_pretrained(model, safe_serialization=True)
     del hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     save_full_processor(model, patch=14, min_pixels=56 * 56, max_pixels=BIG_IMAGE * BIG_IMAGE * 4)
     return model, data
 
@@ -156,7 +158,10 @@ def overrides(name: str, root: Path, cuda: bool, steps: int) -> list[str]:
     o += (["model.dtype=bfloat16", "model.layer_spec=sdpa"] if cuda else ["model.dtype=float32", "model.layer_spec=local"])
     if big:   # 16 image tokens + ~20 text words; pixel bounds that keep 112x112 at its size
         o += ["data.max_prompt_length=64", f"data.image.max_pixels={BIG_IMAGE * BIG_IMAGE}",
-              f"data.image.min_pixels={56 * 56}", "actor.micro_batch_size=8"]
+              f"data.image.min_pixels={56 * 56}", "actor.micro_batch_size=8",
+              # ~50 GB of fp32 optimizer state + master weights: moving it to pinned host memory each step
+              # costs more than this run has; training state (~60 GB) + vLLM (0.3 x 141 GB) fit an H200
+              "actor.offload_during_rollout=none"]
     else:     # the tiny config has max_position_embeddings 256: vLLM refuses a longer max_model_len
         o += ["rollout.vllm.max_model_len=256"]
     return o
@@ -258,8 +263,8 @@ def _series(steps: list[dict], key: str, fmt: str = "{:.3g}") -> str:
 
 def table(results: list[dict]) -> str:
     head = ("| run | ok | rollout s (per step) | weight sync s | sync GB | sync GB/s | logprob_diff mean | "
-            "logprob_diff max | reward/mean | vLLM expanded prompts = ours | wall s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "logprob_diff max | reward/mean | vLLM expanded prompts = ours | build s (incl. vLLM start) | wall s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in results:
         st = r.get("steps", [])
@@ -270,7 +275,7 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['run']} | {ok} | {_series(st, 'timing/rollout')} | {_series(st, 'timing/weight_sync')} | "
                      f"{gb} | {_series(st, 'weight_sync/gbps')} | {_series(st, 'rollout/logprob_diff')} | "
                      f"{_series(st, 'rollout/logprob_diff_max')} | {_series(st, 'reward/mean')} | "
-                     f"{r.get('expanded_match', '-')} | {r.get('wall_s', 0):.0f} |")
+                     f"{r.get('expanded_match', '-')} | {r.get('build_s', 0):.0f} | {r.get('wall_s', 0):.0f} |")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from tests.models.vl_fixtures import write_vl_tokenizer
 
 # vLLM 0.26 Qwen2_5_VLForConditionalGeneration.hf_to_vllm_mapper.orig_to_new_prefix (first match wins)
 VLLM_PREFIXES = {"model.language_model.": "language_model.model.", "model.visual.": "visual.",
-                 "vision_tower.": "visual.", "lm_head.": "language_model.lm_head.", "model.": "language_model.model."}
+                 "lm_head.": "language_model.lm_head.", "model.": "language_model.model."}
 
 
 def vllm_name(name: str) -> str:
