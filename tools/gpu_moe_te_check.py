@@ -11,7 +11,7 @@
     choices are equal. The HF export stream bit-exact, and a dist-checkpoint from grouped
     experts loaded into SequentialMLP experts.
 (b) The Qwen3-30B-A3B-shaped 4-layer slice (tools/bench_moe_slice.py, one subprocess per
-    spec, 150 s each): te + grouped GEMM vs sdpa (SequentialMLP): log-prob pass and PPO
+    spec, at most 150 s each within `--budget-s`): te + grouped GEMM vs sdpa (SequentialMLP): log-prob pass and PPO
     update time, TFLOP/s on active parameters, measured update peak vs the planner's.
 
 Every check is guarded: a failure prints its traceback and the rest still runs.
@@ -25,6 +25,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -38,6 +39,7 @@ DEVICE = "cuda"
 SPEC = {"te": "te", "sdpa": "sdpa"}      # --cpu-smoke maps both to "local" (code paths only, no TE)
 GROUPED = {True: True, False: False}     # --cpu-smoke maps True to False (local has no grouped experts)
 VOCAB = 96
+START = time.monotonic()
 
 
 def _ids(device, padded: bool = True):
@@ -290,20 +292,24 @@ def bf16_grouped_ok(out: dict) -> bool | None:
     return None if r is None or "error" in r else bool(r["ok"])
 
 
-def section_slice(tmp: Path, out: dict, iters: int) -> None:
+def section_slice(tmp: Path, out: dict, iters: int, budget_s: float) -> None:
     rows = []
     for spec, gg in (("te", "true"), ("sdpa", "false")):
+        left = min(150.0, budget_s - (time.monotonic() - START))
+        if left < 45:
+            rows.append(dict(layer_spec=spec, error=f"skipped: {left:.0f} s of --budget-s left"))
+            continue
         js = tmp / f"slice_{spec}.json"
         cmd = [sys.executable, str(ROOT / "tools" / "bench_moe_slice.py"), "--layer-spec", spec, "--grouped-gemm", gg,
                "--iters", str(iters), "--json", str(js)]
         print("==", " ".join(cmd[1:]), flush=True)
         try:
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=left)
             tail = [ln for ln in (p.stdout + p.stderr).splitlines() if "warn" not in ln.lower()][-14:]
             print("\n".join(tail), flush=True)
             rows.append(json.loads(js.read_text()) if js.exists() else dict(layer_spec=spec, error=f"rc {p.returncode}"))
         except subprocess.TimeoutExpired:
-            rows.append(dict(layer_spec=spec, error="timed out after 150 s"))
+            rows.append(dict(layer_spec=spec, error=f"timed out after {left:.0f} s"))
         except Exception as e:
             traceback.print_exc()
             rows.append(dict(layer_spec=spec, error=f"{type(e).__name__}: {e}"))
@@ -334,6 +340,7 @@ def main() -> int:
     ap.add_argument("--skip-slice", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--iters", type=int, default=3, help="slice rounds (the first is a warm-up)")
+    ap.add_argument("--budget-s", type=float, default=280, help="wall-clock budget: (b)'s subprocesses get what is left")
     ap.add_argument("--cpu-smoke", action="store_true", help="section (a) on CPU with the local spec (no TE)")
     args = ap.parse_args()
     global DEVICE
@@ -359,7 +366,7 @@ def main() -> int:
             traceback.print_exc()
     if not args.skip_slice:
         try:
-            section_slice(tmp, out, args.iters)
+            section_slice(tmp, out, args.iters, args.budget_s)
         except Exception:
             traceback.print_exc()
     if args.json:

@@ -68,7 +68,7 @@ stage_trainer() { timeout 400 python3 tools/gpu_trainer_smoke.py 2>&1 | grep --l
 stage_rm() { timeout 300 python3 tools/bench_reward_model.py 2>&1 | grep --line-buffered -v -i warn | tail -12; }
 stage_rmstep() { timeout 300 python3 tools/gpu_reward_model_step.py 2>&1 | grep --line-buffered "^|\|Error\|error"; }
 stage_moe() { timeout 400 python3 tools/bench_moe_slice.py 2>&1 | grep --line-buffered -v -i warn | tail -10; }
-stage_moete() { timeout 560 python3 tools/gpu_moe_te_check.py --json "$OUT/moete.json" 2>&1 | grep --line-buffered -v -i "warn\|it/s\]"; }   # needs TE in /tmp/site
+stage_moete() { timeout -k 10 295 python3 tools/gpu_moe_te_check.py --json "$OUT/moete.json" 2>&1 | grep --line-buffered -v -i "warn\|it/s\]"; }   # needs TE in /tmp/site; (b)'s subprocesses time out at 150 s each
 stage_resume() { timeout 200 $R2 tools/gpu_resume_check.py save 2>&1 | grep --line-buffered -v -i warn | tail -4; timeout 200 $R1 tools/gpu_resume_check.py resume 2>&1 | grep --line-buffered -v -i warn | tail -8; }
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
 stage_fp8() { timeout 330 python3 tools/bench_fp8.py --json "$OUT/fp8.json" 2>&1 | grep --line-buffered -v -i warn; }   # sdpa/te bf16 vs te fp8 (needs TE)
@@ -123,7 +123,7 @@ stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered arc
 
 stage_vmoe() {     # issue #19: MoE weight sync into vLLM's fused-MoE layers + enable_return_routed_experts (1 GPU)
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
-  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 500 python3 tools/gpu_vllm_moe.py --layers "${VMOE_LAYERS:-2}" 2>&1 \
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout -k 10 295 python3 tools/gpu_vllm_moe.py --layers "${VMOE_LAYERS:-2}" 2>&1 \
     | grep --line-buffered -v -i warn
 }
 

@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -36,6 +37,13 @@ def row(metric: str, value) -> None:
     v = f"{value:.4g}" if isinstance(value, float) else str(value)
     ROWS.append((metric, v))
     print(f"{metric}: {v}", flush=True)
+
+
+def print_table() -> None:
+    table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in ROWS)
+    print("\n" + table, flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "vllm_moe.json").write_text(json.dumps(ROWS, indent=1))
 
 
 def timed_sync(engine, actor, bucket_mb: int, reps: int = 3) -> None:
@@ -61,24 +69,73 @@ def gap(policy, batch) -> tuple[float, dict]:
     return g, ({} if policy.routing_replay is None else policy.routing_replay.collect())
 
 
+def section_sync(engine, actor) -> None:
+    with torch.no_grad():            # vLLM must really take new weights
+        for p in actor.parameters():
+            p.mul_(1.01)
+    for mb in (256, 64):
+        timed_sync(engine, actor, mb)
+
+
+def section_routing(engine, actor, args) -> None:
+    from megatron_rl.data.batch import Batch
+    from megatron_rl.rollout.protocol import SamplingParams
+    from megatron_rl.trainer.policy import Policy
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 150000, (args.rows, 48), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(0, args.rows, 3):
+        mask[i, : 1 + i % 17] = 0                # left padding of varying length
+    batch = Batch({"prompt_ids": ids * mask, "prompt_mask": mask}, [{"uid": str(i)} for i in range(args.rows)])
+    t = time.perf_counter()
+    out = engine.generate(batch, SamplingParams(n=1, max_new_tokens=args.new_tokens, temperature=1.0, seed=1))
+    row("vLLM generate with routed experts, s", time.perf_counter() - t)
+    resp = out["response_routed_experts"]
+    fed = (out["response_mask"] > 0).clone()
+    lengths = fed.sum(-1).long()
+    fed[torch.arange(len(out)), (lengths - 1).clamp(min=0)] = False     # the last token is never fed
+    row("routing tensors (prompt, response)", f"{tuple(out['prompt_routed_experts'].shape)} "
+        f"{tuple(resp.shape)} {resp.dtype}")
+    row("fed response tokens with routing in every MoE layer (frac)", float((resp[fed] > 0).all(-1).all(-1).float().mean()))
+    on, off = Policy(actor, micro_batch_size=8, routing_replay=True), Policy(actor, micro_batch_size=8)
+    gap_on, metrics = gap(on, out)
+    gap_off, _ = gap(off, out)
+    for k, v in metrics.items():
+        row(k, v)
+    if "moe/replay_mismatch_frac" in metrics:
+        row("tokens whose trainer routing (no replay) equals vLLM's in every MoE layer (frac)",
+            1.0 - metrics["moe/replay_mismatch_frac"])
+    row("rollout/logprob_diff without replay", gap_off)
+    row("rollout/logprob_diff with replay", gap_on)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
+    try:
+        return run(args)
+    except Exception as e:                      # start-up failed: still print what was measured
+        traceback.print_exc()
+        row("start-up ERROR", f"{type(e).__name__}: {e}"[:200])
+        return 1
+    finally:
+        print_table()
+
+
+def run(args) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     import vllm
 
-    from megatron_rl.data.batch import Batch
     from megatron_rl.models import load_checkpoint
     from megatron_rl.models.moe_config import MoEConfig
     from megatron_rl.parallel import init_distributed
-    from megatron_rl.rollout.protocol import SamplingParams
     from megatron_rl.rollout.vllm_config import VLLMConfig
     from megatron_rl.rollout.vllm_engine import VLLMEngine, replay_layers
-    from megatron_rl.trainer.policy import Policy
     from tools.bench_moe_slice import make
     from tools.gpu_vllm import d2d_bandwidth
 
@@ -97,39 +154,16 @@ def main() -> int:
     engine = VLLMEngine(llm, tok, VLLMConfig(sleep_level=0), colocate=False, bucket_mb=256, dtype=torch.bfloat16,
                         routing_layers=layers)
     row("device-to-device copy GB/s (same run)", d2d_bandwidth())
-    with torch.no_grad():            # vLLM must really take new weights
-        for p in actor.parameters():
-            p.mul_(1.01)
-    for mb in (256, 64):
-        timed_sync(engine, actor, mb)
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 150000, (args.rows, 48), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(0, args.rows, 3):
-        mask[i, : 1 + i % 17] = 0                # left padding of varying length
-    batch = Batch({"prompt_ids": ids * mask, "prompt_mask": mask}, [{"uid": str(i)} for i in range(args.rows)])
-    t = time.perf_counter()
-    out = engine.generate(batch, SamplingParams(n=1, max_new_tokens=args.new_tokens, temperature=1.0, seed=1))
-    row("vLLM generate with routed experts, s", time.perf_counter() - t)
-    resp = out["response_routed_experts"]
-    fed = (out["response_mask"] > 0).clone()
-    lengths = fed.sum(-1).long()
-    fed[torch.arange(len(out)), lengths - 1] = False          # the last token is never fed
-    row("routing tensors (prompt, response)", f"{tuple(out['prompt_routed_experts'].shape)} "
-        f"{tuple(resp.shape)} {resp.dtype}")
-    row("fed response tokens with routing in every MoE layer (frac)", float((resp[fed] > 0).all(-1).all(-1).float().mean()))
-    on, off = Policy(actor, micro_batch_size=8, routing_replay=True), Policy(actor, micro_batch_size=8)
-    gap_on, metrics = gap(on, out)
-    gap_off, _ = gap(off, out)
-    for k, v in metrics.items():
-        row(k, v)
-    row("rollout/logprob_diff without replay", gap_off)
-    row("rollout/logprob_diff with replay", gap_on)
-    table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in ROWS)
-    print("\n" + table, flush=True)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "vllm_moe.json").write_text(json.dumps(ROWS, indent=1))
+    try:
+        section_sync(engine, actor)
+    except Exception as e:
+        traceback.print_exc()
+        row("sync ERROR", f"{type(e).__name__}: {e}"[:200])
+    try:
+        section_routing(engine, actor, args)
+    except Exception as e:
+        traceback.print_exc()
+        row("routing ERROR", f"{type(e).__name__}: {e}"[:200])
     return 0
 
 
