@@ -338,6 +338,7 @@ def main() -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")   # callables through apply_model (as gpu_vllm.py)
     runs = [r for r in args.runs.split(",") if r]
     bad = [r for r in runs if r not in RUNS]
     if bad:
