@@ -49,9 +49,11 @@ SEEDINGS = ("engine_seed", "request_seed")
 
 
 def vowel_reward(response: str, sample: dict | None = None) -> float:
-    """The benchmark's reward, identical in both frameworks: a cheap rule with variance."""
-    letters = [c for c in response.lower() if c.isalpha()]
-    return sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0
+    """The benchmark's reward, identical in both frameworks: a cheap rule with variance
+    (counted in C: the per-character generator took 72 ms for 512 random-token responses)."""
+    text = response.lower()
+    letters = sum(map(str.isalpha, text))
+    return sum(map(text.count, "aeiou")) / letters if letters else 0.0
 
 
 class PeakMemory:

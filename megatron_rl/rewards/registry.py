@@ -15,6 +15,7 @@ can be named in `reward.custom_functions` unchanged.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -53,13 +54,22 @@ def is_verl_signature(params) -> bool:
     return "solution_str" in params
 
 
-def call_reward(fn: RewardFn, response: str, sample: dict[str, Any], kwargs: dict[str, Any]) -> Any:
-    """Call `fn` in our convention or verl's."""
+@functools.lru_cache(maxsize=256)
+def _is_verl_fn(fn: RewardFn) -> bool:
     try:
-        params = inspect.signature(fn).parameters
+        return is_verl_signature(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
-        params = {}
-    if is_verl_signature(params):
+        return False
+
+
+def call_reward(fn: RewardFn, response: str, sample: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """Call `fn` in our convention or verl's (the signature is read once per function: it
+    cost ~20 us a call, 10 ms for 512 rows)."""
+    try:
+        verl = _is_verl_fn(fn)
+    except TypeError:                  # an unhashable callable: read its signature every call
+        verl = _is_verl_fn.__wrapped__(fn)
+    if verl:
         return fn(data_source=sample.get("data_source"), solution_str=response,
                   ground_truth=sample.get("ground_truth"), extra_info=sample.get("extra_info"), **kwargs)
     return fn(response, sample, **kwargs)

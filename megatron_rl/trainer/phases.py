@@ -49,13 +49,10 @@ def rollout(tr, prompts: Batch, step: int, round_: int = 0) -> Batch:
 
 
 def decode_responses(tokenizer, batch: Batch) -> list[str]:
-    texts = []
-    ids, mask = batch["response_ids"], batch["response_mask"]
-    attn = batch.get("response_attention_mask")
-    for i in range(len(batch)):
-        keep = (attn[i] > 0) if attn is not None else (mask[i] > 0)
-        texts.append(tokenizer.decode(ids[i][keep].tolist(), skip_special_tokens=True))
-    return texts
+    """One batched decode (rewards/decode.py says why)."""
+    from megatron_rl.rewards.decode import decode_responses as decode
+
+    return decode(tokenizer, batch)
 
 
 def rewards(tr, batch: Batch) -> dict[str, float]:
