@@ -10,6 +10,10 @@ hold the real tokens of whole rows as one `[1, T]` stream (models/packing.py), w
 per-token training tensor stays in the rows' `[n, R]` response layout: per-token outputs
 computed on the stream are scattered there, so loss aggregation is the padded path's.
 
+`trim_padding` cuts a padded micro-batch to the columns some row uses (Policy, PP=1 only:
+the pipeline schedule needs one shape; the collated batch is already cut to its own longest
+prompt and response, so this only helps where a micro-batch's rows are all shorter).
+
 A padded micro-batch of image prompts also holds `images`, an `ImageBatch` of its rows'
 `sample["images"]` in row order (data/multimodal.py); packing refuses images (Policy).
 """
@@ -60,6 +64,29 @@ def make_microbatches(batch: Batch, micro_batch_size: int) -> list[dict[str, tor
         mb["response_mask"] = mb["response_mask"] * mb["row_valid"][:, None]
         mbs.append(mb)
     return mbs
+
+
+def trim_padding(mb: dict) -> dict:
+    """`mb` without its leading all-pad prompt columns and trailing response columns that no row
+    attends to or scores; `prompt_len` and the `[b, R]` tensors follow. Log-probs are unchanged:
+    positions count real tokens (`position_ids_from_mask`) and no real token attends to a pad
+    column; `response_width` keeps the padded R for losses that divide by it. Not for image prompts (M-RoPE ids and image features are laid out per padded row)."""
+    am, p, r = mb["attention_mask"], int(mb["prompt_len"]), mb["labels"].shape[1]
+    used = am.bool().any(0)
+    lead = min(int(used[:p].long().argmax()) if bool(used[:p].any()) else p, p - 1)   # keep position p-1
+    resp_used = used[p:] | (mb["response_mask"] != 0).any(0)
+    tail = int(resp_used.nonzero().max()) + 1 if bool(resp_used.any()) else 1
+    if lead == 0 and tail == r:
+        return mb
+    out = dict(mb)
+    out["input_ids"], out["attention_mask"] = mb["input_ids"][:, lead:p + tail], am[:, lead:p + tail]
+    out["labels"] = mb["labels"][:, :tail]
+    for k in PER_TOKEN_KEYS:
+        if k in mb:
+            out[k] = mb[k][:, :tail]
+    out["prompt_len"] = torch.tensor(p - lead)
+    out["response_width"] = torch.tensor(r)        # the padded R (Dr.GRPO's default norm_len)
+    return out
 
 
 def make_packed_microbatches(batch: Batch, max_tokens: int, *, pad_to: int | None = None,

@@ -23,7 +23,7 @@ from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.routing_replay import RoutingReplay
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
-                                            move_microbatch, response_logits, scatter_rows)
+                                            move_microbatch, response_logits, scatter_rows, trim_padding)
 from megatron_rl.parallel.pipeline import broadcast_from_last_stage, broadcast_metrics, tp_group
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
@@ -54,6 +54,7 @@ class Policy(Offloadable):
         self.vocab_size = self.chunks[0].arch.vocab_size
         self.backend = fused_backend
         self.max_tokens = max_tokens_per_microbatch
+        self.trim_padding = True  # padded log-prob/update micro-batches cut to their used columns (when safe)
         self.steering = None      # a SteeringController attached to this model, or None
         self.moe_metrics = MoEMetrics.attach(self.chunks)   # None for dense models (models/moe_metrics.py)
         # `model.moe.routing_replay` on the actor (the reference keeps its own routing): None when off
@@ -106,9 +107,11 @@ class Policy(Offloadable):
 
     def _train_microbatches(self, batch: Batch) -> list[dict]:
         """Micro-batches for log-probs and the update: packed by token budget when
-        `max_tokens_per_microbatch > 0`, padded otherwise."""
+        `max_tokens_per_microbatch > 0`, padded otherwise (cut to their used columns where
+        `_can_trim`)."""
         if not self.max_tokens:
-            return self._microbatches(batch)
+            mbs = self._microbatches(batch)
+            return [trim_padding(mb) for mb in mbs] if self._can_trim(batch) else mbs
         self._check_packable(batch)
         from megatron.core import parallel_state as mpu
 
@@ -119,6 +122,20 @@ class Policy(Offloadable):
         device = self._device()
         return [move_microbatch(mb, device) for mb in
                 make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
+
+    def _can_trim(self, batch: Batch) -> bool:
+        """Padded micro-batches may differ in shape only without pipelining; sequence/context
+        parallelism and FP8 need aligned lengths; image prompts (M-RoPE, per-row image features),
+        routing replay (recorded experts per padded column) and steering (per-column strengths)
+        keep the batch's layout."""
+        from megatron.core import parallel_state as mpu
+
+        cfg = self.chunks[0].config
+        return (self.trim_padding and mpu.get_pipeline_model_parallel_world_size() == 1
+                and mpu.get_context_parallel_world_size() == 1
+                and not getattr(cfg, "sequence_parallel", False) and not getattr(cfg, "fp8", None)
+                and self.routing_replay is None and self.steering is None
+                and vision_language_model(self.chunks[0]) is None and not any("images" in s for s in batch.samples))
 
     def _check_packable(self, batch: Batch) -> None:
         from megatron_rl.steering.rollout_is import UnsteeredTraining
@@ -269,16 +286,19 @@ class Policy(Offloadable):
         mbs = self._train_microbatches(mini)
         set_loss_scales(mbs, algos.loss_agg_mode, algos.token_weights_apply_to)
         kl_coef = algos.kl_loss_coef if (algos.use_kl_loss and use_ref) else 0.0
+        loss_kwargs = algos.actor_loss_kwargs()
 
         def loss_fn(mb, output):
+            kwargs = loss_kwargs
+            if kwargs["norm_len"] is None and "response_width" in mb:    # trimmed: Dr.GRPO divides by padded R
+                kwargs = {**kwargs, "norm_len": int(mb["response_width"])}
             lp, ent = self._token_stats(output, mb)
             old = mb.get("old_logprob")        # None: on-policy, the old log-probs are this forward's (detached)
             ref = mb.get("ref_logprob") if kl_coef else None
             loss, metrics = actor_loss(
                 lp.detach() if old is None else old.to(lp.dtype), lp, mb["advantages"].to(lp.dtype),
                 mb["response_mask"], token_weights=mb.get("token_weights"),
-                ref_logprob=None if ref is None else ref.to(lp.dtype), kl_coef=kl_coef, entropy=ent,
-                **algos.actor_loss_kwargs())
+                ref_logprob=None if ref is None else ref.to(lp.dtype), kl_coef=kl_coef, entropy=ent, **kwargs)
             info = {k: float(v) for k, v in metrics.items()}
             info["_w"] = float(mb["loss_scale"]) / len(mbs)
             return loss * mb["loss_scale"], info
@@ -326,8 +346,8 @@ def packed_shape(max_tokens: int, *, tp: int, pp: int, sequence_parallel: bool,
 def _batch_rows(res: list[dict], key: str, n: int, r: int) -> torch.Tensor:
     """`[n, R]` from per-micro-batch results: packed ones name their rows, padded ones
     come in order (the last may carry filler rows)."""
-    if "rows" not in res[0]:
-        return torch.cat([x[key] for x in res])[:n]
+    if "rows" not in res[0]:        # trimmed micro-batches (trim_padding) are narrower: pad back to R
+        return torch.cat([torch.nn.functional.pad(x[key], (0, r - x[key].shape[1])) for x in res])[:n]
     out = torch.zeros(n, r)
     for x in res:
         out[x["rows"]] = x[key]
