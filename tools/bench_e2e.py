@@ -141,9 +141,14 @@ def vllm_params(vllm, seeding: str, logprobs: bool) -> list:
 
 def run_vllm(d: Path, gpu_util: float, reps: int) -> None:
     """vLLM alone: the same prompts, n, length and engine settings; both seedings, with and
-    without log-probs (each row guarded: a failure is recorded, the others still run)."""
+    without log-probs (each row guarded: a failure is recorded, the others still run). Each rep
+    seeds the device generator as the engine does (vllm_device.py), so `same_tokens` checks that
+    an engine-seeded draw repeats for the same batch (in-process vLLM)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from transformers import AutoTokenizer
+
+    from megatron_rl.rollout.vllm_device import seeded_device_generator
 
     tok = AutoTokenizer.from_pretrained(d / "model")
     reqs = [{"prompt_token_ids": tok(p)["input_ids"]} for p in prompts()]
@@ -156,17 +161,20 @@ def run_vllm(d: Path, gpu_util: float, reps: int) -> None:
                 name, sp = vllm_row(seeding, logprobs), vllm_params(vllm, seeding, logprobs)
                 try:
                     llm.generate(reqs, sp, use_tqdm=False)                     # warm-up (graphs, allocator)
-                    times = []
+                    times, drawn = [], []
                     for _ in range(reps):
                         t0 = time.perf_counter()
-                        res = llm.generate(reqs, sp, use_tqdm=False)
+                        with seeded_device_generator(7):
+                            res = llm.generate(reqs, sp, use_tqdm=False)
                         times.append(time.perf_counter() - t0)
+                        drawn.append([list(c.token_ids) for r in res for c in r.outputs])
                 except Exception as e:     # noqa: BLE001 - one row's failure must not lose the others
                     out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
                     continue
                 tokens = sum(len(c.token_ids) for r in res for c in r.outputs)
                 out[name] = {"s": statistics.median(times), "tokens": tokens,
-                             "tokens_per_s": tokens / statistics.median(times)}
+                             "tokens_per_s": tokens / statistics.median(times),
+                             "same_tokens": all(x == drawn[0] for x in drawn)}
                 print(f"vllm {name}: {out[name]}", flush=True)
     out["peak_gib"] = mem.peak_gib
     write(d, "vllm", out)
@@ -299,14 +307,16 @@ def table(d: Path) -> None:
     alone = lambda seeding, lp: (v or {}).get(vllm_row(seeding, lp), {}).get("s")
     f = lambda x, fmt="{:.2f}": fmt.format(x) if isinstance(x, (int, float)) else "-"
     if v:
-        print("| vLLM alone | no log-probs s | tokens/s | `logprobs=0` s | tokens/s |\n|---|---:|---:|---:|---:|")
+        print("| vLLM alone | no log-probs s | tokens/s | `logprobs=0` s | tokens/s | same tokens per rep |\n"
+              "|---|---:|---:|---:|---:|---|")
         for seeding in SEEDINGS:
             cells = []
             for lp in (False, True):
                 row = v.get(vllm_row(seeding, lp), {})
                 cells += [f(row.get("s")), f(row.get("tokens_per_s"), "{:,.0f}")] if "s" in row else [
                     row.get("error", "-")[:60], "-"]
-            print(f"| {seeding} | " + " | ".join(cells) + " |")
+            same = [str(v.get(vllm_row(seeding, lp), {}).get("same_tokens", "-")) for lp in (False, True)]
+            print(f"| {seeding} | " + " | ".join(cells) + f" | {' / '.join(same)} |")
         print(f"\nvLLM alone: peak {v['peak_gib']:.1f} GiB, KV cache {v.get('kv_cache_tokens')} tokens\n")
     print("| run | seeding | step s (median 2..N) | rollout s | gen tokens/s | vs vLLM alone | old logprob s | "
           "update s | offload + onload s | weight sync s | reward s | torch reserved GiB | peak GiB | KV tokens | vs TRL |")
