@@ -8,7 +8,7 @@
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | vlvgr (VGR over the vision span, Qwen2.5-VL-3B-shaped, 1 GPU) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
 # offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vllmvl (vLLM rollouts on image prompts through the Trainer, 1 GPU; VLLMVL_RUNS picks runs) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | vmoe (vLLM on a Qwen3-30B-A3B-shaped slice: MoE weight sync GB/s, routing replay
-# with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite).
+# with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite) | e2e (tools/bench_e2e.py, E2E_ARGS; stage with tools/gpu_stage.sh).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
 # parts of an xz tarball (../shared/gpu-wheels/build_vllm_bundle.sh, re-split at 50 MB
@@ -113,6 +113,13 @@ stage_vllmvl() {   # issue #25: Trainer GRPO on image prompts with vLLM (frozen 
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
   PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout 590 python3 tools/gpu_vllm_vl.py ${VLLMVL_RUNS:+--runs "$VLLMVL_RUNS"} 2>&1 \
     | grep --line-buffered -v -i "warn\|Capturing CUDA\|Unknown MLP\|it/s\]"
+}
+
+stage_e2e() {      # issue #20: tools/bench_e2e.py all, parts and variants from E2E_ARGS; results kept in /tmp/e2e
+  export VLLM_ENABLE_V1_MULTIPROCESSING=0
+  PYTHONPATH="/tmp/vsite:$PYTHONPATH" timeout -k 10 "${E2E_TIMEOUT:-580}" python3 tools/bench_e2e.py all --dir /tmp/e2e \
+    --tokenizer "${E2E_TOKENIZER:-/tmp/tok}" ${E2E_ARGS:-} 2>&1 | grep --line-buffered -v -i "warn\|it/s\]\|Capturing CUDA"
+  cp /tmp/e2e/*.json "$OUT/" 2>/dev/null; ls /tmp/e2e
 }
 
 stage_vgraph() {   # vLLM with torch.compile + CUDA graphs, plain vs steered architecture (own process)
