@@ -41,6 +41,14 @@ def plan_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_memory_gib() -> float:
+    """This GPU's memory for the plan's estimate (the planner's 80 GiB default is an H100's;
+    on an H200 it misjudged vLLM's `gpu_memory_utilization` share by 25 GiB)."""
+    if not torch.cuda.is_available():
+        return 80.0
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+
+
 def world_size() -> int:
     """The world the plan is resolved for: the whole torchrun world (the plan takes the rollout
     ranks of a disaggregated placement off), else the initialised or launched one."""
@@ -64,7 +72,7 @@ def bootstrap(cfg: Config) -> RunContext:
 
     if not cfg.model.path:
         raise ValueError("model.path is required (an HF directory or a megatron-rl checkpoint)")
-    plan = resolve_plan(cfg, world_size=world_size(), device=plan_device())
+    plan = resolve_plan(cfg, world_size=world_size(), device=plan_device(), gpu_mem_gib=device_memory_gib())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     m = cfg.model
