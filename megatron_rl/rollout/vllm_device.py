@@ -7,16 +7,13 @@ memory vLLM cannot have. The offloader empties the cache when it runs; with
 then hit a CUDA OOM in vLLM's wake (H200, docs/BENCHMARKS.md). The engine calls this before
 every wake.
 
-`seeded_device_generator`: without per-request seeds vLLM samples from the device's default
-generator, which an in-process engine shares with the trainer (vLLM seeds it once at start-up,
-the trainer draws from it afterwards, differently on each rank). Seeding it per generate makes
-the draw depend only on the step's seed and the batch, so the ranks of one vLLM TP group, and
-the PP stages of one DP rank, sample the same tokens; the trainer's state is restored after.
+No device-generator seeding here: re-seeding the device's default generator around a generate
+(`torch.cuda.manual_seed`) was measured not to make vLLM's draw repeat (H200, vLLM 0.26,
+`tools/bench_e2e.py vllm`, 2026-12-01: `same_tokens` false for engine-seeded reps under one
+device seed, true with request seeds), so reproducibility comes from per-request seeds
+(`rollout.vllm.per_request_seed`).
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -31,26 +28,3 @@ def release_torch_cache() -> dict[str, float]:
     torch.cuda.empty_cache()
     return {"perf/torch_reserved_gib": before / _GIB,
             "perf/torch_released_gib": (before - torch.cuda.memory_reserved()) / _GIB}
-
-
-def generate_seed(step_seed: int | None, engine_seed: int, dp_rank: int) -> int | None:
-    """One seed per (step, rollout.vllm.seed, trainer DP rank): DP ranks draw different noise,
-    the ranks of one DP rank the same. None (no step seed): leave the generator alone."""
-    if step_seed is None:
-        return None
-    return (int(step_seed) + 1_000_003 * int(engine_seed) + 7_919 * int(dp_rank)) % 2 ** 63
-
-
-@contextmanager
-def seeded_device_generator(seed: int | None) -> Iterator[None]:
-    """The current CUDA device's default generator seeded with `seed` inside, restored after."""
-    if seed is None or not torch.cuda.is_available():
-        yield
-        return
-    device = torch.cuda.current_device()
-    state = torch.cuda.get_rng_state(device)
-    torch.cuda.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.cuda.set_rng_state(state, device)

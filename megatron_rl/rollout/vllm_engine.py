@@ -43,7 +43,7 @@ import torch
 from megatron_rl.data.batch import Batch
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.vllm_config import VLLMConfig
-from megatron_rl.rollout.vllm_device import generate_seed, release_torch_cache, seeded_device_generator
+from megatron_rl.rollout.vllm_device import release_torch_cache
 from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lists, request_seeds,
                                               steering_groups, vllm_sampling_kwargs)
 from megatron_rl.rollout.vllm_multimodal import (attach_images, check_expanded_prompts, vision_skip_prefixes,
@@ -73,8 +73,7 @@ def _load_on_worker(payload, model) -> int:
 class VLLMEngine:
     def __init__(self, llm, tokenizer, config: VLLMConfig | None = None, *, colocate: bool = True,
                  bucket_mb: float = 256, dtype: torch.dtype | None = None, steering_scope: str | None = None,
-                 routing_layers: tuple[int, ...] | None = None, skip_prefixes: tuple[str, ...] = (),
-                 dp_rank: int = 0):
+                 routing_layers: tuple[int, ...] | None = None, skip_prefixes: tuple[str, ...] = ()):
         from megatron_rl.rollout.native_engine import eos_token_ids
 
         self.llm, self.tokenizer = llm, tokenizer
@@ -93,7 +92,6 @@ class VLLMEngine:
         self.last_metrics: dict[str, float] = {}
         self.routing_layers = routing_layers          # MoE layers whose routing vLLM returns (None: not asked)
         self.skip_prefixes = tuple(skip_prefixes)     # HF names never synced (a frozen vision tower: visual.)
-        self.dp_rank = dp_rank                        # the trainer's DP rank: its share of the engine seed
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -136,8 +134,7 @@ class VLLMEngine:
         kwargs.update(extra)
         llm = vllm.LLM(**kwargs)
         engine = cls(llm, tokenizer, v, colocate=r.colocate, bucket_mb=r.weight_sync_bucket_mb,
-                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers, skip_prefixes=vision_skip_prefixes(cfg),
-                     dp_rank=_trainer_dp_rank())
+                     dtype=_DTYPES.get(dtype), routing_layers=routing_layers, skip_prefixes=vision_skip_prefixes(cfg))
         if steering is not None:
             engine.attach_intervention(steering[0], steering[1], steer.scope)
         return engine
@@ -169,8 +166,9 @@ class VLLMEngine:
 
         wake_metrics = self._wake_for_generate()
         prompts = prompt_token_lists(batch)
-        per_request = self.cfg.per_request_seed      # else one engine draw (rollout.vllm.per_request_seed says why)
-        seeds = request_seeds(sampling, len(batch)) if per_request else [None] * len(batch)
+        # One seed per prompt (the step's seed is this DP rank's), or None: vLLM's engine generator
+        # (rollout.vllm.per_request_seed says what was measured).
+        seeds = request_seeds(sampling, len(batch)) if self.cfg.per_request_seed else [None] * len(batch)
         kwargs = [vllm_sampling_kwargs(sampling, s, self.eos_ids) for s in seeds]
         requests = [{"prompt_token_ids": p} for p in prompts]
         image_rows = attach_images(batch, requests, self._image_pad_id)
@@ -191,14 +189,12 @@ class VLLMEngine:
                             len(groups), len(batch),
                             " and prompt length" if self.steering_scope != "all" else "")
         params = [vllm.SamplingParams(**kw) for kw in kwargs]
-        seed = None if per_request else generate_seed(sampling.seed, self.cfg.seed, self.dp_rank)
-        with seeded_device_generator(seed):
-            for strengths, plen, idx in groups:
-                if self.steering_scope is not None and not self.per_request:
-                    self._set_steering(strengths, plen)
-                res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
-                for i, o in zip(idx, res):
-                    outputs[i] = o
+        for strengths, plen, idx in groups:
+            if self.steering_scope is not None and not self.per_request:
+                self._set_steering(strengths, plen)
+            res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
+            for i, o in zip(idx, res):
+                outputs[i] = o
         self.last_metrics.update(wake_metrics)
         check_expanded_prompts(prompts, outputs, image_rows)
         out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs,
@@ -325,17 +321,6 @@ def _attach_on_worker(model, **kwargs) -> bool:
     from megatron_rl.steering.vllm_hooks import attach_vllm_steering
 
     return bool(getattr(attach_vllm_steering(model, **kwargs), "per_request", False))
-
-
-def _trainer_dp_rank() -> int:
-    """This rank's trainer DP rank (0 outside a torchrun world)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return 0
-    from megatron.core import parallel_state as mpu
-
-    return mpu.get_data_parallel_rank()
 
 
 def replay_layers(cfg) -> tuple[int, ...] | None:

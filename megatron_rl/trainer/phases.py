@@ -12,23 +12,39 @@ import torch
 from megatron_rl.algos import get_advantage_estimator, kl_penalty
 from megatron_rl.data.batch import Batch
 from megatron_rl.logging.values import MeanOver
-from megatron_rl.parallel.data_parallel import dp_group, dp_mean, dp_mean_count
+from megatron_rl.parallel.data_parallel import dp_group, dp_mean, dp_mean_count, dp_rank_size
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rewards.length_shaping import apply_length_shaping
+
+
+DP_SEED_STRIDE = 2 ** 32     # wider than a run's spread of engine-side offsets (prompts x n, rounds, chunks)
+
+
+def rollout_seed(trainer_seed: int, step: int, dp_rank: int, validation: bool = False) -> int:
+    """The rollout's seed for one (step, DP rank): each DP rank samples its own prompts with its
+    own noise (one shared seed gave DP ranks correlated draws: the same per-prompt vLLM seeds, the
+    same native generator stream); the TP/PP/CP/EP peers of a DP rank share it, so they sample
+    the same tokens. The engines add their own offsets (per prompt, round, chunk) below the stride,
+    so two DP ranks never share a seed; DP rank 0 keeps the seeds of a DP=1 run."""
+    base = int(trainer_seed) if validation else int(trainer_seed) * 100003 + int(step)
+    return base + DP_SEED_STRIDE * int(dp_rank)
 
 
 def sampling_params(cfg, step: int, validation: bool = False, plan=None) -> SamplingParams:
     """Training rollouts, or validation's (greedy by default; `ignore_eos` / `min_new_tokens`,
     benchmark knobs, apply to training rollouts only). The engine's log-probs are asked for
-    only where the plan says something reads them (`rollout.engine_logprobs`)."""
+    only where the plan says something reads them (`rollout.engine_logprobs`). The seed is this
+    DP rank's (`rollout_seed`); a disaggregated rollout gets trainer rank 0's (DP rank 0) for the
+    whole batch, its rollout ranks one request's seed."""
     r = cfg.rollout
+    seed = rollout_seed(cfg.trainer.seed, step, dp_rank_size()[0], validation=validation)
     if validation:
         return SamplingParams(temperature=r.val_temperature or 1.0, greedy=r.val_greedy or r.val_temperature == 0.0,
-                              n=1, max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=cfg.trainer.seed,
+                              n=1, max_new_tokens=r.max_new_tokens, stop=list(r.stop), seed=seed,
                               logprobs=False)
     return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, n=r.n,
                           max_new_tokens=r.max_new_tokens, stop=list(r.stop),
-                          seed=cfg.trainer.seed * 100003 + step, ignore_eos=r.ignore_eos,
+                          seed=seed, ignore_eos=r.ignore_eos,
                           min_new_tokens=r.min_new_tokens,
                           logprobs=plan.rollout.engine_logprobs if plan is not None else True)
 

@@ -1,23 +1,27 @@
-"""rollout.vllm.per_request_seed and the device steps around a colocated generate: seeds per
-prompt (True) or none plus a seeded device generator (False, the default), torch's cache
-released before every wake, with its size in the rollout metrics."""
+"""Rollout seeds: rollout.vllm.per_request_seed (true by default: one seed per prompt; false:
+vLLM's engine generator, the device generator left alone), the step's seed per DP rank for every
+engine (trainer/phases.py `rollout_seed`), and torch's cache released before every vLLM wake."""
 import pytest
 import torch
 
+from megatron_rl.config.schema import Config
 from megatron_rl.rollout import vllm_device
 from megatron_rl.rollout.protocol import SamplingParams
+from megatron_rl.rollout.vllm_config import VLLMConfig
+from megatron_rl.rollout.vllm_convert import request_seeds
+from megatron_rl.trainer import phases
 from tests.rollout.test_rollout_vllm_engine import _engine, _prompts
 
 
 class FakeCuda:
-    """The few torch.cuda calls vllm_device makes, recorded in order."""
+    """The few torch.cuda calls the engine may make, recorded in order."""
 
     def __init__(self, monkeypatch, reserved=(6 * 2 ** 30, 2 ** 30)):
         self.calls, self.reserved = [], list(reserved)
         for name, fn in [("is_available", lambda: True), ("current_device", lambda: 0),
-                         ("get_rng_state", lambda d: self.calls.append(("get_rng", d)) or "trainer-state"),
+                         ("get_rng_state", lambda d=0: self.calls.append(("get_rng", d)) or "trainer-state"),
                          ("manual_seed", lambda s: self.calls.append(("seed", s))),
-                         ("set_rng_state", lambda st, d: self.calls.append(("set_rng", st, d))),
+                         ("set_rng_state", lambda st, d=0: self.calls.append(("set_rng", st, d))),
                          ("memory_reserved", lambda: self.reserved.pop(0) if len(self.reserved) > 1 else self.reserved[0]),
                          ("empty_cache", lambda: self.calls.append(("empty_cache",)))]:
             monkeypatch.setattr(torch.cuda, name, fn)
@@ -34,34 +38,51 @@ def _sent(eng):
     return seen
 
 
+def test_rollout_vllm_per_request_seed_is_the_default():
+    assert VLLMConfig().per_request_seed is True and Config().rollout.vllm.per_request_seed is True
+
+
 @pytest.mark.parametrize("per_request", [False, True])
 def test_rollout_vllm_per_request_seed_setting(fake_vllm, monkeypatch, per_request):
     cuda = FakeCuda(monkeypatch)
     eng = _engine(sleep_level=0, per_request_seed=per_request, seed=3)
-    eng.dp_rank = 1
     seen = _sent(eng)
     eng.generate(_prompts(), SamplingParams(n=2, max_new_tokens=2, seed=100))
-    if per_request:       # one seed per prompt, room for its n children; the device generator untouched
-        assert seen == [100, 102, 104] and not [c for c in cuda.calls if c[0] != "empty_cache"]
-    else:                 # no request seed; the generator seeded for this call, the trainer's state restored
-        assert seen == [None, None, None]
-        assert cuda.calls == [("get_rng", 0), ("seed", 100 + 1_000_003 * 3 + 7_919), ("set_rng", "trainer-state", 0)]
+    # True: one seed per prompt, room for its n children; False: none (vLLM's engine generator).
+    assert seen == ([100, 102, 104] if per_request else [None, None, None])
+    assert not [c for c in cuda.calls if c[0] != "empty_cache"]      # the device generator is never touched
 
 
-def test_rollout_vllm_engine_seed_differs_by_step_and_dp_rank_only():
-    seeds = {vllm_device.generate_seed(step, 0, dp) for step in range(4) for dp in range(3)}
+def test_rollout_seed_differs_by_dp_rank_only():
+    seeds = {phases.rollout_seed(42, step, dp) for step in range(4) for dp in range(3)}
     assert len(seeds) == 12
-    assert vllm_device.generate_seed(7, 1, 2) == vllm_device.generate_seed(7, 1, 2)
-    assert vllm_device.generate_seed(None, 1, 2) is None      # no step seed: the generator is left alone
+    assert phases.rollout_seed(42, 7, 2) == phases.rollout_seed(42, 7, 2)      # TP/PP/EP peers of DP rank 2
+    assert phases.rollout_seed(42, 7, 0) == 42 * 100003 + 7                    # DP rank 0 = a DP=1 run's seed
+    assert phases.rollout_seed(42, 0, 1, validation=True) != phases.rollout_seed(42, 0, 0, validation=True)
+
+
+def test_rollout_request_seeds_of_two_dp_ranks_never_meet():
+    """vLLM's per-prompt seeds (+ dynamic-sampling rounds) over a run: disjoint between DP ranks."""
+    sp = lambda step, dp, rnd: SamplingParams(n=16, seed=phases.rollout_seed(1234, step, dp) + 1_000_003 * rnd)
+    per_dp = [{s for step in range(200) for rnd in range(3) for s in request_seeds(sp(step, dp, rnd), 512)}
+              for dp in range(2)]
+    assert not per_dp[0] & per_dp[1]
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_sampling_params_seed_is_this_dp_ranks(monkeypatch, validation):
+    """Every engine gets its seed here: two DP ranks differ, two peers of one DP rank agree."""
+    cfg = Config()
+    seed_on = lambda dp: (monkeypatch.setattr(phases, "dp_rank_size", lambda: (dp, 2)),
+                          phases.sampling_params(cfg, 3, validation=validation).seed)[1]
+    assert seed_on(0) != seed_on(1) and seed_on(1) == seed_on(1)
+    assert seed_on(1) == phases.rollout_seed(cfg.trainer.seed, 3, 1, validation=validation)
 
 
 def test_rollout_vllm_device_steps_are_noops_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert vllm_device.release_torch_cache() == {}
-    state = torch.get_rng_state()
-    with vllm_device.seeded_device_generator(5):
-        pass
-    assert torch.equal(torch.get_rng_state(), state)
+    assert not hasattr(vllm_device, "seeded_device_generator")     # measured not to make vLLM repeat
 
 
 def test_rollout_vllm_wake_releases_torch_cache_first(fake_vllm, monkeypatch):
