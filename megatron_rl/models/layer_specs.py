@@ -6,9 +6,16 @@
   (registered by `megatron_rl.models.sdpa_attention` when present).
 - "auto" (`choose_layer_spec`): local on CPU; on a GPU te where a feature needs it (FP8
   GEMMs, context parallelism, sequence parallelism: Megatron's torch norms refuse SP,
-  `model.moe.grouped_gemm: true`: TEGroupedMLP experts), else sdpa (MoE models included: grouped
-  GEMM missed bf16 parity on the H200, docs/BENCHMARKS.md), which measured faster than te on dense shapes (one H200,
-  llama-1b: 391 vs 375 TFLOP/s dense, 283 vs 274 packed; docs/BENCHMARKS.md).
+  `model.moe.grouped_gemm: true`: TEGroupedMLP experts); te for MoE models when
+  transformer_engine imports (TEGroupedMLP experts: 3.23x sdpa's SequentialMLP PPO update on
+  one H200, Qwen3-30B-A3B-shaped slice; bf16 logits 5.9e-3 from transformers'), sdpa where it
+  does not; else sdpa, which measured faster than te on dense shapes (one H200, llama-1b: 391
+  vs 375 TFLOP/s dense, 283 vs 274 packed). Numbers: docs/BENCHMARKS.md.
+
+A te forward given a padding mask runs TE's unfused attention (models/te_attention.py: TE's
+fused backends ignore the mask under `causal`): O(s^2) memory, slower. Batches without padding
+and packed THD micro-batches (`actor.max_tokens_per_microbatch > 0`) pass no mask and keep the
+fused kernels.
 """
 from __future__ import annotations
 
@@ -62,14 +69,20 @@ def te_features(*, fp8: bool = False, cp: int = 1, sequence_parallel: bool = Fal
         need.append("model.sequence_parallel (Megatron's torch norms refuse it; TE's norms support it)")
     if grouped_gemm:
         need.append("model.moe.grouped_gemm=true (grouped-GEMM experts are TE's TEGroupedMLP)")
-    # `moe` alone does not pick TE: TEGroupedMLP's bf16 logits missed transformers' by 0.70 on the H200
-    # (docs/BENCHMARKS.md, grouped-GEMM MoE), so MoE models stay on sdpa's SequentialMLP until that is fixed.
+    # `moe` is a preference, not a need (choose_layer_spec): without TE, MoE models run on sdpa.
     return need
 
 
-def choose_layer_spec(name: str, device: str, **features) -> tuple[str, str]:
-    """(spec, why) for `model.layer_spec` on `device` ("cpu" | "cuda"); `features` as `te_features`.
-    Pure: the run plan calls it too; TE's presence is checked when the model is built."""
+MOE_TE_WHY = ("auto on GPU, MoE model: te with TEGroupedMLP experts (H200 Qwen3-30B-A3B-shaped slice: "
+              "PPO update 3.23x sdpa's SequentialMLP; docs/BENCHMARKS.md)")
+
+
+def choose_layer_spec(name: str, device: str, *, te_importable: bool | None = None,
+                      **features) -> tuple[str, str]:
+    """(spec, why) for `model.layer_spec` on `device` ("cpu" | "cuda"); `features` as `te_features`,
+    `moe`: a MoE model whose `model.moe.grouped_gemm` is not false. Pure: the run plan calls it
+    with `te_importable` None (unknown where it will run: MoE says te if TE imports there); the
+    builder passes `te_available()`, and a feature that needs TE is checked when the model is built."""
     if name != "auto":
         return name, "set by model.layer_spec"
     if device != "cuda":
@@ -77,6 +90,12 @@ def choose_layer_spec(name: str, device: str, **features) -> tuple[str, str]:
     need = te_features(**features)
     if need:
         return "te", "auto: needed by " + ", ".join(need)
+    if features.get("moe"):
+        if te_importable is None:
+            return "te", MOE_TE_WHY + "; sdpa where transformer_engine does not import"
+        if te_importable:
+            return "te", MOE_TE_WHY
+        return "sdpa", "auto on GPU, MoE model, transformer_engine not importable: sdpa (SequentialMLP experts)"
     return "sdpa", ("auto on GPU, dense shape: sdpa measured faster than te (H200 llama-1b: 391 vs 375 TFLOP/s "
                     "dense, 283 vs 274 packed; docs/BENCHMARKS.md)")
 
@@ -85,11 +104,14 @@ def config_features(config) -> dict:
     """`te_features` keywords read from a Megatron `TransformerConfig` (None: none)."""
     if config is None:
         return {}
+    grouped = bool(getattr(config, "moe_grouped_gemm", False))
     return dict(fp8=bool(getattr(config, "fp8", None)), cp=getattr(config, "context_parallel_size", 1) or 1,
                 sequence_parallel=bool(getattr(config, "sequence_parallel", False)),
                 tp=getattr(config, "tensor_model_parallel_size", 1) or 1,
-                moe=bool(getattr(config, "num_moe_experts", None)),
-                grouped_gemm=bool(getattr(config, "moe_grouped_gemm", False)))
+                # grouped experts were resolved with the spec (models/moe.py): a MoE config prefers
+                # te exactly when it holds TEGroupedMLP experts, so the second resolution agrees
+                moe=bool(getattr(config, "num_moe_experts", None)) and grouped,
+                grouped_gemm=grouped)
 
 
 def resolve_layer_spec_name(name: str, config=None, **features) -> str:
@@ -111,7 +133,9 @@ def resolve_layer_spec_name(name: str, config=None, **features) -> str:
         if name not in LAYER_SPECS:
             raise ValueError(f"unknown layer spec {name!r}; valid: {sorted(LAYER_SPECS) + ['auto']}")
         return name
-    spec, why = choose_layer_spec("auto", "cuda" if torch.cuda.is_available() else "cpu", **{**config_features(config), **features})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec, why = choose_layer_spec("auto", device, te_importable=device == "cuda" and te_available(),
+                                  **{**config_features(config), **features})
     if spec == "te" and not te_available():
         raise RuntimeError(f"model.layer_spec=auto picked te ({why}), but transformer_engine is not importable here")
     if spec == "sdpa":

@@ -5,7 +5,8 @@ Two pieces the provider asks for:
   reproduce HF routing (softmax over fp32 router logits, top-k, renormalised or not)
   plus the training-only options of `model.moe`. Routing is dropless (no capacity
   factor). Experts are `TEGroupedMLP` (one grouped GEMM per layer) under layer_spec te
-  with `model.moe.grouped_gemm` auto/true, else `SequentialMLP` (`resolve_grouped_gemm`);
+  with `model.moe.grouped_gemm` auto/true, else `SequentialMLP` (`resolve_grouped_gemm`;
+  `layer_spec: auto` picks te for MoE models on a GPU where TE imports, models/layer_specs.py);
   both map to the same HF per-expert names (`weight_mapping.canonical_name`).
 - `moe_block_spec(dense_spec, ...)`: per-layer specs for this pipeline stage, the
   MoE layer where `arch.moe_layers` says so (Megatron's `moe_layer_freq` list) and the
@@ -27,13 +28,15 @@ from megatron_rl.models.moe_config import MoEConfig
 
 
 def resolve_grouped_gemm(setting: bool | str, spec_name: str) -> bool:
-    """`model.moe.grouped_gemm` for a resolved layer spec: auto means off (SequentialMLP) for
-    now - TEGroupedMLP matched transformers in fp32 but not in bf16 on the H200 (max abs 0.70
-    at logit scale 0.55, docs/BENCHMARKS.md); true opts in on the TE spec. Off TE only megatron-core's legacy `GroupedMLP` (grouped_gemm package)
-    would group the experts; its fused weight1/weight2 layout has no HF mapping here, so
-    true with a non-TE spec is refused."""
+    """`model.moe.grouped_gemm` for a resolved layer spec: auto means TEGroupedMLP on the TE spec
+    (bf16 logits 5.9e-3 from transformers' on the H200, as te's SequentialMLP, once the padding
+    mask reached TE's attention: models/te_attention.py; PPO update 3.23x sdpa's SequentialMLP on
+    the A3B slice; docs/BENCHMARKS.md) and SequentialMLP elsewhere; false keeps SequentialMLP.
+    Off TE only megatron-core's legacy `GroupedMLP` (grouped_gemm package) would group the
+    experts; its fused weight1/weight2 layout has no HF mapping here, so true with a non-TE spec
+    is refused."""
     if setting == "auto":
-        return False
+        return spec_name == "te"
     if setting and spec_name != "te":
         from megatron.core.transformer.moe import grouped_gemm_util
         pkg = ("the grouped_gemm package is importable, but megatron-core's legacy GroupedMLP stores all "
@@ -79,8 +82,8 @@ def moe_transformer_kwargs(arch: ModelArch, moe: MoEConfig | None = None, layer_
         moe_z_loss_coeff=float(moe.z_loss_coef) if moe.z_loss_coef > 0 else None,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_expert_capacity_factor=None,
-        moe_grouped_gemm=resolve_grouped_gemm(moe.grouped_gemm, resolve_layer_spec_name(
-            layer_spec, moe=True, grouped_gemm=moe.grouped_gemm is True)),
+        moe_grouped_gemm=resolve_grouped_gemm(moe.grouped_gemm, resolve_layer_spec_name(   # auto: te if TE imports
+            layer_spec, moe=moe.grouped_gemm is not False and not arch.is_mla, grouped_gemm=moe.grouped_gemm is True)),
         moe_permute_fusion=False,
         moe_router_fusion=False,
         moe_enable_routing_replay=bool(moe.routing_replay),   # models/routing_replay.py drives it

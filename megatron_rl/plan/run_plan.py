@@ -121,7 +121,8 @@ def resolve_model_spec(cfg, device: str, shape) -> tuple[str, str]:
     m = cfg.model
     spec, why = choose_layer_spec(m.layer_spec, device, fp8=fp8_enabled(m) and device == "cuda", cp=m.cp,
                                   sequence_parallel=m.sequence_parallel, tp=m.tp,
-                                  moe=bool(shape is not None and shape.is_moe),
+                                  moe=bool(shape is not None and shape.is_moe and not getattr(shape, "is_mla", False)
+                                           and m.moe.grouped_gemm is not False),
                                   grouped_gemm=m.moe.grouped_gemm is True)
     problem = fp8_problem(m, device=device, layer_spec=spec, shape=shape, engine=cfg.rollout.engine,
                           max_tokens_per_microbatch=cfg.actor.max_tokens_per_microbatch, pp=m.pp)

@@ -95,7 +95,14 @@ def test_auto_layer_spec_choice():
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=2)[0] == "te"
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=1)[0] == "sdpa"
     assert choose_layer_spec("auto", "cuda", grouped_gemm=True)[0] == "te"
-    assert choose_layer_spec("auto", "cuda", moe=True)[0] == "sdpa"   # grouped GEMM is opt-in (bf16 parity open)
+    spec, why = choose_layer_spec("auto", "cuda", moe=True)           # the plan: TE's presence unknown
+    assert spec == "te" and "3.23x" in why and "sdpa where transformer_engine does not import" in why
+    assert choose_layer_spec("auto", "cuda", moe=True, te_importable=True)[0] == "te"
+    assert choose_layer_spec("auto", "cuda", moe=True, te_importable=False)[0] == "sdpa"
+    assert choose_layer_spec("auto", "cuda", moe=False, te_importable=True)[0] == "sdpa"   # dense, or grouped_gemm false
+    assert choose_layer_spec("auto", "cpu", moe=True, te_importable=True)[0] == "local"
+    with_fp8 = choose_layer_spec("auto", "cuda", moe=True, fp8=True, te_importable=False)
+    assert with_fp8[0] == "te" and "model.fp8" in with_fp8[1]                # a need stays a need (build refuses)
     assert choose_layer_spec("local", "cuda", fp8=True) == ("local", "set by model.layer_spec")
     cfg = Config()
     plan = resolve_plan(cfg, world_size=1, device="cpu")

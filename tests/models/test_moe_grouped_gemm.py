@@ -92,7 +92,7 @@ def test_canonical_name_maps_grouped_experts_to_sequential():
 
 def test_grouped_gemm_setting_resolves_per_layer_spec():
     from megatron_rl.models.moe import resolve_grouped_gemm
-    assert resolve_grouped_gemm("auto", "te") is False    # opt-in until TEGroupedMLP passes bf16 parity
+    assert resolve_grouped_gemm("auto", "te") is True     # bf16 parity 5.9e-3 on the H200 (docs/BENCHMARKS.md)
     assert resolve_grouped_gemm("auto", "sdpa") is False and resolve_grouped_gemm("auto", "local") is False
     assert resolve_grouped_gemm(False, "te") is False and resolve_grouped_gemm(True, "te") is True
     with pytest.raises(ValueError, match=r"model\.moe\.grouped_gemm=true needs model\.layer_spec=te"):
@@ -118,3 +118,44 @@ def test_grouped_gemm_true_on_local_spec_is_refused_at_build(tmp_path):
     with pytest.raises(ValueError, match="model.moe.grouped_gemm"):
         load_checkpoint(make_tiny_hf(tmp_path / "hf", "qwen3_moe", tie=False), layer_spec="local",
                         moe=MoEConfig(grouped_gemm=True))
+
+
+@pytest.mark.parametrize("overrides,spec", [
+    ([], "te"),                                          # auto: te + TEGroupedMLP (3.23x, docs/BENCHMARKS.md)
+    (["model.moe.grouped_gemm=false"], "sdpa"),          # SequentialMLP: the dense-shape choice
+    (["model.moe.grouped_gemm=true"], "te"),             # a need
+    (["model.layer_spec=sdpa"], "sdpa"),
+])
+def test_plan_picks_te_for_moe_on_gpu(overrides, spec):
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import resolve_plan
+    cfg = load_experiment_config(None, ["data.train_batch_size=8", "rollout.n=4", "model.dtype=bfloat16"] + overrides)
+    plan = resolve_plan(cfg, world_size=8, device="cuda", shape="qwen3-30b-a3b", gpu_mem_gib=141)
+    assert plan.model.layer_spec_choice == spec, plan.model.layer_spec_reason
+    assert resolve_plan(cfg, world_size=8, device="cpu", shape="qwen3-30b-a3b").model.layer_spec_choice == \
+        ("sdpa" if "model.layer_spec=sdpa" in overrides else "local")
+    dense = resolve_plan(load_experiment_config(None, ["data.train_batch_size=8", "rollout.n=4"]), world_size=8,
+                         device="cuda", shape="qwen3-8b")
+    assert dense.model.layer_spec_choice == "sdpa"
+
+
+@pytest.mark.parametrize("te,grouped,spec,experts_grouped", [
+    (True, "auto", "te", True), (False, "auto", "sdpa", False), (True, False, "sdpa", False)])
+def test_builder_resolves_as_the_plan_on_gpu(monkeypatch, te, grouped, spec, experts_grouped):
+    """On a GPU (faked: no model is built) the TransformerConfig's grouped experts and the spec
+    the builder resolves again from that config agree: te + TEGroupedMLP where TE imports, else sdpa."""
+    from types import SimpleNamespace
+
+    from megatron_rl.models import layer_specs
+    from megatron_rl.models.moe import resolve_grouped_gemm
+
+    monkeypatch.setattr(layer_specs.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(layer_specs, "te_available", lambda: te)
+    first = layer_specs.resolve_layer_spec_name("auto", moe=grouped is not False, grouped_gemm=grouped is True)
+    assert first == spec and resolve_grouped_gemm(grouped, first) is experts_grouped
+    config = SimpleNamespace(num_moe_experts=8, moe_grouped_gemm=experts_grouped)
+    assert layer_specs.resolve_layer_spec_name("auto", config) == spec
+    monkeypatch.setattr(layer_specs, "te_available", lambda: False)
+    if grouped is True or experts_grouped:                # a need without TE is an error naming the key
+        with pytest.raises(RuntimeError, match="model.moe.grouped_gemm=true"):
+            layer_specs.resolve_layer_spec_name("auto", config)
