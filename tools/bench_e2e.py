@@ -9,7 +9,7 @@ graphs and the same `gpu_memory_utilization` in both frameworks.
     python3 tools/bench_e2e.py all --dir /tmp/e2e --tokenizer DIR       # every part, then the table
     python3 tools/bench_e2e.py prepare|vllm|mrl|trl|table --dir /tmp/e2e  # one part (each in its own process)
     python3 tools/bench_e2e.py mrl --dir /tmp/e2e --variant 'none:actor.offload_during_rollout=none' \
-        --variant 'seeded:actor.offload_during_rollout=none,rollout.vllm.per_request_seed=true'
+        --variant 'engine-seed:actor.offload_during_rollout=none,rollout.vllm.per_request_seed=false'
 
 Each part writes `DIR/<part>.json` (`mrl`: `mrl_<label>.json`; each `--variant LABEL:k=v,k=v` runs
 in its own process, one after another, on top of the `--override`s); `table` prints them. Step
@@ -17,13 +17,17 @@ times are the median of steps 2..N (step 1 carries CUDA-graph capture and alloca
 peak memory is the device's (total - free, sampled every 20 ms), which counts vLLM's pool and
 the trainer's alike. Needs CUDA, vLLM 0.26 and, for `trl`, TRL 1.16 + datasets (docs/gpu_staging.md).
 
-Seeding: vLLM 0.26 leaves FlashInfer's sampler when any request has its own seed and then draws
-each seeded sequence's noise in a Python loop (one kernel per sequence per decode step), so vLLM
-alone is timed both ways: `request_seed` (SamplingParams.seed per prompt, what
-`rollout.vllm.per_request_seed=true` sends) and `engine_seed` (no request seed: the engine's
-generator, megatron-rl's default). TRL 1.16 (trl/generation/vllm_generation.py, colocate) passes
-no SamplingParams.seed: `vllm.LLM(seed=process_index // tp)`, n=1 per request with each prompt
-repeated num_generations times, max_num_batched_tokens=4096. An mrl row's "vs vLLM alone" uses
+Seeding: vLLM alone is timed both ways: `request_seed` (SamplingParams.seed per prompt, what
+`rollout.vllm.per_request_seed=true`, the default, sends) and `engine_seed` (no request seed:
+vLLM's engine generator, `per_request_seed=false`); `same_tokens` says whether the reps drew the
+same tokens. Measured 2026-12-01 on one H200 (`bash tools/gpu_session.sh e2e`): request seeds
+4.77 s vs engine seed 4.89 s without log-probs, 9.11 s vs 10.11 s with `logprobs=0`; the Python
+loop vLLM 0.26's sampler runs over seeded sequences stays hidden here, and only request seeds
+repeat (an earlier version re-seeded the device generator around each engine-seeded rep:
+`same_tokens` was still false, so that re-seeding is gone). TRL 1.16
+(trl/generation/vllm_generation.py, colocate) passes no SamplingParams.seed:
+`vllm.LLM(seed=process_index // tp)`, n=1 per request with each prompt repeated num_generations
+times, max_num_batched_tokens=4096. An mrl row's "vs vLLM alone" uses
 the vLLM row of its own seeding and log-prob setting (both recorded in its json).
 """
 from __future__ import annotations
@@ -141,14 +145,12 @@ def vllm_params(vllm, seeding: str, logprobs: bool) -> list:
 
 def run_vllm(d: Path, gpu_util: float, reps: int) -> None:
     """vLLM alone: the same prompts, n, length and engine settings; both seedings, with and
-    without log-probs (each row guarded: a failure is recorded, the others still run). Each rep
-    seeds the device generator as the engine does (vllm_device.py), so `same_tokens` checks that
-    an engine-seeded draw repeats for the same batch (in-process vLLM)."""
+    without log-probs (each row guarded: a failure is recorded, the others still run).
+    `same_tokens`: every rep drew the tokens of the first (in-process vLLM; expected only for
+    request seeds)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from transformers import AutoTokenizer
-
-    from megatron_rl.rollout.vllm_device import seeded_device_generator
 
     tok = AutoTokenizer.from_pretrained(d / "model")
     reqs = [{"prompt_token_ids": tok(p)["input_ids"]} for p in prompts()]
@@ -164,8 +166,7 @@ def run_vllm(d: Path, gpu_util: float, reps: int) -> None:
                     times, drawn = [], []
                     for _ in range(reps):
                         t0 = time.perf_counter()
-                        with seeded_device_generator(7):
-                            res = llm.generate(reqs, sp, use_tqdm=False)
+                        res = llm.generate(reqs, sp, use_tqdm=False)
                         times.append(time.perf_counter() - t0)
                         drawn.append([list(c.token_ids) for r in res for c in r.outputs])
                 except Exception as e:     # noqa: BLE001 - one row's failure must not lose the others

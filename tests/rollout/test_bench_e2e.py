@@ -1,5 +1,6 @@
 """tools/bench_e2e.py without a GPU: variant specs, the megatron-rl config it builds (every key
-accepted, per_request_seed included), and the table's "vs vLLM alone" of the same seeding."""
+accepted, per_request_seed included: true by default, false a variant), the table's "vs vLLM
+alone" of the same seeding, and no device-generator re-seeding left in the vLLM-alone part."""
 import json
 import subprocess
 import sys
@@ -20,10 +21,28 @@ def test_bench_e2e_variant_spec_keeps_list_values_whole():
 def test_bench_e2e_mrl_config_loads(tmp_path):
     from megatron_rl.config import load_experiment_config
 
-    extra = ["rollout.vllm.per_request_seed=true", "actor.offload_during_rollout=none"]
+    default = load_experiment_config(None, bench_e2e.mrl_config(tmp_path, 0.42, 4, [], tmp_path / "run"))
+    assert default.rollout.vllm.per_request_seed is True
+    extra = ["rollout.vllm.per_request_seed=false", "actor.offload_during_rollout=none"]
     cfg = load_experiment_config(None, bench_e2e.mrl_config(tmp_path, 0.42, 4, extra, tmp_path / "run"))
-    assert cfg.rollout.vllm.per_request_seed is True and cfg.trainer.total_steps == 4
+    assert cfg.rollout.vllm.per_request_seed is False and cfg.trainer.total_steps == 4
     assert cfg.rollout.n == bench_e2e.SAMPLES and cfg.logging.run_dir == str(tmp_path / "run")
+
+
+def test_bench_e2e_vllm_alone_params_seed_as_the_engine_does():
+    """`request_seed` rows send `vllm_convert.request_seeds` of seed 0; `engine_seed` rows none;
+    nothing re-seeds the device generator (measured not to make vLLM repeat)."""
+    import inspect
+    import types
+
+    from megatron_rl.rollout.protocol import SamplingParams
+    from megatron_rl.rollout.vllm_convert import request_seeds
+
+    fake = types.SimpleNamespace(SamplingParams=lambda **kw: kw)
+    seeded = [p["seed"] for p in bench_e2e.vllm_params(fake, "request_seed", False)]
+    assert seeded == request_seeds(SamplingParams(seed=0, n=bench_e2e.SAMPLES), bench_e2e.PROMPTS)
+    assert {p["seed"] for p in bench_e2e.vllm_params(fake, "engine_seed", True)} == {None}
+    assert "seeded_device_generator" not in inspect.getsource(bench_e2e)
 
 
 def test_bench_e2e_table_compares_with_the_same_seeding(tmp_path, capsys):
