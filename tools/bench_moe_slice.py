@@ -2,7 +2,7 @@
 head_dim 128), 128 experts with top-8 routing (moe_intermediate 768, norm_topk_prob) and
 vocab 151936, but 4 layers; random weights written by transformers, loaded into Megatron-Core
 (`--layer-spec sdpa`: SequentialMLP experts; `--layer-spec te`: Transformer Engine with
-TEGroupedMLP experts with `--grouped-gemm true`, auto keeps SequentialMLP; alltoall dispatcher, router in fp32),
+TEGroupedMLP experts with `--grouped-gemm` auto or true, SequentialMLP with false; alltoall dispatcher, fp32 router),
 bf16. Times one PPO update (Policy.update: forward + backward + Adam) on 8 x 2048 tokens and
 the log-prob pass, prints TFLOP/s counted on the active parameters (6 x active x tokens for the
 update) and the update's measured peak next to the memory planner's train-phase prediction.
@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--layer-spec", default="sdpa", help="sdpa (SequentialMLP experts) | te | local")
-    ap.add_argument("--grouped-gemm", default="auto", help="model.moe.grouped_gemm: true (TEGroupedMLP, te spec) | auto | false (SequentialMLP)")
+    ap.add_argument("--grouped-gemm", default="auto", help="model.moe.grouped_gemm: true (TEGroupedMLP, te spec) | auto (TEGroupedMLP on te) | false (SequentialMLP)")
     ap.add_argument("--iters", type=int, default=4, help="rounds; the first is a warm-up")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
