@@ -2,7 +2,8 @@
 
 (a) A tiny random Qwen3-MoE saved by transformers (tests/helpers.py `make_tiny_hf`), logits vs
     transformers on 3 rows, one left-padded, as a bisection of the bf16 gap seen on the H200
-    (te + TEGroupedMLP off by 0.70; cause: TE's attention ignored the padding mask, docs/moe.md): fp32 and bf16 rows for sdpa, te + SequentialMLP, te +
+    (te + TEGroupedMLP off by 0.70; cause: TE's attention ignored the padding mask, docs/moe.md):
+    fp32 and bf16 rows for sdpa, te + SequentialMLP, te +
     TEGroupedMLP, then te + grouped with one suspect toggled each (no padding in the input; TE's
     attention without our padding-mask fix, `models/te_attention.py`; bf16 router; permute
     fusion). Then Megatron vs Megatron on the same HF weights (te spec, grouped vs sequential

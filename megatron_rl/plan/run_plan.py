@@ -154,6 +154,10 @@ def _notes(cfg, layout: Layout, model: ModelPlan, batch: BatchPlan) -> list[str]
         notes.append("ref.offload has no effect on cpu (the reference already lives in host memory)")
     if cfg.model.sequence_parallel and cfg.model.tp == 1:
         notes.append("model.sequence_parallel is off at model.tp=1")
+    if layout.device == "cuda" and model.layer_spec_choice == "te" and not cfg.actor.max_tokens_per_microbatch:
+        notes.append("layer spec te with actor.max_tokens_per_microbatch=0: micro-batches with padding run TE's "
+                     "unfused attention (models/te_attention.py; slower, O(s^2) memory the estimate leaves out); "
+                     "a token budget packs them (no padding, fused kernels)")
     if batch.lr_horizon_steps and batch.lr_warmup_steps >= batch.lr_horizon_steps:
         notes.append(f"actor.optim.lr_warmup_steps={batch.lr_warmup_steps} >= the LR horizon "
                      f"({batch.lr_horizon_steps} optimizer steps): the LR never reaches actor.optim.lr")

@@ -132,6 +132,11 @@ def test_plan_picks_te_for_moe_on_gpu(overrides, spec):
     cfg = load_experiment_config(None, ["data.train_batch_size=8", "rollout.n=4", "model.dtype=bfloat16"] + overrides)
     plan = resolve_plan(cfg, world_size=8, device="cuda", shape="qwen3-30b-a3b", gpu_mem_gib=141)
     assert plan.model.layer_spec_choice == spec, plan.model.layer_spec_reason
+    assert any("unfused attention" in n for n in plan.notes) == (spec == "te")   # padded micro-batches on te
+    packed = resolve_plan(load_experiment_config(None, ["data.train_batch_size=8", "rollout.n=4",
+                                                        "actor.max_tokens_per_microbatch=8192"] + overrides),
+                          world_size=8, device="cuda", shape="qwen3-30b-a3b", gpu_mem_gib=141)
+    assert not any("unfused attention" in n for n in packed.notes)
     assert resolve_plan(cfg, world_size=8, device="cpu", shape="qwen3-30b-a3b").model.layer_spec_choice == \
         ("sdpa" if "model.layer_spec=sdpa" in overrides else "local")
     dense = resolve_plan(load_experiment_config(None, ["data.train_batch_size=8", "rollout.n=4"]), world_size=8,
