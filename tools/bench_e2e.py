@@ -137,10 +137,13 @@ def vllm_row(seeding: str, logprobs: bool) -> str:
 
 def vllm_params(vllm, seeding: str, logprobs: bool) -> list:
     """One SamplingParams per prompt; `request_seed` seeds them as `vllm_convert.request_seeds` does."""
+    from megatron_rl.rollout.protocol import SamplingParams
+    from megatron_rl.rollout.vllm_convert import request_seeds
+
     extra = {"logprobs": 0} if logprobs else {}
-    return [vllm.SamplingParams(n=SAMPLES, max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0,
-                                seed=i * SAMPLES if seeding == "request_seed" else None, **extra)
-            for i in range(PROMPTS)]
+    seeds = request_seeds(SamplingParams(n=SAMPLES, seed=0), PROMPTS) if seeding == "request_seed" else [None] * PROMPTS
+    return [vllm.SamplingParams(n=SAMPLES, max_tokens=NEW_TOKENS, ignore_eos=True, temperature=1.0, seed=s, **extra)
+            for s in seeds]
 
 
 def run_vllm(d: Path, gpu_util: float, reps: int) -> None:

@@ -46,10 +46,21 @@ def vllm_sampling_kwargs(sp: SamplingParams, seed: int | None = None,
 
 
 def request_seeds(sp: SamplingParams, num_prompts: int) -> list[int | None]:
-    """One seed per prompt; vLLM derives its n children's seeds by adding the child index."""
+    """One seed per prompt, n apart (vLLM derives its n children's seeds by adding the child
+    index), from a 62-bit mix of `sp.seed`: the step seed grows by 1 per step, so a plain
+    `seed + i * n` gave prompt i-1 of step s+n the noise of prompt i of step s."""
     if sp.seed is None:
         return [None] * num_prompts
-    return [int(sp.seed) + i * max(sp.n, 1) for i in range(num_prompts)]
+    base = _mix64(int(sp.seed)) & (2**62 - 1)
+    return [base + i * max(sp.n, 1) for i in range(num_prompts)]
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: distinct, well-spread 64-bit values for consecutive seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 def prompt_token_lists(batch: Batch) -> list[list[int]]:

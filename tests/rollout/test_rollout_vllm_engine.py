@@ -58,8 +58,18 @@ def test_rollout_flat_logprobs_read_like_dicts():
 
 
 def test_rollout_request_seeds_leave_room_for_n_children():
-    assert request_seeds(SamplingParams(seed=100, n=4), 3) == [100, 104, 108]
+    seeds = request_seeds(SamplingParams(seed=100, n=4), 3)
+    assert [b - a for a, b in zip(seeds, seeds[1:])] == [4, 4] and 0 <= seeds[0] < 2**62
+    assert request_seeds(SamplingParams(seed=100, n=4), 3) == seeds            # deterministic
     assert request_seeds(SamplingParams(seed=None), 2) == [None, None]
+
+
+def test_rollout_request_seeds_of_later_steps_do_not_repeat_earlier_ones():
+    """Step seeds grow by 1 per step: no (step, prompt, child) seed may recur over a run."""
+    n, prompts = 8, 64
+    drawn = [s + j for step in range(300) for s in request_seeds(SamplingParams(seed=step, n=n), prompts)
+             for j in range(n)]
+    assert len(set(drawn)) == len(drawn)
 
 
 def test_rollout_prompt_token_lists_drop_left_padding():

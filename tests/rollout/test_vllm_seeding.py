@@ -49,7 +49,7 @@ def test_rollout_vllm_per_request_seed_setting(fake_vllm, monkeypatch, per_reque
     seen = _sent(eng)
     eng.generate(_prompts(), SamplingParams(n=2, max_new_tokens=2, seed=100))
     # True: one seed per prompt, room for its n children; False: none (vLLM's engine generator).
-    assert seen == ([100, 102, 104] if per_request else [None, None, None])
+    assert seen == (request_seeds(SamplingParams(n=2, seed=100), 3) if per_request else [None, None, None])
     assert not [c for c in cuda.calls if c[0] != "empty_cache"]      # the device generator is never touched
 
 
