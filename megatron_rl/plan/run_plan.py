@@ -19,8 +19,9 @@ from pathlib import Path
 from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
 from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
 from megatron_rl.plan.placement import check_placement, trainer_world
-from megatron_rl.plan.passes import (OldLogprobPlan, check_distributed_optimizer, resolve_engine_logprobs,
-                                     resolve_old_logprob, resolve_rollout_offload)
+from megatron_rl.plan.passes import (OldLogprobPlan, auto_rollout_offload, check_distributed_optimizer,
+                                     choose_rollout_offload, resolve_engine_logprobs, resolve_old_logprob,
+                                     resolve_rollout_offload, rollout_offload_reason)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
 from megatron_rl.plan.sampling import SamplingPlan, resolve_sampling
 from megatron_rl.plan.vision_memory import check_freeze_vision, check_packing_with_vision, image_tokens_per_sample
@@ -41,6 +42,7 @@ class RolloutPlan:
     max_staleness: int = 0                 # policy versions a trained sample may lag (the mode's bound)
     engine_logprobs: bool = True           # the engine returns rollout_logprob (rollout.engine_logprobs)
     engine_logprobs_reason: str = ""
+    offload_reason: str = ""               # why offload_during_rollout (plan/passes.py choose_rollout_offload)
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,12 @@ def resolve_rollout(cfg, layout: Layout, batch: BatchPlan, shape=None) -> Rollou
     if r.engine == "vllm" and layout.device != "cuda":
         raise PlanError("rollout.engine=vllm needs device cuda; use rollout.engine=native on CPU")
     placement = check_placement(cfg, shape, recipe(cfg))
+    offload = resolve_rollout_offload(cfg, layout.device)
     return RolloutPlan(engine=r.engine, samples_per_dp_rank=batch.samples_per_dp_rank, **placement,
                        max_new_tokens=r.max_new_tokens,
                        gpu_memory_utilization=r.gpu_memory_utilization if r.engine == "vllm" else None,
-                       offload_during_rollout=resolve_rollout_offload(cfg, layout.device),
+                       offload_during_rollout=offload,
+                       offload_reason=rollout_offload_reason(cfg, offload, layout.device),
                        **resolve_engine_logprobs(cfg))
 
 
@@ -199,8 +203,29 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
                    old_logprob=resolve_old_logprob(cfg, batch, recipe(cfg)), notes=tuple(_notes(cfg, layout, model, batch)),
                    sampling=resolve_sampling(cfg, batch, recipe(cfg)))
     if shp is not None and device == "cuda":
+        plan = resolve_auto_offload(cfg, plan, gpu_mem_gib, overhead_gib)
         plan = dataclasses.replace(plan, memory=estimate_memory(plan, gpu_mem_gib, overhead_gib))
     return plan
+
+
+def resolve_auto_offload(cfg, plan: RunPlan, gpu_mem_gib: float, overhead_gib: float) -> RunPlan:
+    """An unset `actor.offload_during_rollout` (colocated vLLM: `state` so far) decided on the
+    estimate: `none` where the rollout phase with the training state kept fits (plan/passes.py
+    `choose_rollout_offload`); runs before the final estimate, which then counts the chosen mode."""
+    if not auto_rollout_offload(cfg, plan.rollout.offload_during_rollout):
+        return plan
+    mode, why = choose_rollout_offload(rollout_kept_gib(plan, gpu_mem_gib, overhead_gib), gpu_mem_gib)
+    return dataclasses.replace(plan, rollout=dataclasses.replace(plan.rollout, offload_during_rollout=mode,
+                                                                 offload_reason=why))
+
+
+def rollout_kept_gib(plan: RunPlan, gpu_mem_gib: float = 80.0, overhead_gib: float = 2.5) -> float:
+    """The rollout phase with the actor's grads and optimizer state kept on the GPU, on the worst
+    pipeline stage (weights + grads + optimizer + critic + resident reference + engine + overhead), GiB."""
+    from megatron_rl.plan import memory as mp
+    est = mp.estimate(mp.inputs_from_plan(plan, gpu_mem_gib=gpu_mem_gib, overhead_gib=overhead_gib,
+                                          rollout_offload="none"))
+    return max(ph["rollout"] for ph in (est.phases, *est.other_stages.values())) / mp.GiB
 
 
 def estimate_memory(plan: RunPlan, gpu_mem_gib: float = 80.0, overhead_gib: float = 2.5) -> MemoryEstimate:

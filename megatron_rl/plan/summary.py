@@ -39,7 +39,8 @@ def format_summary(plan) -> str:
                        f"staleness {plan.rollout.max_staleness})" if plan.rollout.num_ranks else "")
                     + (f", gpu_memory_utilization {plan.rollout.gpu_memory_utilization}"
                        if plan.rollout.gpu_memory_utilization is not None else "")
-                    + f"; training state during rollout: offload {plan.rollout.offload_during_rollout}"),
+                    + f"; training state during rollout: offload {plan.rollout.offload_during_rollout}"
+                    + (f" ({plan.rollout.offload_reason})" if plan.rollout.offload_reason else "")),
         ("old log-probs", f"{plan.old_logprob.source} ({plan.old_logprob.reason})"),
         ("engine log-probs", f"{'yes' if plan.rollout.engine_logprobs else 'no'} "
                              f"({plan.rollout.engine_logprobs_reason})"),
