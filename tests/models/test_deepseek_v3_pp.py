@@ -4,7 +4,8 @@ with layer 0 dense, so stage 0 holds a dense and an MoE layer and stage 1 two Mo
 and transformers'; the HF export gathered over stages is the checkpoint bit for bit; one SGD
 step through Megatron's 1F1B schedule (2 micro-batches) gives PP=1's losses, grad norm,
 weights and aux-free expert bias (each stage's `finalize_model_grads` updates its own
-routers); HF -> `hf-to-mcore --pp 2` -> `mcore-to-hf` is bit-exact."""
+routers); HF -> `hf-to-mcore --pp 2` -> `mcore-to-hf` is bit-exact (slow), and a stage with no
+MoE layer (first_k_dense_replace=2) gives PP=1's step too (slow)."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -162,3 +163,21 @@ def test_hf_to_mcore_pp2_to_hf_is_bit_exact(hf_dir, tmp_path):
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.slow   # ~26 s; the layout above (a dense and an MoE layer on stage 0) stays in CI
+@pytest.mark.multiproc
+def test_pp2_stage_without_moe_layers_equals_pp1(tmp_path):
+    """first_k_dense_replace=2: stage 0 has no router (finalize_model_grads' bias update is empty there)."""
+    hf = make_tiny_hf(tmp_path / "hf", "deepseek_v3", tie=False, num_hidden_layers=4, first_k_dense_replace=2)
+    run_multiproc(_step_worker, 1, (hf, str(tmp_path / "pp1.pt")))
+    run_multiproc(_step_worker, 2, (hf, str(tmp_path / "pp2.pt")))
+    pp1, pp2 = torch.load(tmp_path / "pp1.pt"), torch.load(tmp_path / "pp2.pt")
+    assert [n for _, n in torch.load(str(tmp_path / "pp2.pt") + ".first")["layers"]] == ["MLP", "MLP"]
+    assert (pp2["logits"] - pp1["logits"]).abs().max().item() < 1e-5
+    assert max(abs(a - b) for a, b in zip(pp1["losses"], pp2["losses"])) < 1e-5
+    assert abs(pp1["grad_norm"] - pp2["grad_norm"]) < 1e-5 * max(1.0, pp1["grad_norm"])
+    for k, w in pp1["after"].items():
+        assert (w - pp2["after"][k]).abs().max().item() < 1e-6, k
+    bias = "model.layers.3.mlp.gate.e_score_correction_bias"
+    assert (pp2["after"][bias] - pp2["exported"][bias]).abs().max().item() > 0.5 * RATE
