@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from functools import partial
 from typing import Iterable
 
@@ -162,9 +163,14 @@ class VLLMEngine:
 
     # --- protocol ----------------------------------------------------------------------------
     def generate(self, batch: Batch, sampling: SamplingParams) -> Batch:
+        """`last_metrics` gets the call's split (`perf/vllm_wake_s`, `_generate_s`, `_outputs_s`,
+        `_sleep_s`): host wall times, no extra synchronisation (vLLM returns finished outputs;
+        wake and sleep return when their copies are done)."""
         import vllm
 
+        t0 = time.perf_counter()
         wake_metrics = self._wake_for_generate()
+        t_wake = time.perf_counter() - t0
         prompts = prompt_token_lists(batch)
         # One seed per prompt (the step's seed is this DP rank's), or None: vLLM's engine generator
         # (rollout.vllm.per_request_seed says what was measured).
@@ -189,18 +195,25 @@ class VLLMEngine:
                             len(groups), len(batch),
                             " and prompt length" if self.steering_scope != "all" else "")
         params = [vllm.SamplingParams(**kw) for kw in kwargs]
+        t0 = time.perf_counter()
         for strengths, plen, idx in groups:
             if self.steering_scope is not None and not self.per_request:
                 self._set_steering(strengths, plen)
             res = self.llm.generate([requests[i] for i in idx], [params[i] for i in idx], use_tqdm=False)
             for i, o in zip(idx, res):
                 outputs[i] = o
+        t_gen = time.perf_counter() - t0
         self.last_metrics.update(wake_metrics)
+        t0 = time.perf_counter()
         check_expanded_prompts(prompts, outputs, image_rows)
         out = outputs_to_batch(batch, outputs, sampling.n, self.pad_id, logprobs=sampling.logprobs,
                                moe_layers=self.routing_layers)
+        t_out = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if self.colocate and self.cfg.sleep_level:
             self.sleep()
+        self.last_metrics.update({"perf/vllm_wake_s": t_wake, "perf/vllm_generate_s": t_gen,
+                                  "perf/vllm_outputs_s": t_out, "perf/vllm_sleep_s": time.perf_counter() - t0})
         return out
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
