@@ -218,8 +218,10 @@ def run_mrl(d: Path, gpu_util: float, steps: int, extra: list[str], label: str) 
     rows = [r for r in rows if "timing/step" in r][1:]
     med = lambda k: statistics.median(r[k] for r in rows) if rows and all(k in r for r in rows) else None
     phases = sorted({k for r in rows for k in r if k.startswith("timing/") and k != "timing/step"})
+    split = sorted({k for r in rows for k in r if k.startswith("perf/vllm_")})   # the engine's generate split
     out = {"label": label, "extra": extra, "step_s": med("timing/step"), "steps": [r["timing/step"] for r in rows],
            "phases": {k[len("timing/"):]: med(k) for k in phases}, "peak_gib": mem.peak_gib,
+           "rollout_split": {k[len("perf/vllm_"):]: med(k) for k in split},
            "kv_cache_tokens": kv_cache_tokens(getattr(tr.engine, "llm", None)),
            "gen_tokens_per_s": PROMPTS * SAMPLES * NEW_TOKENS / med("timing/rollout") if med("timing/rollout") else None,
            "offload_freed_gib": med("perf/offload_freed_gib"), "torch_reserved_gib": med("perf/torch_reserved_gib"),
@@ -340,6 +342,21 @@ def table(d: Path) -> None:
               f"{f(trl['peak_gib'], '{:.1f}')} | {trl.get('kv_cache_tokens') or '-'} | 1.00 |")
     print("\nvs vLLM alone: the vLLM-alone row of the same seeding and log-prob setting. TRL 1.16 passes no "
           "per-request seed (vllm.LLM(seed=process_index // tp), n=1 per repeated prompt).")
+    split_table([m for m in mrls if m.get("rollout_split")])
+
+
+def split_table(mrls: list[dict]) -> None:
+    """The rollout phase split by the vLLM engine's `perf/vllm_*_s` (medians of steps 2..N)."""
+    if not mrls:
+        return
+    f = lambda x: f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+    print("\n| run | rollout s | vLLM wake s | generate s | outputs_to_batch s | sleep s | rest s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for m in mrls:
+        sp, total = m["rollout_split"], m["phases"].get("rollout")
+        parts = [sp.get(k) for k in ("wake_s", "generate_s", "outputs_s", "sleep_s")]
+        rest = total - sum(parts) if total is not None and None not in parts else None
+        print(f"| megatron-rl {m['label']} | {f(total)} | " + " | ".join(map(f, parts)) + f" | {f(rest)} |")
 
 
 def main() -> int:
