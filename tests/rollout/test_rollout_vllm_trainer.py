@@ -94,6 +94,7 @@ def test_rollout_trainer_with_vllm_engine_syncs_every_step(tiny_run, monkeypatch
         assert rows[step]["weight_sync/bytes"] > 0 and rows[step]["weight_sync/buckets"] > 1
         assert rows[step]["rollout/logprob_diff"] < 1e-4, rows[step]["rollout/logprob_diff"]
         assert "timing/weight_sync" in rows[step]
+        assert all(rows[step][f"perf/vllm_{k}_s"] >= 0.0 for k in ("wake", "generate", "outputs", "sleep"))  # #20
     assert rows[1]["actor/grad_norm"] > 0               # entropy bonus: the actor changes even at zero reward
     calls = built["engine"].llm.calls
     # validation, step 1 rollout, sync after the update (weights only), step 2 rollout (KV cache)
