@@ -8,7 +8,7 @@
 # time/memory at TP=2) | gad (GAD step by phase) | vgr (attention recompute cost) | vlvgr (VGR over the vision span, Qwen2.5-VL-3B-shaped, 1 GPU) | fp8 (update step sdpa/te bf16 vs te fp8, log-prob gap; needs TE) |
 # offload (ref.offload + trainable-state offload/onload, 1 GPU) | trainer (GRPO recipe smoke, ref.offload off/on, 1 GPU) | rm (reward-model pass, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | rmstep (GRPO steps with a reward-model reward, 1 GPU) | moe (Qwen3-30B-A3B-shaped slice update, 1 GPU) | moete (grouped-GEMM MoE on the TE spec: tiny Qwen3-MoE parity/export + the slice te vs sdpa, 1 GPU, TE 2.11) | resume (distributed-optimizer elastic resume DP=2 -> DP=1, 2 GPUs) | vllm (vLLM engine, weight sync, steering; needs the bundle) | vgraph (vLLM CUDA-graph steering) | vllmvl (vLLM rollouts on image prompts through the Trainer, 1 GPU; VLLMVL_RUNS picks runs) | vspmd (2 GPUs: SPMD vLLM TP=2 next to a TP=2 actor) | vdp (4 GPUs: Trainer DP=2 x TP=2 with vLLM) | vpart (stash the carried
 # vLLM bundle part in /tmp/vparts) | vmoe (vLLM on a Qwen3-30B-A3B-shaped slice: MoE weight sync GB/s, routing replay
-# with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite) | e2e (tools/bench_e2e.py, E2E_ARGS; stage with tools/gpu_stage.sh) | uprof (issue #20: the e2e update profiled by kernel category, padded vs packed, 1 GPU; UPROF_VARIANTS).
+# with vLLM's routed experts; needs the bundle) | scale (issue #12: 70B-shaped slice at TP=N and TP=N/2 x PP=2) | vunpack (join and unpack the parts into /tmp/vsite) | e2e (tools/bench_e2e.py, E2E_ARGS; stage with tools/gpu_stage.sh) | uprof (issue #20: the e2e update profiled by kernel category, padded vs packed, 1 GPU; UPROF_VARIANTS, UPROF_TRACE=1 keeps the chrome traces).
 #
 # The GPU machines lack megatron-core: carry `.whl` (the cp312 wheel). vLLM comes as
 # parts of an xz tarball (../shared/gpu-wheels/build_vllm_bundle.sh, re-split at 50 MB
@@ -72,7 +72,7 @@ stage_moete() { timeout -k 10 295 python3 tools/gpu_moe_te_check.py --json "$OUT
 stage_resume() { timeout 200 $R2 tools/gpu_resume_check.py save 2>&1 | grep --line-buffered -v -i warn | tail -4; timeout 200 $R1 tools/gpu_resume_check.py resume 2>&1 | grep --line-buffered -v -i warn | tail -8; }
 stage_gad() { timeout 300 python3 tools/bench_gad_step.py --model-src "$SMOL" --steps 1 --warmup 1 --max-new-tokens 128 2>&1 | grep --line-buffered -v -i warn; }
 stage_fp8() { timeout 330 python3 tools/bench_fp8.py --json "$OUT/fp8.json" 2>&1 | grep --line-buffered -v -i warn; }   # sdpa/te bf16 vs te fp8 (needs TE)
-stage_uprof() { timeout -k 10 280 python3 tools/profile_update.py ${UPROF_VARIANTS:+--variants "$UPROF_VARIANTS"} --json "$OUT/uprof.json" 2>&1 | grep --line-buffered -v -i "warn\|USDT"; }   # issue #20: where the e2e update's time goes (1 GPU)
+stage_uprof() { timeout -k 10 280 python3 tools/profile_update.py ${UPROF_VARIANTS:+--variants "$UPROF_VARIANTS"} --json "$OUT/uprof.json" ${UPROF_TRACE:+--trace-dir "$OUT"} 2>&1 | grep --line-buffered -v -i "warn\|USDT"; }   # issue #20: where the e2e update's time goes (1 GPU)
 stage_vgr() { timeout 240 python3 tools/bench_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i warn; }
 stage_vlvgr() { timeout 240 python3 tools/bench_vl_vgr.py --reps 2 2>&1 | grep --line-buffered -v -i "warn\|Unknown MLP"; }
 

@@ -219,7 +219,7 @@ def breakdown(spans, top: int = 15) -> dict:
                      "calls": int(n)} for name, (ms, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
-def profile_update(policy, batch, algos, gpu: bool, seed: int) -> tuple[float, list, str]:
+def profile_update(policy, batch, algos, gpu: bool, seed: int, trace: Path | None = None) -> tuple[float, list, str]:
     """(wall s, kernel spans, activities) of one profiled update. CUDA activities alone keep the
     host side unprofiled; should that record no kernel (a profiler build quirk), CPU + CUDA."""
     from torch.profiler import ProfilerActivity, profile
@@ -232,6 +232,8 @@ def profile_update(policy, batch, algos, gpu: bool, seed: int) -> tuple[float, l
         spans = kernel_spans(prof, gpu)
         if spans:
             break
+    if trace is not None:                      # chrome://tracing / Perfetto; gzip keeps it a few MB
+        prof.export_chrome_trace(str(trace))
     return wall, spans, "+".join(a.name for a in acts)
 
 
@@ -259,7 +261,7 @@ class Result:
     error: str | None = None
 
 
-def run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool) -> Result:
+def run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool, trace_dir: Path | None = None) -> Result:
     from megatron_rl.algos.config import AlgosConfig
 
     arch = parts[0]
@@ -279,7 +281,8 @@ def run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool) -> R
     r.tflops = round(flops / r.update_s / 1e12, 2)
     r.tflops_6n = round(6.0 * matmul_params(parts[1][0], arch) * work.tokens / r.update_s / 1e12, 2)
     r.pct_gemm_peak = round(100.0 * r.tflops / r.gemm_peak_tflops, 1)
-    wall, spans, r.profiler_activities = profile_update(policy, batch, algos, gpu, seed=100)
+    trace = None if trace_dir is None else trace_dir / f"uprof_{v.label}.json.gz"
+    wall, spans, r.profiler_activities = profile_update(policy, batch, algos, gpu, seed=100, trace=trace)
     r.profiled_wall_s = round(wall, 4)
     r.busy_s = round(busy_us(spans) / 1e6, 4)
     r.idle_s = round(max(r.update_s - r.busy_s, 0.0), 4)
@@ -334,6 +337,7 @@ def main(argv=None) -> list[Result]:
     ap.add_argument("--reps", type=int, default=3, help="timed updates per variant (after one warm-up)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, CPU profiler (code paths only)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--trace-dir", type=Path, default=None, help="write each profiled update's chrome trace here")
     a = ap.parse_args(argv)
     from megatron_rl.parallel import init_distributed
 
@@ -356,7 +360,7 @@ def main(argv=None) -> list[Result]:
     results = []
     for v in variants:
         try:
-            r = run_variant(parts, v, batch, work, reps, gpu)
+            r = run_variant(parts, v, batch, work, reps, gpu, a.trace_dir)
         except Exception as e:         # noqa: BLE001 - one failing variant must not lose the others
             r = Result(v.label, v.micro_batch_size, v.max_tokens_per_microbatch, error=f"{type(e).__name__}: {e}"[:500])
         gc.collect()
