@@ -70,3 +70,13 @@ def test_profile_update_cpu_smoke_runs_every_code_path(tmp_path):
         assert 0 < r.busy_s <= r.profiled_wall_s and r.update_s > 0 and r.real_tokens == 336
         assert sum(c["pct"] for c in r.profile["categories"]) == pytest.approx(100.0, abs=0.5)
     assert [v["label"] for v in json.loads(out.read_text())["variants"]] == ["packed", "padded-8"]
+
+
+def test_profile_update_a_failed_profile_keeps_the_timings_in_the_tables():
+    from tools.profile_update import Result, summary, table
+
+    r = Result("packed", 32, 20480, microbatches=7, real_tokens=142336, update_s=3.3, tflops=440.0,
+               gemm_shape=(20480, 2048, 49152), gemm_peak_tflops=700.0, pct_gemm_peak=62.9,
+               profile_error="RuntimeError: CUPTI unavailable")
+    assert "3.300 s" in table(r, 720.0) and "profiler failed: RuntimeError" in table(r, 720.0)
+    assert summary([r]).splitlines()[-1].startswith("| packed | 3.300 | 440.0 | 62.9 |")
