@@ -108,3 +108,31 @@ def write_word_tokenizer(out_dir, words) -> None:
     hf.chat_template = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
     hf.save_pretrained(out_dir)
+
+
+def convert_round_trip(hf_dir, tmp_path, **parallel) -> tuple[dict, dict]:
+    """hf-to-mcore at `parallel` (tp=/pp=/ep=, in gloo processes), mcore-to-hf here; returns
+    (the checkpoint's tensors, the exported ones) for a bit-exactness check."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from checkpoints_conversion.convert import hf_to_mcore, mcore_to_hf
+    from megatron_rl.parallel import destroy_distributed
+
+    tmp_path = Path(tmp_path)
+    hf_to_mcore(hf_dir, tmp_path / "mc", **parallel)
+    try:
+        mcore_to_hf(tmp_path / "mc", tmp_path / "back")
+    finally:
+        destroy_distributed()
+    ref, got = load_file(f"{hf_dir}/model.safetensors"), {}
+    for f in (tmp_path / "back").glob("*.safetensors"):
+        got.update(load_file(f))
+    return ref, got
+
+
+def assert_tensors_bit_exact(ref: dict, got: dict) -> None:
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k

@@ -8,9 +8,8 @@ import types
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import make_tiny_hf, write_word_tokenizer
+from tests.helpers import assert_tensors_bit_exact, convert_round_trip, make_tiny_hf, write_word_tokenizer
 
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
             beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
@@ -192,20 +191,8 @@ def test_hf_to_mcore_ep2_to_hf_is_bit_exact(hf_dir, tmp_path):
     """The converter: hf-to-mcore in two gloo processes at EP=2, mcore-to-hf here (EP=1)."""
     import transformers
 
-    from checkpoints_conversion.convert import hf_to_mcore, mcore_to_hf
-    from megatron_rl.parallel import destroy_distributed
-
-    hf_to_mcore(hf_dir, tmp_path / "mc", ep=2)
-    try:
-        mcore_to_hf(tmp_path / "mc", tmp_path / "back")
-    finally:
-        destroy_distributed()
-    ref, got = load_file(f"{hf_dir}/model.safetensors"), {}
-    for f in (tmp_path / "back").glob("*.safetensors"):
-        got.update(load_file(f))
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    ref, got = convert_round_trip(hf_dir, tmp_path, ep=2)
+    assert_tensors_bit_exact(ref, got)
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
     a = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()(input_ids=ids).logits
     b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()(input_ids=ids).logits

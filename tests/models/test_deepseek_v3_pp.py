@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import make_tiny_hf, run_multiproc
+from tests.helpers import assert_tensors_bit_exact, convert_round_trip, make_tiny_hf, run_multiproc
 
 VOCAB = 96
 RATE = 1e-3         # model.moe.expert_bias_update_rate
@@ -149,20 +149,8 @@ def test_pp2_sgd_step_equals_pp1(runs, hf_dir):
 @pytest.mark.multiproc
 def test_hf_to_mcore_pp2_to_hf_is_bit_exact(hf_dir, tmp_path):
     """The converter: hf-to-mcore in two gloo processes at PP=2, mcore-to-hf here (PP=1)."""
-    from checkpoints_conversion.convert import hf_to_mcore, mcore_to_hf
-    from megatron_rl.parallel import destroy_distributed
-
-    hf_to_mcore(hf_dir, tmp_path / "mc", pp=2)
-    try:
-        mcore_to_hf(tmp_path / "mc", tmp_path / "back")
-    finally:
-        destroy_distributed()
-    ref, got = load_file(f"{hf_dir}/model.safetensors"), {}
-    for f in (tmp_path / "back").glob("*.safetensors"):
-        got.update(load_file(f))
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+    ref, got = convert_round_trip(hf_dir, tmp_path, pp=2)
+    assert_tensors_bit_exact(ref, got)
 
 
 @pytest.mark.slow   # ~26 s; the layout above (a dense and an MoE layer on stage 0) stays in CI
