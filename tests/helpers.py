@@ -73,6 +73,28 @@ def _worker(rank, world, port, fn, args, errq):
     except Exception:
         errq.put((rank, traceback.format_exc()))
         raise
+    _leave_process_group()
+
+
+def _leave_process_group(timeout_s: float = 60.0) -> None:
+    """A worker whose `fn` left the default group up tears it down so that rank 0, which hosts
+    the TCPStore, goes last: a store host exiting first makes a peer's gloo teardown throw in a
+    C++ thread ("terminate called without an active exception", exit -6, seen in CI)."""
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    if not dist.is_initialized():
+        return
+    store, rank, size = _get_default_store(), dist.get_rank(), dist.get_world_size()
+    dist.destroy_process_group()
+    if rank != 0:
+        store.add("test_workers_left", 1)
+        return
+    deadline = time.monotonic() + timeout_s
+    while store.add("test_workers_left", 0) < size - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def run_multiproc(fn, world: int = 2, args: tuple = ()) -> None:
