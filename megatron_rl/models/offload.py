@@ -229,10 +229,17 @@ def _as_list(x) -> list:
 
 
 class _Offloadable:
-    """`onloaded()` for anything with offload()/onload()/is_offloaded."""
+    """`onloaded()` for anything with offload()/onload()/is_offloaded; no overlapped onload by
+    default (TrainingStateOffloader has one)."""
 
     def _reoffload(self) -> None:
         self.offload()
+
+    def finish_onload(self) -> None:
+        """Wait for an overlapped onload; nothing is ever pending here."""
+
+    def overlap_stats(self) -> "OverlapStats | None":
+        return None
 
     @contextlib.contextmanager
     def onloaded(self) -> Iterator[None]:

@@ -240,13 +240,13 @@ class Policy(Offloadable):
 
     def finish_onload(self) -> None:
         """Wait for an overlapped optimizer-state onload (no-op when none is pending)."""
-        if isinstance(self.offloader, TrainingStateOffloader):
+        if self.offloader is not None:
             self.offloader.finish_onload()
 
     def onload_metrics(self) -> dict[str, float]:
         """`perf/onload_overlapped_s` (copy time hidden behind the update) and `perf/onload_wait_s`
         (the stall before the optimizer step) of the last overlapped onload; {} on CPU or none."""
-        stats = self.offloader.overlap_stats() if isinstance(self.offloader, TrainingStateOffloader) else None
+        stats = self.offloader.overlap_stats() if self.offloader is not None else None
         if stats is None:
             return {}
         return {"perf/onload_overlapped_s": stats.overlapped_s, "perf/onload_wait_s": stats.wait_s,
