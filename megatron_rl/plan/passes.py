@@ -170,6 +170,24 @@ def rollout_offload_reason(cfg, mode: str, device: str) -> str:
     return "no colocated vLLM engine"
 
 
+def check_vllm_section(cfg) -> None:
+    """`rollout.vllm.*` is read by the vLLM engine only: set under another engine it would act on
+    nothing, so it is refused by name."""
+    import dataclasses
+
+    from megatron_rl.rollout.vllm_config import VLLMConfig
+
+    if cfg.rollout.engine == "vllm":
+        return
+    v, default = cfg.rollout.vllm, VLLMConfig()
+    if isinstance(v, dict):
+        v = VLLMConfig(**v)
+    changed = [f.name for f in dataclasses.fields(VLLMConfig) if getattr(v, f.name) != getattr(default, f.name)]
+    if changed:
+        raise PlanError(f"rollout.vllm.{', rollout.vllm.'.join(changed)} set with rollout.engine={cfg.rollout.engine}: "
+                        "only the vLLM engine reads them; set rollout.engine=vllm or leave them unset")
+
+
 def check_distributed_optimizer(optim, key: str, device: str) -> bool:
     """`<key>.distributed_optimizer` resolved (None: on for GPU, off on CPU); refused on CPU."""
     on = optim.distributed_optimizer

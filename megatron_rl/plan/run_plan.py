@@ -20,7 +20,7 @@ from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
 from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
 from megatron_rl.plan.placement import check_placement, trainer_world
 from megatron_rl.plan.passes import (OldLogprobPlan, auto_rollout_offload, check_distributed_optimizer,
-                                     choose_rollout_offload, resolve_engine_logprobs, resolve_old_logprob,
+                                     check_vllm_section, choose_rollout_offload, resolve_engine_logprobs, resolve_old_logprob,
                                      resolve_rollout_offload, rollout_offload_reason)
 from megatron_rl.plan.roles import predictor_recipe, recipe, resolve_roles
 from megatron_rl.plan.sampling import SamplingPlan, resolve_sampling
@@ -108,6 +108,7 @@ def resolve_rollout(cfg, layout: Layout, batch: BatchPlan, shape=None) -> Rollou
         raise PlanError(f"rollout.engine must be native|vllm, got {r.engine!r}")
     if r.engine == "vllm" and layout.device != "cuda":
         raise PlanError("rollout.engine=vllm needs device cuda; use rollout.engine=native on CPU")
+    check_vllm_section(cfg)
     placement = check_placement(cfg, shape, recipe(cfg))
     offload = resolve_rollout_offload(cfg, layout.device)
     return RolloutPlan(engine=r.engine, samples_per_dp_rank=batch.samples_per_dp_rank, **placement,

@@ -92,3 +92,16 @@ def test_summary_line_says_which_and_why(tmp_path):
 def test_choose_rollout_offload_margin_boundary():
     assert choose_rollout_offload(72.0, 80.0)[0] == "none"
     assert choose_rollout_offload(72.01, 80.0)[0] == "state"
+
+
+def test_vllm_keys_under_the_native_engine_are_refused_by_name():
+    """rollout.vllm.* acts only on the vLLM engine: set with rollout.engine=native, the plan refuses it."""
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import PlanError, resolve_plan
+
+    base = ["model.path=llama-1b", "rollout.engine=native"]
+    resolve_plan(load_experiment_config(None, base), world_size=1, device="cpu", shape="llama-1b")
+    cfg = load_experiment_config(None, base + ["rollout.vllm.per_request_seed=false", "rollout.vllm.sleep_level=2"])
+    with pytest.raises(PlanError, match=r"rollout.vllm.sleep_level, rollout.vllm.per_request_seed set with "
+                                        r"rollout.engine=native"):
+        resolve_plan(cfg, world_size=1, device="cpu", shape="llama-1b")
