@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+from megatron_rl.parallel.context_parallel import cp_size
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions count real tokens only (left padding gets position 0), as HF does."""
@@ -36,6 +38,8 @@ def gpt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     images given to a text-only model are an error."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if cp_size() > 1:
+        return context_parallel_forward(model, input_ids, attention_mask, position_ids, images)
     mask = causal_padding_mask(attention_mask) if not bool(attention_mask.all()) else None
     vl = vision_language_model(model)
     if vl is not None:
@@ -52,6 +56,36 @@ def gpt_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     return model(input_ids, position_ids, mask)
+
+
+def context_parallel_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             position_ids: torch.Tensor | None = None, images=None) -> torch.Tensor:
+    """`model.cp > 1`: this CP rank's share `[b, s'/cp, vocab/tp]` of the logits, s' = s padded on
+    the right to a multiple of 2*cp, in `CPLayout.padded(s')` order (parallel/context_parallel.py);
+    the attention mask holds the local query rows against all (gathered) key columns."""
+    from megatron_rl.parallel.context_parallel import (CPLayout, cp_rank, pad_sequence_dim,
+                                                       padded_attention_mask)
+
+    if images is not None or vision_language_model(model) is not None:
+        raise ValueError("model.cp > 1 does not cover vision-language models (M-RoPE, image features); set model.cp=1")
+    spec = spec_name(model)
+    if spec != "sdpa":
+        raise ValueError(f"model.cp > 1 with padded micro-batches runs on the sdpa spec only (this model: "
+                         f"{spec!r}; te's CP attention takes no padding mask): set model.layer_spec=sdpa, or pack "
+                         "(actor.max_tokens_per_microbatch > 0) for te")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    multiple = 2 * cp_size()
+    ids, am, pos = (pad_sequence_dim(x, multiple) for x in (input_ids, attention_mask, position_ids))
+    layout = CPLayout.padded(ids.size(1), cp_size(), cp_rank(), device=ids.device)
+    return model(layout.shard(ids), layout.shard(pos), padded_attention_mask(am, layout))
+
+
+def spec_name(model) -> str:
+    """The layer spec a (wrapped) model was built with (`layer_spec_name`, set by models/provider)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "layer_spec_name", "local")
 
 
 def _vision_language_class():

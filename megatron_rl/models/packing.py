@@ -105,12 +105,14 @@ class PackedBatch:
 
 
 def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=None, *,
-                   pad_to: int | None = None, pad_to_multiple_of: int = 1, pad_id: int = 0) -> PackedBatch:
+                   pad_to: int | None = None, pad_to_multiple_of: int = 1, pad_id: int = 0,
+                   seq_multiple: int = 1) -> PackedBatch:
     """Pack the real tokens (`attention_mask != 0`, in order) of `rows` of a padded batch.
 
     `pad_to` / `pad_to_multiple_of` append a filler segment so every stream has a fixed
     or aligned length (pipeline schedules need one shape; TP sequence parallelism needs
-    T divisible by tp).
+    T divisible by tp). `seq_multiple` pads each sequence's segment at its end (pad tokens,
+    rows/cols -1) to a multiple of it: context parallelism splits every segment in 2*cp chunks.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"pack_sequences: input_ids {tuple(input_ids.shape)} and attention_mask "
@@ -125,6 +127,8 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=N
     r_local, cols = mask.nonzero(as_tuple=True)            # row-major: each row's tokens in order
     src_rows = torch.tensor(rows, device=device)[r_local]
     ids = input_ids[src_rows, cols]
+    if seq_multiple > 1:
+        ids, src_rows, cols, lengths = _pad_segments(ids, src_rows, cols, lengths, seq_multiple, pad_id)
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(ids.numel(), device=device) - torch.repeat_interleave(starts, lengths)
     seg_lengths = lengths.tolist()
@@ -143,6 +147,19 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows=N
     cu = torch.tensor([0] + seg_lengths, device=device).cumsum(0).to(torch.int32)
     return PackedBatch(input_ids=ids[None], position_ids=pos[None], cu_seqlens=cu, max_seqlen=max(seg_lengths),
                        rows=src_rows, cols=cols, padded_shape=tuple(input_ids.shape))
+
+
+def _pad_segments(ids, src_rows, cols, lengths, multiple: int, pad_id: int):
+    """Each segment of the packed `ids` followed by pad tokens up to a multiple of `multiple`."""
+    padded = -(-lengths // multiple) * multiple
+    starts = torch.cumsum(padded, 0) - padded
+    where = torch.repeat_interleave(starts, lengths) + (
+        torch.arange(ids.numel(), device=ids.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths,
+                                                                               lengths))
+    total = int(padded.sum())
+    out_ids, out_rows, out_cols = ids.new_full((total,), pad_id), src_rows.new_full((total,), -1), cols.new_full((total,), -1)
+    out_ids[where], out_rows[where], out_cols[where] = ids, src_rows, cols
+    return out_ids, out_rows, out_cols, padded
 
 
 def plan_microbatches(lengths, max_tokens_per_microbatch: int) -> list[list[int]]:
@@ -206,8 +223,33 @@ def supports_thd(model) -> bool:
 
 
 def packed_forward(model, packed: PackedBatch, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits `[1, T, vocab/tp]` (or Megatron's per-token loss `[1, T]` given `labels`)."""
+    """Logits `[1, T, vocab/tp]` (or Megatron's per-token loss `[1, T]` given `labels`); under
+    `model.cp > 1` this CP rank's `[1, T/cp, vocab/tp]` in `CPLayout.packed` order (no `labels`)."""
+    from megatron_rl.parallel.context_parallel import cp_size
+
+    if cp_size() > 1:
+        return _context_parallel_packed_forward(model, packed, labels)
     if supports_thd(model):
         return model(packed.input_ids, packed.position_ids, None, labels=labels,
                      packed_seq_params=packed.packed_seq_params())
     return model(packed.input_ids, packed.position_ids, packed.attention_mask(), labels=labels)
+
+
+def _context_parallel_packed_forward(model, packed: PackedBatch, labels) -> torch.Tensor:
+    """THD under CP: every segment (a multiple of 2*cp long, `pack_sequences(seq_multiple=)`) split
+    in Megatron's load-balanced layout; Megatron's THD RoPE reads the global `cu_seqlens`. The sdpa
+    spec gets the causal within-segment mask of local queries against gathered keys; te does its
+    own CP attention from `cu_seqlens` (GPU only)."""
+    from megatron_rl.models.forward import spec_name
+    from megatron_rl.parallel.context_parallel import CPLayout, cp_rank, cp_size, packed_attention_mask
+
+    spec = spec_name(model)
+    if spec not in THD_LAYER_SPECS:
+        raise ValueError(f"model.cp > 1 needs the sdpa or te layer spec (this model: {spec!r}, no THD attention)")
+    if labels is not None:
+        raise ValueError("packed_forward: labels (Megatron's own loss) are not supported under model.cp > 1")
+    layout = CPLayout.packed(packed.cu_seqlens, cp_size(), cp_rank())
+    mask = packed_attention_mask(packed.cu_seqlens, layout) if spec == "sdpa" else None
+    params = packed.packed_seq_params()
+    params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = packed.cu_seqlens
+    return model(layout.shard(packed.input_ids), layout.shard(packed.position_ids), mask, packed_seq_params=params)

@@ -61,6 +61,8 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        # model.cp: RoPE slices its table per CP rank; te's attention takes cp_comm_type None = p2p
+        context_parallel_size=mpu.get_context_parallel_world_size(),
         # Interleaving exchanges activations and gradients with both neighbours at once; at
         # PP=2 both are one peer, and batch_isend_irecv (the default) pairs the two sends to
         # it with the receives in issue order, i.e. crosswise (wrong grads; found on gloo).

@@ -75,16 +75,17 @@ class SDPAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention: context_parallel_size must be 1 (use the 'te' spec for CP)")
         if config.softmax_type != "vanilla":
             raise ValueError(f"SDPAttention: softmax_type {config.softmax_type!r} is not supported (only 'vanilla')")
         if config.window_size is not None:
             raise ValueError("SDPAttention: sliding-window attention is not supported")
         if pg_collection is None:
             from megatron.core.process_groups_config import ProcessGroupCollection
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(
+                required_pgs=["tp", "cp"] if config.context_parallel_size > 1 else ["tp"])
         tp = pg_collection.tp.size()
+        # model.cp > 1: K/V all-gathered over CP, masked by global positions (_context_parallel)
+        self.cp = config.context_parallel_size
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -102,6 +103,8 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPAttention: attention_bias is not supported")
         p = self.dropout_p if self.training else 0.0
+        if self.cp > 1:
+            return self._context_parallel(query, key, value, attention_mask, packed_seq_params, p)
         if packed_seq_params is not None:
             if packed_seq_params.qkv_format != "thd":
                 raise ValueError(f"SDPAttention: packed qkv_format {packed_seq_params.qkv_format!r}, expected 'thd'")
@@ -119,6 +122,30 @@ class SDPAttention(MegatronModule):
                                                  scale=self.softmax_scale)
         sq, b = query.size(0), query.size(1)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def _context_parallel(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                          params: Optional[PackedSeqParams], p: float) -> Tensor:
+        """Local queries against K/V all-gathered over the CP group (parallel/context_parallel.py);
+        the mask `[b, 1, s/cp, s]` (padded) or `[1, 1, t/cp, t]` (packed) comes from the forward."""
+        from megatron_rl.parallel.context_parallel import all_gather_kv
+
+        if attention_mask is None:
+            raise ValueError("SDPAttention under model.cp > 1 needs the context-parallel attention mask of "
+                             "parallel/context_parallel.py (run the model through models.forward.gpt_forward or "
+                             "models.packing.packed_forward)")
+        if params is not None and p > 0:
+            raise ValueError("SDPAttention: attention dropout is not supported with packed sequences")
+        k, v = all_gather_kv(key), all_gather_kv(value)
+        if params is not None:           # [t, n, d] -> [1, n, t, d]
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, k, v))
+        else:                            # [s, b, n, d] -> [b, n, s, d]
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k, v))
+        k, v = self._expand_kv(k, v, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
+                                             scale=self.softmax_scale)
+        if params is not None:
+            return out[0].transpose(0, 1).reshape(query.size(0), self.heads * self.head_dim)
+        return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), self.heads * self.head_dim)
 
     def _expand_kv(self, k: Tensor, v: Tensor, dim: int):
         if self.groups == self.heads:

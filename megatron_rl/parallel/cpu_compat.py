@@ -195,6 +195,21 @@ def install_cpu_shims() -> bool:
 
     token_dispatcher.maybe_move_tensor_to_cpu = to_cpu_numpy
 
+    # 9. models/common/embeddings/rope_utils.py `get_pos_emb_on_this_cp_rank` (RoPE under
+    #    context parallelism, padded sequences) builds its chunk index with pin_memory=True and
+    #    `.cuda()`; rotary_pos_embedding.py imported it by name. Same slicing on the CPU.
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    def pos_emb_on_this_cp_rank_cpu(pos_emb, seq_dim, cp_group):
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+        idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+        pos_emb = pos_emb.index_select(seq_dim, idx)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+    rope_utils.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank_cpu
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank_cpu
+
     _INSTALLED = True
     return True
 

@@ -28,7 +28,8 @@ def init_distributed(tp: int = 1, pp: int = 1, *, vpp: int | None = None, cp: in
                      seed: int = 1234, timeout_s: int = 600) -> None:
     """Initialise torch.distributed and Megatron's model-parallel groups (idempotent).
 
-    The data-parallel size is world_size / (tp * pp * cp). Mixture-of-experts layers
+    The data-parallel size is world_size / (tp * pp * cp); the CP ranks of a DP rank share its
+    rows and Megatron's DDP reduces gradients over DP x CP (parallel/context_parallel.py). Mixture-of-experts layers
     use Megatron's second grid: experts split over `ep` expert-parallel ranks (carved out
     of data parallelism) and each expert over `etp` ranks (default: tp); expert weights
     are reduced over the remaining expert-data-parallel group. Installs the CPU shims
@@ -64,10 +65,11 @@ def init_distributed(tp: int = 1, pp: int = 1, *, vpp: int | None = None, cp: in
                          "(model.etp * model.ep * model.pp)")
     if mpu.model_parallel_is_initialized():
         have = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size(),
-                mpu.get_expert_model_parallel_world_size(), mpu.get_expert_tensor_parallel_world_size())
-        if have != (tp, pp, ep, etp):
-            raise RuntimeError(f"model parallel already initialised with (tp, pp, ep, etp) = {have}, not "
-                               f"{(tp, pp, ep, etp)}; call destroy_distributed() first")
+                mpu.get_expert_model_parallel_world_size(), mpu.get_expert_tensor_parallel_world_size(),
+                mpu.get_context_parallel_world_size())
+        if have != (tp, pp, ep, etp, cp):
+            raise RuntimeError(f"model parallel already initialised with (tp, pp, ep, etp, cp) = {have}, not "
+                               f"{(tp, pp, ep, etp, cp)}; call destroy_distributed() first")
         return
     mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                   virtual_pipeline_model_parallel_size=vpp,

@@ -76,7 +76,7 @@ def bootstrap(cfg: Config) -> RunContext:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     m = cfg.model
-    init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, ep=m.ep, etp=m.etp, seed=cfg.trainer.seed)
+    init_distributed(tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, ep=m.ep, etp=m.etp, seed=cfg.trainer.seed)
     set_seed(cfg.trainer.seed, cfg.trainer.deterministic)
     os.makedirs(cfg.logging.run_dir, exist_ok=True)
     if _rank() == 0:

@@ -90,17 +90,20 @@ def trim_padding(mb: dict) -> dict:
 
 
 def make_packed_microbatches(batch: Batch, max_tokens: int, *, pad_to: int | None = None,
-                             pad_to_multiple_of: int = 1) -> list[dict]:
+                             pad_to_multiple_of: int = 1, seq_multiple: int = 1) -> list[dict]:
     """Token-budget micro-batches of whole rows (first-fit decreasing), real tokens only.
 
     Each dict has `packed` (a PackedBatch), `input_ids` `[1, T]`, `rows` (the batch rows it
     holds, `[n]`), the padded path's per-row tensors for those rows (`labels`,
     `response_mask`, ... `[n, R]`) and the scoring index `score_pos`/`score_row`/`score_col`/
     `score_labels` `[K]`: stream position t's logits score response token
-    `(score_row, score_col)`, the next real token of the same sequence.
+    `(score_row, score_col)`, the next real token of the same sequence. `seq_multiple` pads
+    each sequence to a multiple of it (context parallelism: 2*cp); the budget counts those pads.
     """
     ids, am = model_inputs(batch)
     lengths = am.sum(-1)
+    if seq_multiple > 1:
+        lengths = -(-lengths // seq_multiple) * seq_multiple
     longest = int(lengths.max()) if len(lengths) else 0
     if longest > max_tokens:
         row = int(lengths.argmax())
@@ -111,7 +114,8 @@ def make_packed_microbatches(batch: Batch, max_tokens: int, *, pad_to: int | Non
     p = batch["prompt_ids"].shape[1]
     mbs = []
     for rows in plan_microbatches(lengths.tolist(), max_tokens):
-        pk = pack_sequences(ids, am, rows, pad_to=pad_to, pad_to_multiple_of=pad_to_multiple_of)
+        pk = pack_sequences(ids, am, rows, pad_to=pad_to, pad_to_multiple_of=pad_to_multiple_of,
+                            seq_multiple=seq_multiple)
         t = torch.as_tensor(rows)
         mb = {"packed": pk, "input_ids": pk.input_ids, "rows": t, "labels": batch["response_ids"][t],
               "prompt_len": torch.tensor(p)}

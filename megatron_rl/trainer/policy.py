@@ -23,7 +23,10 @@ from megatron_rl.models.packing import packed_forward
 from megatron_rl.models.routing_replay import RoutingReplay
 from megatron_rl.models.schedule import run_microbatches
 from megatron_rl.trainer.microbatch import (make_microbatches, make_packed_microbatches, mask_padded_vocab,
-                                            move_microbatch, response_logits, scatter_rows, trim_padding)
+                                            model_inputs, move_microbatch, response_logits, scatter_rows,
+                                            trim_padding)
+from megatron_rl.parallel.context_parallel import check_same_rows, cp_size
+from megatron_rl.trainer.cp_tokens import cp_token_stats
 from megatron_rl.parallel.pipeline import broadcast_from_last_stage, broadcast_metrics, tp_group
 from megatron_rl.trainer.update_steps import minibatch_passes, optimizer_step, set_loss_scales, weighted_mean
 
@@ -110,18 +113,24 @@ class Policy(Offloadable):
         `max_tokens_per_microbatch > 0`, padded otherwise (cut to their used columns where
         `_can_trim`)."""
         if not self.max_tokens:
+            if cp_size() > 1:
+                check_same_rows(model_inputs(batch)[0], "prompt + response tokens")
             mbs = self._microbatches(batch)
             return [trim_padding(mb) for mb in mbs] if self._can_trim(batch) else mbs
         self._check_packable(batch)
         from megatron.core import parallel_state as mpu
 
+        cp = mpu.get_context_parallel_world_size()
         pad_to, multiple = packed_shape(self.max_tokens, tp=mpu.get_tensor_model_parallel_world_size(),
                                         pp=mpu.get_pipeline_model_parallel_world_size(),
                                         sequence_parallel=getattr(self.chunks[0].config, "sequence_parallel", False),
-                                        fp8=bool(getattr(self.chunks[0].config, "fp8", None)))
+                                        fp8=bool(getattr(self.chunks[0].config, "fp8", None)), cp=cp)
         device = self._device()
+        if cp > 1:
+            check_same_rows(model_inputs(batch)[0], "prompt + response tokens")
         return [move_microbatch(mb, device) for mb in
-                make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple)]
+                make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple,
+                                         seq_multiple=2 * cp)]
 
     def _can_trim(self, batch: Batch) -> bool:
         """Padded micro-batches may differ in shape only without pipelining; sequence/context
@@ -157,7 +166,10 @@ class Policy(Offloadable):
     def _token_stats(self, output: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-prob, entropy) `[rows, R]` of a micro-batch's response tokens through the fused
         vocab-parallel kernel: for a padded micro-batch from its response logits, for a packed
-        one from the scored stream positions only, scattered back to `[n, R]` (0 where unscored)."""
+        one from the scored stream positions only, scattered back to `[n, R]` (0 where unscored);
+        under `model.cp > 1` from this CP rank's positions, gathered over CP (trainer/cp_tokens.py)."""
+        if cp_size() > 1:
+            return cp_token_stats(output, mb, self.vocab_size, self.temperature, self.backend)
         if "packed" not in mb:
             logits = response_logits(output, mb, self.vocab_size)
             return token_logprob_entropy(logits, mb["labels"], tp_group=tp_group(), temperature=self.temperature,
@@ -332,13 +344,15 @@ def _single(items: list, what: str):
 
 
 def packed_shape(max_tokens: int, *, tp: int, pp: int, sequence_parallel: bool,
-                 fp8: bool = False) -> tuple[int | None, int]:
+                 fp8: bool = False, cp: int = 1) -> tuple[int | None, int]:
     """(pad_to, pad_to_multiple_of) for packed streams: sequence parallelism splits T over
     TP ranks (T % tp == 0); FP8 GEMMs need T % 16 (per TP rank under SP: models/fp8.py);
+    context parallelism splits T in 2*cp chunks (T % 2cp, and T/cp % tp under SP);
     Megatron's pipeline schedule has fixed-size p2p buffers, so under PP > 1 every stream
     is padded to the (aligned) budget."""
     multiple = tp if (tp > 1 and sequence_parallel) else 1
     multiple *= 16 if fp8 else 1
+    multiple *= 2 * cp if cp > 1 else 1
     pad_to = -(-max_tokens // multiple) * multiple if pp > 1 else None
     return pad_to, multiple
 

@@ -1,0 +1,141 @@
+"""Context parallelism (`model.cp`): the shard/unshard index maths, and a tiny Llama on the sdpa
+spec at CP=2 (two gloo processes) against CP=1, float32: logits, per-token log-probs and
+entropies, one PPO update's loss, gradient norm and updated weights, for padded rows (left
+padding) and packed THD micro-batches."""
+import pytest
+import torch
+
+from megatron_rl.parallel.context_parallel import CPLayout, chunk_positions, thd_positions
+from tests.helpers import make_tiny_hf, run_multiproc
+from tests.trainer.test_packed_training import ragged_batch
+
+BUDGET = 48
+
+
+# --- index maths ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_chunks_cover_the_sequence_once_and_balance_causal_work(cp):
+    s = 8 * cp
+    parts = [chunk_positions(s, cp, r) for r in range(cp)]
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(s))
+    # rank r holds chunks r and 2cp-1-r: the causal work (sum of positions + 1) is equal on every rank
+    work = {int((p + 1).sum()) for p in parts}
+    assert len(work) == 1
+    assert chunk_positions(8, 2, 0).tolist() == [0, 1, 6, 7] and chunk_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+
+
+def test_sequence_not_a_multiple_of_2cp_is_refused():
+    with pytest.raises(ValueError, match=r"sequence length 6 is not a multiple of 2 \* model.cp = 4"):
+        chunk_positions(6, 2, 0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_layout_shard_then_gather_order_round_trips(layout):
+    cp = 2
+    cu = torch.tensor([0, 8, 12, 24], dtype=torch.int32)
+    lays = ([CPLayout.padded(24, cp, r) for r in range(cp)] if layout == "padded"
+            else [CPLayout.packed(cu, cp, r) for r in range(cp)])
+    x = torch.randn(3, 24)
+    gathered = torch.cat([lay.shard(x) for lay in lays], 1)      # what an all-gather over CP returns
+    assert torch.equal(gathered, x[:, lays[0].gathered])
+    inverse = torch.argsort(lays[0].gathered)
+    assert torch.equal(gathered[:, inverse], x)
+
+
+def test_thd_positions_split_every_segment_like_transformer_engine():
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    assert thd_positions(cu, 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
+    assert thd_positions(cu, 2, 1).tolist() == [1, 2, 6, 7, 8, 9]
+
+
+def test_packing_pads_each_sequence_for_context_parallelism():
+    from megatron_rl.models.packing import pack_sequences
+
+    ids = torch.arange(1, 13).reshape(2, 6)
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    pk = pack_sequences(ids, am, seq_multiple=4, pad_to_multiple_of=4)
+    assert pk.cu_seqlens.tolist() == [0, 4, 12]
+    assert pk.input_ids[0].tolist() == [3, 4, 5, 6, 8, 9, 10, 11, 12, 0, 0, 0]
+    assert pk.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert pk.rows.tolist() == [0] * 4 + [1] * 5 + [-1] * 3
+    assert torch.equal(pk.unpack(pk.pack(ids.float())), ids.float() * am)
+
+
+# --- CP=2 against CP=1 (gloo) ----------------------------------------------------------------
+
+def _policy(hf, budget, tp):
+    from megatron_rl.config.schema import OptimConfig
+    from megatron_rl.models import load_checkpoint
+    from megatron_rl.trainer.build import build_optimizer, wrap_ddp
+    from megatron_rl.trainer.policy import Policy
+
+    model = load_checkpoint(hf, layer_spec="sdpa")
+    ddp = wrap_ddp(model, False)
+    optim = OptimConfig(lr=1e-3, eps=1e-3, clip_grad=1.0, distributed_optimizer=False)
+    opt, sched = build_optimizer(ddp, optim, "float32", 10)
+    return Policy(model, micro_batch_size=3, optimizer=opt, scheduler=sched, ddp_model=ddp,
+                  max_tokens_per_microbatch=budget)
+
+
+def _worker(rank, world, hf, tp, cp, out):
+    from megatron_rl.algos.config import AlgosConfig
+    from megatron_rl.models import iter_hf_weights
+    from megatron_rl.models.forward import gpt_forward
+    from megatron_rl.parallel import destroy_distributed, init_distributed
+    from megatron_rl.parallel.context_parallel import CPLayout, cp_rank, cp_size, pad_sequence_dim
+    from megatron_rl.parallel.collectives import gather_vocab_parallel
+    from megatron_rl.trainer.microbatch import model_inputs
+
+    init_distributed(tp=tp, cp=cp)
+    res = {}
+    batch = ragged_batch(seed=1)
+    for budget in (0, BUDGET):
+        policy = _policy(hf, budget, tp)
+        if budget == 0:      # whole logits of the padded batch (left-padded prompts)
+            ids, am = model_inputs(batch)
+            with torch.no_grad():
+                logits = gather_vocab_parallel(gpt_forward(policy.model, ids, am))
+                if cp_size() > 1:
+                    lay = CPLayout.padded(pad_sequence_dim(ids, 2 * cp).size(1), cp, cp_rank())
+                    logits = lay.gather(logits)[:, :ids.size(1)]
+            res["logits"] = logits * am[..., None]
+        lp, ent = policy.compute_logprobs(batch, with_entropy=True)
+        before = {k: v.clone() for k, v in iter_hf_weights(policy.model)}
+        algos = AlgosConfig(loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.1, entropy_coef=0.01)
+        metrics = policy.update(batch, algos, mini_batch_size=0, ppo_epochs=1, use_ref=True, seed=0)
+        delta = {k: v - before[k] for k, v in iter_hf_weights(policy.model)}
+        res[budget] = (lp, ent, metrics[0], delta)
+    if torch.distributed.get_rank() == 0:
+        torch.save(res, out)
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def cp_reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cp")
+    hf = make_tiny_hf(d / "hf", "llama", tie=False)
+    run_multiproc(_worker, 1, (hf, 1, 1, str(d / "ref.pt")))
+    return hf, torch.load(d / "ref.pt")
+
+
+def _assert_matches(ref, got):
+    mask = ragged_batch(seed=1)["response_mask"].bool()
+    assert (ref["logits"] - got["logits"]).abs().max() < 1e-5
+    for budget in (0, BUDGET):
+        (lp0, ent0, m0, d0), (lp1, ent1, m1, d1) = ref[budget], got[budget]
+        assert (lp0 - lp1).abs().max() < 1e-5, budget
+        assert (ent0 - ent1)[mask].abs().max() < 1e-5, budget
+        for k in ("pg_loss", "entropy", "kl_loss", "grad_norm"):
+            assert abs(m0[k] - m1[k]) < 1e-5, (budget, k, m0[k], m1[k])
+        assert m0["grad_norm"] > 0 and abs(m0["pg_loss"]) > 1e-3
+        assert max(d.abs().max().item() for d in d0.values()) > 1e-4        # the step moved weights
+        for k, d in d0.items():
+            assert (d - d1[k]).abs().max() < 1e-5, (budget, k)
+
+
+@pytest.mark.multiproc
+def test_cp2_matches_cp1(cp_reference, tmp_path):
+    hf, ref = cp_reference
+    run_multiproc(_worker, 2, (hf, 1, 2, str(tmp_path / "cp2.pt")))
+    _assert_matches(ref, torch.load(tmp_path / "cp2.pt"))
