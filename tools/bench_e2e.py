@@ -225,6 +225,7 @@ def run_mrl(d: Path, gpu_util: float, steps: int, extra: list[str], label: str) 
            "kv_cache_tokens": kv_cache_tokens(getattr(tr.engine, "llm", None)),
            "gen_tokens_per_s": PROMPTS * SAMPLES * NEW_TOKENS / med("timing/rollout") if med("timing/rollout") else None,
            "offload_freed_gib": med("perf/offload_freed_gib"), "torch_reserved_gib": med("perf/torch_reserved_gib"),
+           "torch_released_gib": med("perf/torch_released_gib"),
            "per_request_seed": bool(tr.cfg.rollout.vllm.per_request_seed),
            "engine_logprobs": bool(tr.plan.rollout.engine_logprobs),
            "offload_during_rollout": f"{tr.plan.rollout.offload_during_rollout} ({tr.plan.rollout.offload_reason})"}

@@ -9,6 +9,7 @@ tokens (64 prompts x 8 samples: 142k real tokens). Variants (`--variants`):
     padded           actor.micro_batch_size=32 (padded rows, trimmed to their used columns)
     packed           actor.max_tokens_per_microbatch=20480 (packed token-budget streams)
     padded-N / packed-N   the same with micro_batch_size / max_tokens_per_microbatch N
+    ...+unfusedrope  the same with Megatron's unfused RoPE (models/rope_fusion.py: fused where TE imports)
 
 Per variant: wall time of one update (median of `--reps` after a warm-up), TFLOP/s of the real
 tokens (tools/bench_train_step.py `step_flops`: 6 N tokens + causal attention), peak allocated
@@ -71,17 +72,21 @@ class Variant:
     label: str
     micro_batch_size: int
     max_tokens_per_microbatch: int
+    unfused_rope: bool = False
 
 
 def parse_variant(name: str, cpu_smoke: bool) -> Variant:
-    """'padded' | 'packed' | 'padded-N' | 'packed-N' (module docstring)."""
-    kind, _, n = name.partition("-")
+    """'padded' | 'packed' | 'padded-N' | 'packed-N', each optionally '+unfusedrope' (module docstring)."""
+    base, plus, mod = name.partition("+")
+    if plus and mod != "unfusedrope":
+        raise SystemExit(f"--variants: {name!r}: the only modifier is +unfusedrope")
+    kind, _, n = base.partition("-")
     if kind not in ("padded", "packed") or (n and not n.isdigit()):
         raise SystemExit(f"--variants: {name!r} is not padded, packed, padded-N or packed-N")
     mbs, budget = (4, 64) if cpu_smoke else (32, 20480)
     if kind == "padded":
-        return Variant(name, int(n) if n else mbs, 0)
-    return Variant(name, mbs, int(n) if n else budget)
+        return Variant(name, int(n) if n else mbs, 0, bool(plus))
+    return Variant(name, mbs, int(n) if n else budget, bool(plus))
 
 
 def make_batch(rows: int, samples: int, response: int, vocab: int, prompt_range: tuple[int, int], seed: int = 0):
@@ -252,6 +257,7 @@ class Result:
     gemm_peak_tflops: float = 0.0
     pct_gemm_peak: float = 0.0
     peak_mem_gib: float | None = None
+    rope_fusion: bool = False
     profiled_wall_s: float = 0.0
     profiler_activities: str = ""
     busy_s: float = 0.0
@@ -265,13 +271,26 @@ class Result:
 def run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool, trace_dir: Path | None = None) -> Result:
     from megatron_rl.algos.config import AlgosConfig
 
+    arch, config = parts[0], parts[1][0].config     # every attention layer reads this shared config
+    fused = config.apply_rope_fusion
+    config.apply_rope_fusion = fused and not v.unfused_rope
+    try:
+        return _run_variant(parts, v, batch, work, reps, gpu, trace_dir)
+    finally:
+        config.apply_rope_fusion = fused
+
+
+def _run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool, trace_dir: Path | None) -> Result:
+    from megatron_rl.algos.config import AlgosConfig
+
     arch = parts[0]
     algos = AlgosConfig(adv_estimator="grpo", policy_loss="ppo", loss_agg_mode="token-mean", use_kl_loss=False)
     policy = make_policy(parts, v)
-    r = Result(v.label, v.micro_batch_size, v.max_tokens_per_microbatch, real_tokens=work.tokens)
+    r = Result(v.label, v.micro_batch_size, v.max_tokens_per_microbatch, real_tokens=work.tokens,
+               rope_fusion=bool(parts[1][0].config.apply_rope_fusion))
     r.microbatches = len(policy._train_microbatches(batch))
     r.gemm_shape = largest_gemm(arch, policy, batch)
-    r.gemm_peak_tflops = round(gemm_peak(r.gemm_shape, gpu), 1)
+    r.gemm_peak_tflops = round(gemm_peak(r.gemm_shape, gpu), 3)   # a CPU smoke's is < 0.1
     one_update(policy, batch, algos, seed=0)                          # warm-up (allocator, Triton, compile)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -281,7 +300,7 @@ def run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool, trac
     flops = step_flops(matmul_params(parts[1][0], arch), arch, work)
     r.tflops = round(flops / r.update_s / 1e12, 2)
     r.tflops_6n = round(6.0 * matmul_params(parts[1][0], arch) * work.tokens / r.update_s / 1e12, 2)
-    r.pct_gemm_peak = round(100.0 * r.tflops / r.gemm_peak_tflops, 1)
+    r.pct_gemm_peak = round(100.0 * r.tflops / r.gemm_peak_tflops, 1) if r.gemm_peak_tflops else 0.0
     trace = None if trace_dir is None else trace_dir / f"uprof_{v.label}.json.gz"
     try:                                   # a profiler failure (no CUPTI, ...) keeps the timings above
         wall, spans, r.profiler_activities = profile_update(policy, batch, algos, gpu, seed=100, trace=trace)
@@ -296,12 +315,35 @@ def run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool, trac
     return r
 
 
+def rope_parity(parts, batch, rows: int = 8) -> dict:
+    """Next-token log-probs of `rows` rows under the fused and the unfused RoPE (same weights)."""
+    from megatron_rl.models.forward import gpt_forward
+
+    model, config = parts[1][0], parts[1][0].config
+    ids = torch.cat([batch["prompt_ids"][:rows], batch["response_ids"][:rows]], 1).cuda()
+    mask = torch.cat([batch["prompt_mask"][:rows], batch["response_mask"][:rows].long()], 1).cuda()
+    out = []
+    fused = config.apply_rope_fusion
+    try:
+        with torch.no_grad():
+            for flag in (True, False):
+                config.apply_rope_fusion = flag
+                logits = gpt_forward(model, ids, mask).float()
+                out.append(torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0])
+    finally:
+        config.apply_rope_fusion = fused
+    keep = mask[:, 1:].bool()
+    diff = (out[0] - out[1]).abs()[keep]
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "tokens": int(keep.sum())}
+
+
 def table(r: Result, peak_8192: float) -> str:
     if r.error:
         return f"## {r.label}: error\n\n{r.error}\n"
     gemm = "x".join(map(str, r.gemm_shape))
     lines = [f"## {r.label}: micro_batch_size {r.micro_batch_size}, max_tokens_per_microbatch "
-             f"{r.max_tokens_per_microbatch}; {r.microbatches} micro-batches, {r.real_tokens} real tokens", "",
+             f"{r.max_tokens_per_microbatch}; {r.microbatches} micro-batches, {r.real_tokens} real tokens; "
+             f"RoPE {'fused (TE)' if r.rope_fusion else 'unfused'}", "",
              f"update {r.update_s:.3f} s (median of {r.update_runs_s}); {r.tflops:.1f} TFLOP/s "
              f"({r.tflops_6n:.1f} as 6 N tokens) = "
              f"{r.pct_gemm_peak:.1f}% of the in-run GEMM peak ({gemm}: {r.gemm_peak_tflops:.0f} TFLOP/s; "
@@ -364,6 +406,10 @@ def main(argv=None) -> list[Result]:
     print(f"device {dev}; torch {torch.__version__}; {sum(p.numel() for p in parts[1][0].parameters()) / 1e9:.3f}B "
           f"parameters; {rows} rows x ({prange[0]}..{prange[1]} prompt + {response} response) tokens; "
           f"bf16 matmul 8192^3 {peak_8192:.0f} TFLOP/s\n", flush=True)
+    rope = rope_parity(parts, batch) if parts[1][0].config.apply_rope_fusion else None
+    if rope:
+        print(f"fused vs unfused RoPE, same weights and rows: log-prob max abs diff {rope['max_abs']:.3e}, "
+              f"mean {rope['mean_abs']:.3e} (bf16 forward, {rope['tokens']} tokens)\n", flush=True)
     results = []
     for v in variants:
         try:
@@ -378,6 +424,7 @@ def main(argv=None) -> list[Result]:
     print(summary(results), flush=True)
     if a.json:
         a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "matmul_8192_tflops": peak_8192,
+                                      "rope_parity": rope,
                                       "variants": [asdict(r) for r in results]}, indent=1))
     return results
 

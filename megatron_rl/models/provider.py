@@ -10,6 +10,7 @@ from megatron_rl.models.hf_config import ModelArch, parse_dtype
 from megatron_rl.models.layer_specs import get_layer_spec, resolve_layer_spec_name
 from megatron_rl.models.moe import moe_transformer_kwargs
 from megatron_rl.models.moe_config import MoEConfig
+from megatron_rl.models.rope_fusion import use_rope_fusion
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -51,7 +52,8 @@ def transformer_config(arch: ModelArch, dtype="float32", *, recompute: str | Non
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=use_rope_fusion(is_mla=arch.is_mla, mrope=bool(arch.mrope_section),
+                                          cp=mpu.get_context_parallel_world_size()),   # models/rope_fusion.py
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         params_dtype=dt,

@@ -46,6 +46,12 @@ class VLLMConfig:
 
     sleep_level: int = 1
 
+    """Torch's cached blocks before a wake (rollout/vllm_device.py): auto = kept when vLLM's wake
+    (what its last sleep freed) fits beside them with a margin, which spares the next update its
+    allocator warm-up; always = emptied every time (lower peak, the behaviour before auto)."""
+
+    release_torch_cache: str = "auto"
+
     """Sampling noise. True (default): one seed per prompt (`vllm_convert.request_seeds`, from
     the step's seed of this DP rank, trainer/phases.py `rollout_seed`): reproducible row by row,
     and measured no slower (one H200, vLLM 0.26, SmolLM2-1.7B shape, 64 prompts x 8 x 256
@@ -73,7 +79,8 @@ class VLLMConfig:
             raise ValueError("rollout.vllm.extra_args.quantization: use rollout.vllm.quantization (checked there)")
         if self.quantization:
             raise ValueError(f"rollout.vllm.quantization={self.quantization!r}: " + QUANTIZATION_REFUSAL)
-        checks = [("sleep_level", self.sleep_level, (0, 1, 2)),
+        checks = [("sleep_level", self.sleep_level, (0, 1, 2)), ("release_torch_cache", self.release_torch_cache,
+                                                                   ("auto", "always")),
                   ("logprobs_mode", self.logprobs_mode, ("raw_logprobs", "processed_logprobs")),
                   ("transport", self.transport, ("colocated", "broadcast"))]
         for key, value, allowed in checks:

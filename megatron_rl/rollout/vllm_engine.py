@@ -44,7 +44,7 @@ import torch
 from megatron_rl.data.batch import Batch
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.vllm_config import VLLMConfig
-from megatron_rl.rollout.vllm_device import release_torch_cache
+from megatron_rl.rollout.vllm_device import free_device_bytes, release_torch_cache
 from megatron_rl.rollout.vllm_convert import (outputs_to_batch, prompt_token_lists, request_seeds,
                                               steering_groups, vllm_sampling_kwargs)
 from megatron_rl.rollout.vllm_multimodal import (attach_images, check_expanded_prompts, vision_skip_prefixes,
@@ -247,14 +247,17 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         if self.state != "asleep" and self.cfg.sleep_level:
+            free = free_device_bytes()
             self.llm.sleep(level=self.cfg.sleep_level)
+            if free is not None and self.state == "awake":      # what the next full wake takes back
+                self._wake_need = max(free_device_bytes() - free, 0)
             self.state = "asleep"
             self._steer_key = None      # sleep drops the KV cache; level 2 also the steering buffers
             self.weights_stale = self.cfg.sleep_level >= 2
 
     def wake(self) -> dict[str, float]:
         """Wake for generation; torch's cached blocks go back first (vllm_device.py says why)."""
-        metrics = release_torch_cache() if self.state != "awake" else {}
+        metrics = self._release_torch_cache() if self.state != "awake" else {}
         if self.state == "asleep":
             self.llm.wake_up()
         elif self.state == "weights":
@@ -263,6 +266,10 @@ class VLLMEngine:
         return metrics
 
     # --- internals ----------------------------------------------------------------------------
+    def _release_torch_cache(self) -> dict[str, float]:
+        """Before a wake from full sleep (weights and KV together need `_wake_need`)."""
+        return release_torch_cache(self.cfg.release_torch_cache, getattr(self, "_wake_need", None))
+
     def _image_pad_id(self) -> int:
         from megatron_rl.data.multimodal import VisionTokens
 
@@ -270,7 +277,7 @@ class VLLMEngine:
 
     def _wake_weights(self) -> None:
         if self.state == "asleep":
-            release_torch_cache()
+            self._release_torch_cache()
             self.llm.wake_up(tags=["weights"])
             self.state = "weights"
 

@@ -1,6 +1,8 @@
 """Rollout seeds: rollout.vllm.per_request_seed (true by default: one seed per prompt; false:
 vLLM's engine generator, the device generator left alone), the step's seed per DP rank for every
 engine (trainer/phases.py `rollout_seed`), and torch's cache released before every vLLM wake."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,13 +18,14 @@ from tests.rollout.test_rollout_vllm_engine import _engine, _prompts
 class FakeCuda:
     """The few torch.cuda calls the engine may make, recorded in order."""
 
-    def __init__(self, monkeypatch, reserved=(6 * 2 ** 30, 2 ** 30)):
-        self.calls, self.reserved = [], list(reserved)
+    def __init__(self, monkeypatch, reserved=(6 * 2 ** 30, 2 ** 30), free=8 * 2 ** 30, total=80 * 2 ** 30):
+        self.calls, self.reserved, self.free, self.total = [], list(reserved), free, total
         for name, fn in [("is_available", lambda: True), ("current_device", lambda: 0),
                          ("get_rng_state", lambda d=0: self.calls.append(("get_rng", d)) or "trainer-state"),
                          ("manual_seed", lambda s: self.calls.append(("seed", s))),
                          ("set_rng_state", lambda st, d=0: self.calls.append(("set_rng", st, d))),
                          ("memory_reserved", lambda: self.reserved.pop(0) if len(self.reserved) > 1 else self.reserved[0]),
+                         ("mem_get_info", lambda d=None: (self.free, self.total)),
                          ("empty_cache", lambda: self.calls.append(("empty_cache",)))]:
             monkeypatch.setattr(torch.cuda, name, fn)
 
@@ -88,7 +91,7 @@ def test_rollout_vllm_device_steps_are_noops_without_cuda(monkeypatch):
 def test_rollout_vllm_wake_releases_torch_cache_first(fake_vllm, monkeypatch):
     """offload_during_rollout=none: nothing else empties the cache before vLLM's cumem wake."""
     cuda = FakeCuda(monkeypatch, reserved=(6 * 2 ** 30, 2 ** 30))
-    eng = _engine(sleep_level=1)
+    eng = _engine(sleep_level=1, release_torch_cache="always")     # auto: the next test
     eng.state = "asleep"
     order = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: order.append("empty_cache"))
@@ -100,3 +103,30 @@ def test_rollout_vllm_wake_releases_torch_cache_first(fake_vllm, monkeypatch):
         "perf/torch_reserved_gib": 6.0, "perf/torch_released_gib": 5.0}
     eng.update_weights(iter([("w", torch.ones(2))]))          # asleep again: the weights' wake releases too
     assert order[2:] == ["empty_cache", "wake"] and cuda is not None
+
+
+def test_rollout_vllm_keeps_torch_cache_when_the_wake_fits(fake_vllm, monkeypatch):
+    """auto: what the last sleep freed (`_wake_need`) + the margin fits in the free memory -> no
+    empty_cache (the update keeps its warm allocator); it does not fit, or `always` -> released."""
+    gib = 2 ** 30
+    cuda = FakeCuda(monkeypatch, reserved=(6 * gib, 6 * gib), free=60 * gib, total=100 * gib)
+    sleep = []
+    eng = _engine(sleep_level=1)
+    real_sleep = eng.llm.sleep
+    eng.llm.sleep = lambda level=1: (sleep.append(level), setattr(cuda, "free", cuda.free + 40 * gib),
+                                     real_sleep(level))[-1]
+    eng.state = "awake"
+    eng.sleep()                                             # vLLM gave back 40 GiB: that is the wake's need
+    assert eng._wake_need == 40 * gib and sleep == [1]
+    cuda.free = 43 * gib                                    # 40 + max(2 GiB, 3% of 100) = 43 fits
+    assert eng.wake() == {"perf/torch_reserved_gib": 6.0, "perf/torch_released_gib": 0.0}
+    assert ("empty_cache",) not in cuda.calls
+    eng.state, cuda.free = "asleep", 42 * gib               # 1 GiB short of the margin: released
+    eng.wake()
+    assert cuda.calls.count(("empty_cache",)) == 1
+    eng.cfg = dataclasses.replace(eng.cfg, release_torch_cache="always")
+    eng.state, cuda.free = "asleep", 90 * gib
+    eng.wake()
+    assert cuda.calls.count(("empty_cache",)) == 2
+    with pytest.raises(ValueError, match="rollout.vllm.release_torch_cache"):
+        VLLMConfig(release_torch_cache="never")

@@ -49,6 +49,10 @@ def test_profile_update_variants_parse_and_refuse_by_name():
     assert parse_variant("padded-16", False).micro_batch_size == 16
     with pytest.raises(SystemExit, match="'dense'"):
         parse_variant("dense", False)
+    v = parse_variant("padded-64+unfusedrope", False)
+    assert (v.micro_batch_size, v.unfused_rope, parse_variant("packed", False).unfused_rope) == (64, True, False)
+    with pytest.raises(SystemExit, match="unfusedrope"):
+        parse_variant("padded+fast", False)
 
 
 def test_profile_update_batch_is_the_e2e_workload():
