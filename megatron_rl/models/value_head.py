@@ -10,6 +10,7 @@ import torch
 
 from megatron_rl.models.forward import final_hidden_states, gpt_forward
 from megatron_rl.models.loading import unwrap
+from megatron_rl.parallel.context_parallel import cp_size, gather_padded
 
 
 class ValueHead(torch.nn.Linear):
@@ -46,7 +47,10 @@ def value_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
         return gpt_forward(model, input_ids, attention_mask)
     with final_hidden_states(gpt) as out:
         gpt_forward(model, input_ids, attention_mask)
-    return head(out["hidden"].float()).squeeze(-1).transpose(0, 1)   # [s, b, h] -> [b, s]
+    values = head(out["hidden"].float()).squeeze(-1).transpose(0, 1)   # [s, b, h] -> [b, s]
+    if cp_size() > 1:          # this CP rank's positions -> the whole sequence (parallel/context_parallel.py)
+        values = gather_padded(values, input_ids.size(1))
+    return values
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

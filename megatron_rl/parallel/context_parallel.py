@@ -98,6 +98,13 @@ class CPLayout:
         return full.index_select(dim, inverse.to(full.device))
 
 
+def gather_padded(x_local: torch.Tensor, s: int) -> torch.Tensor:
+    """`[b, s]` from this rank's `[b, s'/cp]` share of a padded forward (s' = s rounded up to 2*cp)."""
+    cp = cp_size()
+    layout = CPLayout.padded(s + (-s % (2 * cp)), cp, cp_rank(), device=x_local.device)
+    return layout.gather(x_local)[:, :s]
+
+
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)

@@ -78,27 +78,53 @@ def _policy(hf, budget, tp):
                   max_tokens_per_microbatch=budget)
 
 
+def _values_and_grads(hf, ids, am):
+    """A critic trunk + value head: per-position values and the gradient of a weighted sum of
+    them, summed over CP ranks by hand (no DDP): exercises the gathers' backward."""
+    from megatron_rl.models import iter_hf_weights, load_checkpoint
+    from megatron_rl.models.value_head import attach_value_head, value_forward
+    from megatron_rl.parallel.context_parallel import cp_group, cp_size
+
+    model = load_checkpoint(hf, layer_spec="sdpa")
+    head = attach_value_head(model, seed=0)
+    values = value_forward(model, ids, am)                          # [b, s]
+    w = torch.linspace(-1, 1, values.numel()).reshape(values.shape) * am
+    (values * w).sum().backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    if cp_size() > 1:
+        for g in grads.values():
+            torch.distributed.all_reduce(g, group=cp_group())
+    with torch.no_grad():     # HF-named gradients: swap them into the weights to gather over TP
+        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.copy_(grads[n])
+        hf_grads = {k: v.clone() for k, v in iter_hf_weights(model)}
+        for n, p in model.named_parameters():
+            p.copy_(saved[n])
+    return values.detach() * am, hf_grads, head.weight.grad.clone()
+
+
 def _worker(rank, world, hf, tp, cp, out):
     from megatron_rl.algos.config import AlgosConfig
     from megatron_rl.models import iter_hf_weights
     from megatron_rl.models.forward import gpt_forward
     from megatron_rl.parallel import destroy_distributed, init_distributed
-    from megatron_rl.parallel.context_parallel import CPLayout, cp_rank, cp_size, pad_sequence_dim
+    from megatron_rl.parallel.context_parallel import cp_size, gather_padded
     from megatron_rl.parallel.collectives import gather_vocab_parallel
     from megatron_rl.trainer.microbatch import model_inputs
 
     init_distributed(tp=tp, cp=cp)
     res = {}
     batch = ragged_batch(seed=1)
+    ids, am = model_inputs(batch)
+    res["values"] = _values_and_grads(hf, ids, am)
     for budget in (0, BUDGET):
         policy = _policy(hf, budget, tp)
         if budget == 0:      # whole logits of the padded batch (left-padded prompts)
-            ids, am = model_inputs(batch)
             with torch.no_grad():
                 logits = gather_vocab_parallel(gpt_forward(policy.model, ids, am))
                 if cp_size() > 1:
-                    lay = CPLayout.padded(pad_sequence_dim(ids, 2 * cp).size(1), cp, cp_rank())
-                    logits = lay.gather(logits)[:, :ids.size(1)]
+                    logits = gather_padded(logits, ids.size(1))
             res["logits"] = logits * am[..., None]
         lp, ent = policy.compute_logprobs(batch, with_entropy=True)
         before = {k: v.clone() for k, v in iter_hf_weights(policy.model)}
@@ -122,6 +148,11 @@ def cp_reference(tmp_path_factory):
 def _assert_matches(ref, got):
     mask = ragged_batch(seed=1)["response_mask"].bool()
     assert (ref["logits"] - got["logits"]).abs().max() < 1e-5
+    (v0, g0, h0), (v1, g1, h1) = ref["values"], got["values"]
+    assert (v0 - v1).abs().max() < 1e-5 and v0.abs().max() > 0.1
+    assert (h0 - h1).abs().max() < 1e-6 * h0.abs().max()     # float32 sums of ~60-sized terms
+    for k, g in g0.items():
+        assert (g - g1[k]).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), k
     for budget in (0, BUDGET):
         (lp0, ent0, m0, d0), (lp1, ent1, m1, d1) = ref[budget], got[budget]
         assert (lp0 - lp1).abs().max() < 1e-5, budget
@@ -139,3 +170,11 @@ def test_cp2_matches_cp1(cp_reference, tmp_path):
     hf, ref = cp_reference
     run_multiproc(_worker, 2, (hf, 1, 2, str(tmp_path / "cp2.pt")))
     _assert_matches(ref, torch.load(tmp_path / "cp2.pt"))
+
+
+@pytest.mark.multiproc
+def test_cp2_tp2_matches_cp1(cp_reference, tmp_path):
+    """Four gloo processes: the vocab split over TP inside each CP rank."""
+    hf, ref = cp_reference
+    run_multiproc(_worker, 4, (hf, 2, 2, str(tmp_path / "cp2tp2.pt")))
+    _assert_matches(ref, torch.load(tmp_path / "cp2tp2.pt"))
