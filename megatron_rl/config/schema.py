@@ -33,7 +33,7 @@ class ModelConfig:
     tp: int = 1                       # tensor parallel; world size % (tp * pp * cp) == 0, dp = the rest
     pp: int = 1
     vpp: int | None = None            # interleaved virtual stages per PP rank: needs pp > 1, layers % (pp*vpp)
-    cp: int = 1                       # context parallel (not supported yet: refused by the run plan)
+    cp: int = 1                       # context parallel: sequences split over cp ranks (docs/run_plan.md; plan/layout.py)
     ep: int = 1                       # expert parallel (not supported yet: refused by the run plan)
     etp: int = 1                      # expert tensor parallel (not supported yet: refused by the run plan)
     sequence_parallel: bool = False

@@ -49,7 +49,7 @@ REASONS = [
     (r".*\.megatron\.", "Megatron option not mapped (model.* holds tp/pp/vpp/cp/ep/sequence_parallel)"),
     (r".*(use_torch_compile|use_remove_padding|use_fused_kernels|use_liger)", "kernel choice: megatron-rl picks "
      "its fused loss (actor.fused_loss) and packing (actor.max_tokens_per_microbatch)"),
-    (r".*ulysses_sequence_parallel_size", "Ulysses sequence parallelism: use model.cp (not supported yet)"),
+    (r".*ulysses_sequence_parallel_size", "Ulysses sequence parallelism: use model.cp (docs/run_plan.md)"),
     (r"trainer\.(n_gpus_per_node|nnodes)", "the world size comes from the launcher (torchrun --nproc N); "
      "check the layout with `megatron-rl plan --config OUT --world-size N`"),
     (r"(ray_init|ray_kwargs|global_profiler)\.", "Ray / profiler set-up: megatron-rl runs SPMD under torchrun"),

@@ -86,6 +86,8 @@ def choose_layer_spec(name: str, device: str, *, te_importable: bool | None = No
     if name != "auto":
         return name, "set by model.layer_spec"
     if device != "cuda":
+        if features.get("cp", 1) > 1:
+            return "sdpa", "auto on cpu, model.cp > 1: sdpa (all-gather context-parallel attention; local has none)"
         return "local", "auto on cpu: Megatron's local spec"
     need = te_features(**features)
     if need:

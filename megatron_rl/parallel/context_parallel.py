@@ -22,6 +22,7 @@ Nothing here runs at cp=1: callers test `cp_size() > 1` first.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,38 @@ def pad_sequence_dim(x: torch.Tensor, multiple: int, value: int = 0) -> torch.Te
     """`x` `[b, s]` right-padded along s to a multiple of `multiple`."""
     extra = -x.size(1) % multiple
     return x if not extra else torch.nn.functional.pad(x, (0, extra), value=value)
+
+
+@contextmanager
+def whole_sequences(chunks):
+    """Within the scope the model runs whole, unsplit sequences on every CP rank, with no CP
+    collective: the native engine's KV-cache decoding (each CP rank of a DP rank decodes the same
+    rows with the same seed, so they agree). Switched off for the scope: the sdpa attention's CP
+    path (its `cp`), Megatron RoPE's per-rank slicing (its `cp_group` constructor attribute) and
+    the config's `context_parallel_size` (the RoPE table length). No-op at cp=1."""
+    if cp_size() == 1:
+        yield
+        return
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    saved, configs = [], {}
+    for chunk in chunks:
+        for mod in chunk.modules():
+            if hasattr(mod, "_context_parallel") and hasattr(mod, "cp"):       # models/sdpa_attention.SDPAttention
+                saved.append((mod, "cp", mod.cp))
+            elif isinstance(mod, RotaryEmbedding):
+                saved.append((mod, "cp_group", mod.cp_group))
+            cfg = getattr(mod, "config", None)
+            if hasattr(cfg, "context_parallel_size"):
+                configs[id(cfg)] = cfg
+    saved += [(cfg, "context_parallel_size", cfg.context_parallel_size) for cfg in configs.values()]
+    for obj, name, _ in saved:
+        setattr(obj, name, None if name == "cp_group" else 1)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
 
 
 def check_same_rows(tensor: torch.Tensor, what: str) -> None:

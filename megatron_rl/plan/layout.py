@@ -119,10 +119,61 @@ def check_no_moe_options(moe) -> None:
                         f"so the model.moe section has no effect; remove it")
 
 
-def check_context_parallel(cp: int) -> None:
-    if cp > 1:
-        raise PlanError(f"model.cp={cp}: not supported yet: context parallelism (ring attention over the "
-                        "sequence) is not wired into the model providers (set it to 1)")
+def check_context_parallel(m, shape: Shape | None) -> None:
+    """`model.cp > 1` against the rest of the model section (parallel/context_parallel.py covers
+    dense text models without pipelining; docs/run_plan.md)."""
+    cp = m.cp
+    if cp == 1:
+        return
+    if m.pp > 1:
+        raise PlanError(f"model.cp={cp} with model.pp={m.pp}: not covered (the pipeline schedule's p2p shapes and "
+                        "micro-batch padding are not split over CP here); set model.pp=1 or model.cp=1")
+    if m.ep > 1 or m.etp > 1 or (shape is not None and shape.is_moe):
+        raise PlanError(f"model.cp={cp}: not covered for mixture-of-experts models (router aux losses and token "
+                        "dispatch are untested under CP); set model.cp=1")
+    if shape is not None and shape.vision is not None:
+        raise PlanError(f"model.cp={cp}: not covered for vision-language models (M-RoPE positions and image "
+                        "features are laid out per whole row); set model.cp=1")
+    if shape is not None and shape.is_mla:
+        raise PlanError(f"model.cp={cp}: not covered for multi-latent attention (DeepSeek-V3 runs on the local "
+                        "spec, which has no context-parallel attention); set model.cp=1")
+
+
+def check_context_parallel_run(cfg, layer_spec: str) -> None:
+    """`model.cp > 1` against the other sections, once the layer spec is resolved: the spec must
+    have CP attention (sdpa: padded and packed; te: packed THD only, its CP attention takes no
+    padding mask); roles and phases that read a forward's internals per whole row are refused."""
+    cp = cfg.model.cp
+    if cp == 1:
+        return
+    packed = cfg.actor.max_tokens_per_microbatch > 0
+    if layer_spec == "local":
+        raise PlanError(f"model.cp={cp}: model.layer_spec={cfg.model.layer_spec} resolves to local, which has no "
+                        "context-parallel attention; set model.layer_spec=sdpa (or te with "
+                        "actor.max_tokens_per_microbatch > 0)")
+    if layer_spec == "te" and not packed:
+        raise PlanError(f"model.cp={cp} with layer spec te needs packed micro-batches: te's context-parallel "
+                        "attention takes no padding mask; set actor.max_tokens_per_microbatch > 0 or "
+                        "model.layer_spec=sdpa")
+    if layer_spec == "te" and (cfg.critic.enable or cfg.reward.model.path):
+        what = "critic.enable=true" if cfg.critic.enable else "reward.model.path"
+        raise PlanError(f"model.cp={cp} with layer spec te: {what} runs padded value forwards, which te's CP "
+                        "attention cannot mask; set model.layer_spec=sdpa")
+    refused = [("gad.enable=true", cfg.gad.enable, "the discriminator's and SFT warm-up's forwards are not split"),
+               ("steering.enable=true", cfg.steering.enable, "SAE hooks edit whole rows of the residual stream"),
+               (f"token_weights.source={cfg.token_weights.source}", cfg.token_weights.source == "vgr",
+                "attention rows are read from whole-sequence attention")]
+    for key, on, why in refused:
+        if on:
+            raise PlanError(f"model.cp={cp} with {key}: not covered ({why}); set model.cp=1")
+    r = cfg.rollout
+    if r.engine == "native" and layer_spec != "sdpa":
+        raise PlanError(f"model.cp={cp} with rollout.engine=native needs model.layer_spec=sdpa (the native engine "
+                        f"decodes whole sequences on every CP rank; {layer_spec}'s attention would split them)")
+    if r.engine == "vllm" and r.placement == "colocated" and r.vllm.tensor_parallel_size % (cfg.model.tp * cp):
+        raise PlanError(f"model.cp={cp}: rollout.vllm.tensor_parallel_size={r.vllm.tensor_parallel_size} must be a "
+                        f"multiple of model.tp * model.cp = {cfg.model.tp * cp}: the CP ranks of a data-parallel rank "
+                        "split the same rows, so one vLLM engine must generate them for all of those ranks")
 
 
 def resolve_layout(m, world_size: int, device: str, shape: Shape | None) -> Layout:
@@ -134,7 +185,7 @@ def resolve_layout(m, world_size: int, device: str, shape: Shape | None) -> Layo
     for key in ("tp", "pp", "cp", "ep", "etp"):
         if getattr(m, key) < 1:
             raise PlanError(f"model.{key} must be >= 1, got {getattr(m, key)}")
-    check_context_parallel(m.cp)
+    check_context_parallel(m, shape)
     check_expert_parallel(m, world_size, shape)
     mp = m.tp * m.pp * m.cp
     if world_size % mp:

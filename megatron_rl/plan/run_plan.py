@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_rl.plan.batch import BatchPlan, RolePlan, resolve_batch
-from megatron_rl.plan.layout import Layout, ModelPlan, PlanError, model_shape, resolve_layout
+from megatron_rl.plan.layout import (Layout, ModelPlan, PlanError, check_context_parallel_run, model_shape,
+                                     resolve_layout)
 from megatron_rl.plan.placement import check_placement, trainer_world
 from megatron_rl.plan.passes import (OldLogprobPlan, auto_rollout_offload, check_distributed_optimizer,
                                      check_vllm_section, choose_rollout_offload, resolve_engine_logprobs, resolve_old_logprob,
@@ -191,6 +192,7 @@ def resolve_plan(cfg, *, world_size: int, device: str, shape: str | None = None,
     check_freeze_vision(m.freeze_vision, shp)
     check_packing_with_vision(cfg.actor.max_tokens_per_microbatch, shp)
     spec, spec_reason = resolve_model_spec(cfg, device, shp)
+    check_context_parallel_run(cfg, spec)
     model = ModelPlan(shape=shp, shape_source=source, dtype=m.dtype, layer_spec=m.layer_spec,
                       layer_spec_choice=spec, layer_spec_reason=spec_reason, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                       recompute=m.recompute, distributed_optimizer=bool(dist_opt), freeze_vision=m.freeze_vision,

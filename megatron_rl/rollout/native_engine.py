@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_rl.data.batch import Batch
 from megatron_rl.models.forward import causal_padding_mask
 from megatron_rl.models.vl.rollout import rollout_inputs
+from megatron_rl.parallel.context_parallel import whole_sequences
 from megatron_rl.rollout.partial import ChunkState, Interrupt, PartialRollout, StopRule
 from megatron_rl.rollout.protocol import SamplingParams
 from megatron_rl.rollout.sampling import sample_tokens
@@ -100,7 +101,9 @@ class NativeEngine:
                 if rule.stop():                     # not a new chunk's prefill under stale weights
                     break
                 st.current = ChunkState.empty(st.pending.pop(0), sp.max_new_tokens, self.pad_id)
-            if not self._decode(st.current, sp, gen, rule):
+            with whole_sequences(self.chunks):     # model.cp: each CP rank decodes whole rows (parallel/context_parallel.py)
+                decoded = self._decode(st.current, sp, gen, rule)
+            if not decoded:
                 break
             st.finished.append(self._chunk_batch(st.current))
             st.current = None

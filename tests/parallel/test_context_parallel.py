@@ -62,6 +62,49 @@ def test_packing_pads_each_sequence_for_context_parallelism():
     assert torch.equal(pk.unpack(pk.pack(ids.float())), ids.float() * am)
 
 
+# --- the run plan -----------------------------------------------------------------------------
+
+def _plan(*overrides, world_size=2, device="cpu", shape=None):
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import resolve_plan
+
+    cfg = load_experiment_config(None, ["data.train_batch_size=8", "rollout.n=4", *overrides])
+    return resolve_plan(cfg, world_size=world_size, device=device, shape=shape)
+
+
+@pytest.mark.parametrize("overrides,world,device", [
+    (["model.cp=2"], 2, "cpu"),                                             # auto -> sdpa on cpu
+    (["model.cp=2", "model.tp=2", "model.layer_spec=sdpa"], 8, "cpu"),
+    (["model.cp=2", "model.layer_spec=te", "actor.max_tokens_per_microbatch=1024", "rollout.engine=vllm",
+      "rollout.vllm.tensor_parallel_size=2"], 4, "cuda"),
+    (["model.cp=2", "critic.enable=true", "algos.adv_estimator=gae"], 2, "cpu"),
+])
+def test_plan_accepts_covered_context_parallel_layouts(overrides, world, device):
+    p = _plan(*overrides, world_size=world, device=device, shape="smollm2-135m" if device == "cuda" else None)
+    assert p.layout.cp == 2 and p.layout.dp == world // (2 * p.layout.tp)
+    assert p.model.layer_spec_choice in ("sdpa", "te")
+
+
+@pytest.mark.parametrize("overrides,world,device,shape,match", [
+    (["model.cp=2", "model.pp=2"], 4, "cpu", None, r"model.cp=2 with model.pp=2: not covered"),
+    (["model.cp=2"], 2, "cpu", "qwen3-30b-a3b", r"model.cp=2: not covered for mixture-of-experts"),
+    (["model.cp=2", "model.layer_spec=local"], 2, "cpu", None, r"model.layer_spec=local resolves to local"),
+    (["model.cp=2", "model.layer_spec=te", "rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2"], 2,
+     "cuda", None, r"layer spec te needs packed micro-batches"),
+    (["model.cp=2", "model.layer_spec=te", "actor.max_tokens_per_microbatch=1024"], 2, "cuda", None,
+     r"rollout.engine=native needs model.layer_spec=sdpa"),
+    (["model.cp=2", "model.layer_spec=sdpa", "rollout.engine=vllm"], 2, "cuda", None,
+     r"rollout.vllm.tensor_parallel_size=1 must be a multiple of model.tp \* model.cp = 2"),
+    (["model.cp=2", "gad.enable=true"], 2, "cpu", None, r"model.cp=2 with gad.enable=true: not covered"),
+    (["model.cp=3", "model.tp=1"], 4, "cpu", None, r"not divisible by model.tp \* model.pp \* model.cp"),
+])
+def test_plan_refuses_uncovered_context_parallel_by_key(overrides, world, device, shape, match):
+    from megatron_rl.plan import PlanError
+
+    with pytest.raises(PlanError, match=match):
+        _plan(*overrides, world_size=world, device=device, shape=shape)
+
+
 # --- CP=2 against CP=1 (gloo) ----------------------------------------------------------------
 
 def _policy(hf, budget, tp):
@@ -76,6 +119,30 @@ def _policy(hf, budget, tp):
     opt, sched = build_optimizer(ddp, optim, "float32", 10)
     return Policy(model, micro_batch_size=3, optimizer=opt, scheduler=sched, ddp_model=ddp,
                   max_tokens_per_microbatch=budget)
+
+
+def _greedy_rollout(hf):
+    """The native engine under CP decodes whole rows on every CP rank (`whole_sequences`); then
+    the training forward is split again."""
+    import types
+
+    from megatron_rl.data.batch import Batch
+    from megatron_rl.models import load_checkpoint
+    from megatron_rl.models.forward import gpt_forward
+    from megatron_rl.rollout.native_engine import NativeEngine
+    from megatron_rl.rollout.protocol import SamplingParams
+
+    model = load_checkpoint(hf, layer_spec="sdpa")
+    g = torch.Generator().manual_seed(3)
+    prompt_mask = torch.ones(3, 5, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompts = Batch({"prompt_ids": torch.randint(2, 96, (3, 5), generator=g), "prompt_mask": prompt_mask},
+                    [{"uid": str(i)} for i in range(3)])
+    engine = NativeEngine(model, types.SimpleNamespace(eos_token_id=1, pad_token_id=0))
+    with torch.no_grad():
+        out = engine.generate(prompts, SamplingParams(max_new_tokens=6, greedy=True))
+        after = gpt_forward(model, prompts["prompt_ids"], prompt_mask)     # CP split restored
+    return out["response_ids"], out["rollout_logprob"], after.shape[1]
 
 
 def _values_and_grads(hf, ids, am):
@@ -114,8 +181,9 @@ def _worker(rank, world, hf, tp, cp, out):
     from megatron_rl.trainer.microbatch import model_inputs
 
     init_distributed(tp=tp, cp=cp)
-    res = {}
+    res = {"cp": cp}
     batch = ragged_batch(seed=1)
+    res["rollout"] = _greedy_rollout(hf)
     ids, am = model_inputs(batch)
     res["values"] = _values_and_grads(hf, ids, am)
     for budget in (0, BUDGET):
@@ -147,6 +215,9 @@ def cp_reference(tmp_path_factory):
 
 def _assert_matches(ref, got):
     mask = ragged_batch(seed=1)["response_mask"].bool()
+    (ids0, rlp0, s0), (ids1, rlp1, s1) = ref["rollout"], got["rollout"]
+    assert torch.equal(ids0, ids1) and (rlp0 - rlp1).abs().max() < 1e-5
+    assert s0 == 5 and s1 == 8 // got["cp"]                  # the prompt (5 tokens, padded to 8) split again
     assert (ref["logits"] - got["logits"]).abs().max() < 1e-5
     (v0, g0, h0), (v1, g1, h1) = ref["values"], got["values"]
     assert (v0 - v1).abs().max() < 1e-5 and v0.abs().max() > 0.1
