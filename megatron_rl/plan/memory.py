@@ -32,6 +32,12 @@ imports), so it runs on a laptop for a 70B plan. Every term is bytes on the wors
 - rollout engine:  colocated vLLM reserves `gpu_memory_utilization` x GPU memory while it
                    generates (asleep during training); the native engine reuses the actor
                    and adds a KV cache of 2 * layers/PP * kv_heads/TP * head_dim * tokens * 2 B;
+- context parallel (`cp`): every per-token term of the update and log-prob passes (activations,
+                   logits, head inputs, MoE dispatch, reward-model pass) counts seq/cp tokens;
+                   the all-gather CP attention (sdpa) adds, per held layer, the gathered K and V
+                   expanded to the query heads, 2 * s * b * heads/TP * head_dim * 2 B; optimizer
+                   state shards over DP x CP; the rollout KV cache stays whole (the native
+                   engine decodes whole rows on every CP rank);
 - overhead:        CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation,
                    2.5 GiB by default; not part of `torch.cuda.max_memory_allocated()`.
 
@@ -68,6 +74,7 @@ class PlanInputs:
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
+    cp: int = 1                        # context parallel: each rank holds seq/cp tokens of a sequence
     ep: int = 1                        # expert parallel (MoE shapes only)
     etp: int = 1                       # expert tensor parallel
     sequence_parallel: bool = False
@@ -100,7 +107,12 @@ class PlanInputs:
 
     @property
     def dp(self) -> int:
-        return self.gpus // (self.tp * self.pp)
+        return self.gpus // (self.tp * self.pp * self.cp)
+
+    @property
+    def seq_local(self) -> int:
+        """Tokens of one sample on one rank (context parallelism splits the sequence)."""
+        return -(-self.seq_len // self.cp)
 
     @property
     def expert_dp(self) -> int:
@@ -108,8 +120,8 @@ class PlanInputs:
 
     def validate(self) -> None:
         s = self.shape
-        if self.gpus % (self.tp * self.pp):
-            raise ValueError(f"gpus={self.gpus} is not divisible by tp*pp = {self.tp}*{self.pp}")
+        if self.gpus % (self.tp * self.pp * self.cp):
+            raise ValueError(f"gpus={self.gpus} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp}")
         if s.num_kv_heads % self.tp:
             raise ValueError(f"num_kv_heads={s.num_kv_heads} is not divisible by tp={self.tp}")
         if (self.ep > 1 or self.etp > 1) and not s.is_moe:
@@ -142,7 +154,7 @@ def inputs_from_plan(plan, gpu_mem_gib: float = 80.0, **overrides) -> PlanInputs
     ref = plan.role("reference") if plan.has_role("reference") else None
     kw = dict(
         shape=m.shape, gpus=lay.world_size, gpu_mem_gib=gpu_mem_gib, tp=lay.tp, pp=lay.pp, vpp=lay.vpp,
-        ep=lay.ep, etp=lay.etp,
+        cp=lay.cp, ep=lay.ep, etp=lay.etp,
         sequence_parallel=lay.sequence_parallel, sp_supported=m.layer_spec in ("auto", "te"),
         recompute=m.recompute, dtype=m.dtype, grad_fp32=True, distributed_optimizer=m.distributed_optimizer,
         micro_batch=micro, seq_len=seq, num_microbatches=max(1, b.microbatches_per_mini_batch),
@@ -286,10 +298,11 @@ def activation_bytes(p: PlanInputs, in_flight: int | None = None) -> float:
     counts = dict(zip((False, True), stage_layers(s, p.pp, "first")))
 
     def layer(sparse: bool, scores: bool) -> float:
-        return layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=scores, sparse=sparse, **kw)
+        return (layer_activation_bytes(s, p.seq_local, p.micro_batch, p.tp, sp, scores=scores, sparse=sparse, **kw)
+                + cp_gathered_kv_bytes(p))
 
     if p.recompute == "full":
-        held_layers = ab * p.seq_len * p.micro_batch * s.hidden_size / (p.tp if sp else 1) * sum(counts.values())
+        held_layers = ab * p.seq_local * p.micro_batch * s.hidden_size / (p.tp if sp else 1) * sum(counts.values())
     else:
         scores = p.recompute == "none" and not p.flash_attention
         held_layers = sum(layer(sp_, scores) * n for sp_, n in counts.items())
@@ -301,10 +314,18 @@ def activation_bytes(p: PlanInputs, in_flight: int | None = None) -> float:
     return held
 
 
+def cp_gathered_kv_bytes(p: PlanInputs) -> float:
+    """One layer's K and V all-gathered over CP and expanded to the query heads (sdpa's CP attention
+    saves them for backward); 0 at cp=1."""
+    if p.cp == 1:
+        return 0.0
+    return 2 * p.seq_len * p.micro_batch * (p.shape.num_heads // p.tp) * p.shape.head_dim * DTYPE_BYTES[p.dtype]
+
+
 def logits_bytes(p: PlanInputs, training: bool = True) -> float:
     """Logits of one micro-batch on the last stage plus the loss path's own buffers."""
     ab = DTYPE_BYTES[p.dtype]
-    elems = p.seq_len * p.micro_batch * padded_vocab(p.shape.vocab_size, p.tp) / p.tp
+    elems = p.seq_local * p.micro_batch * padded_vocab(p.shape.vocab_size, p.tp) / p.tp
     if p.loss_path == "fused":   # b > 1: GPTModel's [s,b,v] -> [b,s,v] transpose copies the logits once
         return elems * ab * (2 if p.micro_batch > 1 else 1)
     return elems * (ab + 4 + (4 if training else 0))
@@ -317,7 +338,7 @@ def kv_cache_bytes(s: Shape, tp: int, pp: int, tokens: int, act_bytes: int = 2) 
 def head_input_bytes(p: PlanInputs) -> float:
     """The final norm's input and the LM head's input (gathered over TP), kept for backward."""
     sp = p.sequence_parallel and p.tp > 1
-    return p.seq_len * p.micro_batch * p.shape.hidden_size * DTYPE_BYTES[p.dtype] * (1 + (1 / p.tp if sp else 1))
+    return p.seq_local * p.micro_batch * p.shape.hidden_size * DTYPE_BYTES[p.dtype] * (1 + (1 / p.tp if sp else 1))
 
 
 def largest_param(s: Shape, tp: int, stage: str) -> int:
@@ -368,7 +389,7 @@ def _static(p: PlanInputs, stage: str) -> dict[str, float]:
     e = stage_expert_params(p.shape, p.ep, p.etp, p.pp, stage)     # sharded over the expert-DP group
     grad_b = 4 if (p.grad_fp32 or ab == 4) else ab
     state_b = 8 if ab == 4 else 12
-    dense_opt = state_b / (p.dp if p.distributed_optimizer else 1)
+    dense_opt = state_b / (p.dp * p.cp if p.distributed_optimizer else 1)    # Megatron shards over DP x CP
     expert_opt = state_b / (p.expert_dp if p.distributed_optimizer else 1)
     fz = vis.frozen_vision_params(p.shape, stage, p.vision_trainable)       # no grads, no optimizer state
     out = {"actor weights": (n + e) * ab, "actor grads": (n + e - fz) * grad_b,
@@ -411,8 +432,8 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
                                                               p.vision_trainable) if first else 0.0
     c["logits + loss"] = logits_bytes(p) + head_input_bytes(p) if last else 0.0
     c["grad transient"] = largest_param(s, p.tp, stage) * ab if (p.grad_fp32 and ab < 4) else 0.0
-    c["moe dispatch"] = moe.dispatch_bytes(s, p.seq_len * p.micro_batch, p.tp, p.etp, ab)
-    fwd_layer = max(layer_activation_bytes(s, p.seq_len, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
+    c["moe dispatch"] = moe.dispatch_bytes(s, p.seq_local * p.micro_batch, p.tp, p.etp, ab)
+    fwd_layer = cp_gathered_kv_bytes(p) + max(layer_activation_bytes(s, p.seq_local, p.micro_batch, p.tp, sp, scores=not p.flash_attention,
                                            dropout=p.dropout, fused_swiglu=p.fused_swiglu, act_bytes=ab,
                                            sparse=sparse, etp=p.etp) for sparse in (False, s.is_moe))
     logprob_work = fwd_layer + c["moe dispatch"] + (logits_bytes(p, training=False) if last else 0.0)
@@ -442,9 +463,9 @@ def estimate_stage(p: PlanInputs, stage: str, pp_rank: int | None = None) -> Mem
         "rollout": rollout_resident(c, p) + ref_res + engine + c["overhead"],
     }
     if p.rm_shape is not None:
-        rm_work = layer_activation_bytes(p.rm_shape, p.seq_len, p.rm_micro_batch, p.tp, sp,
+        rm_work = layer_activation_bytes(p.rm_shape, p.seq_local, p.rm_micro_batch, p.tp, sp,
                                          scores=not p.flash_attention, dropout=False, fused_swiglu=p.fused_swiglu,
-                                         act_bytes=ab) + p.seq_len * p.rm_micro_batch * p.rm_shape.hidden_size * 4
+                                         act_bytes=ab) + p.seq_local * p.rm_micro_batch * p.rm_shape.hidden_size * 4
         c["reward model pass"] = rm_work
         phases["reward"] = (resident + ref_res + (0.0 if p.rm_resident else c["reward model"]) + rm_work
                             + c["overhead"])
@@ -472,7 +493,8 @@ def candidates(p: PlanInputs, gpus_per_node: int = 8):
         if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp:
             continue
         for pp in range(1, s.num_layers + 1):
-            if s.num_layers % pp or p.gpus % (tp * pp) or p.gpus % (p.etp * p.ep * pp):
+            if (s.num_layers % pp or p.gpus % (tp * pp * p.cp) or p.gpus % (p.etp * p.ep * pp)
+                    or (p.cp > 1 and pp > 1)):          # CP with PP is refused (plan/layout.py)
                 continue
             for rc in RECOMPUTE:
                 if rc == "selective" and p.flash_attention:
@@ -509,7 +531,8 @@ def layout(p: PlanInputs) -> str:
     vpp = f" VPP={p.vpp}" if p.vpp else ""
     sp = " SP" if p.sequence_parallel and p.tp > 1 else ""
     ep = f" EP={p.ep} ETP={p.etp}" if p.shape.is_moe else ""
-    return f"TP={p.tp} PP={p.pp}{vpp}{ep} DP={p.dp}{sp} recompute={p.recompute}"
+    cp = f" CP={p.cp}" if p.cp > 1 else ""
+    return f"TP={p.tp} PP={p.pp}{vpp}{cp}{ep} DP={p.dp}{sp} recompute={p.recompute}"
 
 
 def format_plan(plan: MemoryPlan) -> str:

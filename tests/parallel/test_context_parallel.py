@@ -105,6 +105,21 @@ def test_plan_refuses_uncovered_context_parallel_by_key(overrides, world, device
         _plan(*overrides, world_size=world, device=device, shape=shape)
 
 
+def test_memory_estimate_splits_per_token_terms_over_cp():
+    from megatron_rl.plan import memory as mp
+
+    base = dict(shape=mp.PRESETS["llama3-8b"], gpus=8, tp=2, micro_batch=1, seq_len=32768, dtype="bfloat16")
+    one, two = mp.estimate(mp.PlanInputs(**base)), mp.estimate(mp.PlanInputs(**base, cp=2))
+    s = mp.PRESETS["llama3-8b"]
+    kv = 2 * 32768 * (s.num_heads // 2) * s.head_dim * 2 * s.num_layers       # gathered K/V, every layer held
+    assert two.inputs.dp == 2 and one.inputs.dp == 4
+    assert abs(two.components["activations"] - (one.components["activations"] / 2 + kv)) < 1e-6 * kv
+    assert abs(two.components["logits + loss"] - one.components["logits + loss"] / 2) < 1.0
+    assert two.components["optimizer"] == one.components["optimizer"]        # sharded over DP x CP = 4 both
+    assert two.phases["train"] < one.phases["train"]
+    assert "CP=2" in mp.layout(two.inputs)
+
+
 # --- CP=2 against CP=1 (gloo) ----------------------------------------------------------------
 
 def _policy(hf, budget, tp):
