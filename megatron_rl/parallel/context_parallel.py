@@ -184,7 +184,8 @@ def whole_sequences(chunks):
     collective: the native engine's KV-cache decoding (each CP rank of a DP rank decodes the same
     rows with the same seed, so they agree). Switched off for the scope: the sdpa attention's CP
     path (its `cp`), Megatron RoPE's per-rank slicing (its `cp_group` constructor attribute) and
-    the config's `context_parallel_size` (the RoPE table length). No-op at cp=1."""
+    the config's `context_parallel_size` (the RoPE table length); RoPE's table cache is cleared
+    on entry and exit. No-op at cp=1."""
     if cp_size() == 1:
         yield
         return
@@ -203,11 +204,15 @@ def whole_sequences(chunks):
     saved += [(cfg, "context_parallel_size", cfg.context_parallel_size) for cfg in configs.values()]
     for obj, name, _ in saved:
         setattr(obj, name, None if name == "cp_group" else 1)
+    # RotaryEmbedding.forward is lru_cache'd on (self, length, ...), not on cp_group: tables made
+    # in either mode must not be served in the other
+    RotaryEmbedding.forward.cache_clear()
     try:
         yield
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+        RotaryEmbedding.forward.cache_clear()
 
 
 def check_same_rows(tensor: torch.Tensor, what: str) -> None:

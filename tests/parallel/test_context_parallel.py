@@ -154,8 +154,11 @@ def _greedy_rollout(hf):
     prompts = Batch({"prompt_ids": torch.randint(2, 96, (3, 5), generator=g), "prompt_mask": prompt_mask},
                     [{"uid": str(i)} for i in range(3)])
     engine = NativeEngine(model, types.SimpleNamespace(eos_token_id=1, pad_token_id=0))
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
     with torch.no_grad():
         out = engine.generate(prompts, SamplingParams(max_new_tokens=6, greedy=True))
+        assert RotaryEmbedding.forward.cache_info().currsize == 0        # no whole-sequence table served later
         after = gpt_forward(model, prompts["prompt_ids"], prompt_mask)     # CP split restored
     return out["response_ids"], out["rollout_logprob"], after.shape[1]
 
@@ -264,3 +267,58 @@ def test_cp2_tp2_matches_cp1(cp_reference, tmp_path):
     hf, ref = cp_reference
     run_multiproc(_worker, 4, (hf, 2, 2, str(tmp_path / "cp2tp2.pt")))
     _assert_matches(ref, torch.load(tmp_path / "cp2tp2.pt"))
+
+
+# --- end to end: `megatron-rl train` at CP=2 (native engine, sdpa) against CP=1 --------------------
+
+VARIED_REWARD = '''
+def varied(response, sample, **kw):
+    """Varies within a group: by the response's words and the first one's length."""
+    words = response.split()
+    return 0.2 * len(words) + (0.1 * len(words[0]) if words else 0.0)
+'''
+
+
+def _train(rank, world, overrides):
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.trainer.main import build_trainer
+
+    trainer = build_trainer(load_experiment_config(None, overrides))
+    try:
+        trainer.fit()
+    finally:
+        trainer.logger.close()
+        trainer.rewards.close()
+
+
+@pytest.mark.multiproc
+def test_training_run_at_cp2_logs_cp1_metrics(tmp_path):
+    """Two GRPO steps: the CP ranks' native engines decode the same rows, and the losses,
+    gradient norms and rewards equal CP=1's."""
+    import json
+
+    from megatron_rl.data.writers import write_jsonl
+    from tests.trainer.conftest import write_tokenizer
+
+    hf = make_tiny_hf(tmp_path / "model", "llama", tie=True)
+    write_tokenizer(hf)
+    qs = ["what is two plus two ?", "what is one plus three ?", "give the number four", "what is three plus one ?"]
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": qs[i % 4], "ground_truth": "4"} for i in range(8)])
+    (tmp_path / "reward.py").write_text(VARIED_REWARD)
+    base = [f"model.path={hf}", "model.layer_spec=sdpa", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+            "data.train_batch_size=2", "data.max_prompt_length=16", "rollout.n=4", "rollout.max_new_tokens=5",
+            "actor.micro_batch_size=2", "actor.optim.lr=1e-3", "reward.name=varied",
+            f"reward.custom_functions={{varied: '{tmp_path / 'reward.py'}:varied'}}", "reward.num_workers=0",
+            "logging.sinks=[jsonl]", "trainer.total_steps=2", "trainer.seed=3", "trainer.deterministic=true",
+            "trainer.val_every=0"]
+    runs = {}
+    for cp, world in ((1, 1), (2, 2)):
+        run_dir = tmp_path / f"run_cp{cp}"
+        run_multiproc(_train, world, (base + [f"model.cp={cp}", f"logging.run_dir={run_dir}"],))
+        runs[cp] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = {cp: [m for m in rows if "actor/pg_loss" in m] for cp, rows in runs.items()}
+    assert len(steps[1]) == len(steps[2]) == 2
+    for m1, m2 in zip(steps[1], steps[2]):
+        assert m1["actor/grad_norm"] > 1e-3 and m1["reward/std"] > 0       # a real update, varied rewards
+        for k in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "reward/mean", "response_length/mean"):
+            assert abs(m1[k] - m2[k]) < 1e-5, (k, m1[k], m2[k])
