@@ -294,7 +294,7 @@ def _train(rank, world, overrides):
 @pytest.mark.multiproc
 def test_training_run_at_cp2_logs_cp1_metrics(tmp_path):
     """Two GRPO steps: the CP ranks' native engines decode the same rows, and the losses,
-    gradient norms and rewards equal CP=1's."""
+    gradient norms and rewards equal CP=1's; the CP=2 run checkpoints and resumes."""
     import json
 
     from megatron_rl.data.writers import write_jsonl
@@ -310,12 +310,23 @@ def test_training_run_at_cp2_logs_cp1_metrics(tmp_path):
             "actor.micro_batch_size=2", "actor.optim.lr=1e-3", "reward.name=varied",
             f"reward.custom_functions={{varied: '{tmp_path / 'reward.py'}:varied'}}", "reward.num_workers=0",
             "logging.sinks=[jsonl]", "trainer.total_steps=2", "trainer.seed=3", "trainer.deterministic=true",
-            "trainer.val_every=0"]
+            "trainer.val_every=0", "trainer.val_before_train=false"]
     runs = {}
-    for cp, world in ((1, 1), (2, 2)):
+    for cp, world, save in ((1, 1, ["trainer.save_final=false"]), (2, 2, ["trainer.save_every=1"])):
         run_dir = tmp_path / f"run_cp{cp}"
-        run_multiproc(_train, world, (base + [f"model.cp={cp}", f"logging.run_dir={run_dir}"],))
+        run_multiproc(_train, world, (base + save + [f"model.cp={cp}", f"logging.run_dir={run_dir}"],))
         runs[cp] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    # resume the CP=2 run from its step-1 checkpoint (as if it died after step 1): step 2 again
+    import shutil
+
+    ckpt = tmp_path / "run_cp2" / "checkpoints"
+    shutil.rmtree(ckpt / "step_000002")
+    (ckpt / "latest").write_text("step_000001")
+    (tmp_path / "run_cp2" / "metrics.jsonl").unlink()
+    run_multiproc(_train, 2, (base + ["model.cp=2", f"logging.run_dir={tmp_path / 'run_cp2'}"],))
+    resumed = [json.loads(x) for x in (tmp_path / "run_cp2" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [m["step"] for m in resumed if "actor/pg_loss" in m] == [2]
+    assert abs(resumed[-1]["actor/pg_loss"] - runs[2][-1]["actor/pg_loss"]) < 1e-5
     steps = {cp: [m for m in rows if "actor/pg_loss" in m] for cp, rows in runs.items()}
     assert len(steps[1]) == len(steps[2]) == 2
     for m1, m2 in zip(steps[1], steps[2]):
