@@ -216,6 +216,9 @@ class Policy(Offloadable):
         and leaves the schedule where it is; without it the schedule steps."""
         if self.optimizer is None:
             raise RuntimeError("sft_step() on a frozen policy")
+        if cp_size() > 1:
+            raise ValueError("sft_step (GAD's warm-up) does not cover model.cp > 1 (the run plan refuses gad.enable "
+                             "with it); set model.cp=1")
         mbs = self._microbatches(batch)
         total = float(sum(mb["response_mask"].sum() for mb in mbs)) or 1.0
 
