@@ -10,6 +10,11 @@ tokens (64 prompts x 8 samples: 142k real tokens). Variants (`--variants`):
     packed           actor.max_tokens_per_microbatch=20480 (packed token-budget streams)
     padded-N / packed-N   the same with micro_batch_size / max_tokens_per_microbatch N
     ...+unfusedrope  the same with Megatron's unfused RoPE (models/rope_fusion.py: fused where TE imports)
+    logprob / logprob-N   the log-prob pass alone (`Policy.compute_logprobs`, forward only), packed N
+
+`--models` picks the shapes (smollm2-1.7b, the e2e's; llama-1b; llama-8b-8l, Llama-3-8B cut to 8
+layers so the optimizer fits one GPU) and `--specs` the layer specs (sdpa, te): every variant runs
+on every (model, spec) pair, one build per pair.
 
 Per variant: wall time of one update (median of `--reps` after a warm-up), TFLOP/s of the real
 tokens (tools/bench_train_step.py `step_flops`: 6 N tokens + causal attention), peak allocated
@@ -73,6 +78,7 @@ class Variant:
     micro_batch_size: int
     max_tokens_per_microbatch: int
     unfused_rope: bool = False
+    forward_only: bool = False           # the log-prob pass instead of the update
 
 
 def parse_variant(name: str, cpu_smoke: bool) -> Variant:
@@ -81,12 +87,12 @@ def parse_variant(name: str, cpu_smoke: bool) -> Variant:
     if plus and mod != "unfusedrope":
         raise SystemExit(f"--variants: {name!r}: the only modifier is +unfusedrope")
     kind, _, n = base.partition("-")
-    if kind not in ("padded", "packed") or (n and not n.isdigit()):
-        raise SystemExit(f"--variants: {name!r} is not padded, packed, padded-N or packed-N")
+    if kind not in ("padded", "packed", "logprob") or (n and not n.isdigit()):
+        raise SystemExit(f"--variants: {name!r} is not padded, packed, logprob, padded-N, packed-N or logprob-N")
     mbs, budget = (4, 64) if cpu_smoke else (32, 20480)
     if kind == "padded":
         return Variant(name, int(n) if n else mbs, 0, bool(plus))
-    return Variant(name, mbs, int(n) if n else budget, bool(plus))
+    return Variant(name, mbs, int(n) if n else budget, bool(plus), forward_only=kind == "logprob")
 
 
 def make_batch(rows: int, samples: int, response: int, vocab: int, prompt_range: tuple[int, int], seed: int = 0):
@@ -109,19 +115,30 @@ def make_batch(rows: int, samples: int, response: int, vocab: int, prompt_range:
     return batch, Work(tokens=sum(lens), sum_sq=sum(n * n for n in lens))
 
 
-def build_model(hf: dict, gpu: bool):
-    """The actor's trunk, DDP and optimizer as `trainer.build.build_trained` makes them (random
-    weights instead of `load_model_chunks`): bf16 + sdpa on GPU, fp32 + local on CPU."""
-    from megatron_rl.config.schema import OptimConfig
+def model_arch(name: str):
+    """`--models` name -> ModelArch: the e2e's SmolLM2-1.7B shape (or TINY) or bench_train_step's."""
     from megatron_rl.models.hf_config import arch_from_hf_config
+    from tools.bench_train_step import MODELS
+
+    hf = {"smollm2-1.7b": SMOLLM2_1_7B, "tiny": TINY}.get(name)
+    if hf is not None:
+        return arch_from_hf_config({"architectures": ["LlamaForCausalLM"], **hf})
+    if name not in MODELS:
+        raise SystemExit(f"--models: {name!r} is not one of smollm2-1.7b, tiny, {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(arch, gpu: bool, spec: str = "sdpa"):
+    """The actor's trunk, DDP and optimizer as `trainer.build.build_trained` makes them (random
+    weights instead of `load_model_chunks`): bf16 + `spec` on GPU, fp32 + local on CPU."""
+    from megatron_rl.config.schema import OptimConfig
     from megatron_rl.models.provider import build_model_chunks
     from megatron_rl.trainer.build import build_optimizer, use_distributed_optimizer
     from megatron_rl.trainer.ddp import wrap_ddp_chunks
 
-    arch = arch_from_hf_config({"architectures": ["LlamaForCausalLM"], **hf})
     dtype = "bfloat16" if gpu else "float32"
     torch.manual_seed(0)
-    chunks = build_model_chunks(arch, dtype=dtype, layer_spec="sdpa" if gpu else "local", recompute="none")
+    chunks = build_model_chunks(arch, dtype=dtype, layer_spec=spec if gpu else "local", recompute="none")
     optim = OptimConfig(lr=1e-6)                          # bench_e2e's actor.optim (distributed on GPU)
     ddp = wrap_ddp_chunks(chunks, use_distributed_optimizer(optim))
     opt, sched = build_optimizer(ddp, optim, dtype, 100)
@@ -168,10 +185,13 @@ def sync(gpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-def one_update(policy, batch, algos, seed: int) -> float:
+def one_update(policy, batch, algos, seed: int, forward_only: bool = False) -> float:
     sync(torch.cuda.is_available())
     t0 = time.perf_counter()
-    policy.update(batch, algos, mini_batch_size=0, ppo_epochs=1, use_ref=False, seed=seed)
+    if forward_only:
+        policy.compute_logprobs(batch)
+    else:
+        policy.update(batch, algos, mini_batch_size=0, ppo_epochs=1, use_ref=False, seed=seed)
     sync(torch.cuda.is_available())
     return time.perf_counter() - t0
 
@@ -224,7 +244,8 @@ def breakdown(spans, top: int = 15) -> dict:
                      "calls": int(n)} for name, (ms, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
-def profile_update(policy, batch, algos, gpu: bool, seed: int, trace: Path | None = None) -> tuple[float, list, str]:
+def profile_update(policy, batch, algos, gpu: bool, seed: int, trace: Path | None = None,
+                   forward_only: bool = False) -> tuple[float, list, str]:
     """(wall s, kernel spans, activities) of one profiled update. CUDA activities alone keep the
     host side unprofiled; should that record no kernel (a profiler build quirk), CPU + CUDA."""
     from torch.profiler import ProfilerActivity, profile
@@ -233,7 +254,7 @@ def profile_update(policy, batch, algos, gpu: bool, seed: int, trace: Path | Non
         [ProfilerActivity.CPU]]
     for acts in tries:
         with profile(activities=acts) as prof:
-            wall = one_update(policy, batch, algos, seed)
+            wall = one_update(policy, batch, algos, seed, forward_only)
         spans = kernel_spans(prof, gpu)
         if spans:
             break
@@ -291,19 +312,22 @@ def _run_variant(parts, v: Variant, batch, work: Work, reps: int, gpu: bool, tra
     r.microbatches = len(policy._train_microbatches(batch))
     r.gemm_shape = largest_gemm(arch, policy, batch)
     r.gemm_peak_tflops = round(gemm_peak(r.gemm_shape, gpu), 3)   # a CPU smoke's is < 0.1
-    one_update(policy, batch, algos, seed=0)                          # warm-up (allocator, Triton, compile)
+    fwd = v.forward_only
+    one_update(policy, batch, algos, seed=0, forward_only=fwd)       # warm-up (allocator, Triton, compile)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    r.update_runs_s = [round(one_update(policy, batch, algos, seed=1 + i), 4) for i in range(reps)]
+    r.update_runs_s = [round(one_update(policy, batch, algos, seed=1 + i, forward_only=fwd), 4) for i in range(reps)]
     r.update_s = statistics.median(r.update_runs_s)
     r.peak_mem_gib = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if gpu else None
-    flops = step_flops(matmul_params(parts[1][0], arch), arch, work)
+    passes = 1.0 / 3.0 if fwd else 1.0             # forward = 2 N tokens of the update's 6 N (attention alike)
+    flops = passes * step_flops(matmul_params(parts[1][0], arch), arch, work)
     r.tflops = round(flops / r.update_s / 1e12, 2)
-    r.tflops_6n = round(6.0 * matmul_params(parts[1][0], arch) * work.tokens / r.update_s / 1e12, 2)
+    r.tflops_6n = round(passes * 6.0 * matmul_params(parts[1][0], arch) * work.tokens / r.update_s / 1e12, 2)
     r.pct_gemm_peak = round(100.0 * r.tflops / r.gemm_peak_tflops, 1) if r.gemm_peak_tflops else 0.0
-    trace = None if trace_dir is None else trace_dir / f"uprof_{v.label}.json.gz"
+    trace = None if trace_dir is None else trace_dir / f"uprof_{v.label.replace('/', '_')}.json.gz"
     try:                                   # a profiler failure (no CUPTI, ...) keeps the timings above
-        wall, spans, r.profiler_activities = profile_update(policy, batch, algos, gpu, seed=100, trace=trace)
+        wall, spans, r.profiler_activities = profile_update(policy, batch, algos, gpu, seed=100, trace=trace,
+                                                            forward_only=fwd)
     except Exception as e:                 # noqa: BLE001
         r.profile_error = f"{type(e).__name__}: {e}"[:300]
         return r
@@ -382,7 +406,10 @@ def summary(results: list[Result]) -> str:
 
 def main(argv=None) -> list[Result]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="padded,packed", help="padded, packed, padded-N, packed-N")
+    ap.add_argument("--variants", default="padded,packed", help="padded, packed, logprob, padded-N, packed-N, "
+                    "logprob-N, each optionally +unfusedrope")
+    ap.add_argument("--models", default="smollm2-1.7b", help="smollm2-1.7b (the e2e shape), llama-1b, llama-8b-8l")
+    ap.add_argument("--specs", default="sdpa", help="layer specs to build, comma-separated (sdpa, te)")
     ap.add_argument("--reps", type=int, default=3, help="timed updates per variant (after one warm-up)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, CPU profiler (code paths only)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -395,32 +422,44 @@ def main(argv=None) -> list[Result]:
         raise SystemExit("profile_update.py needs CUDA; use --cpu-smoke for a CPU run of the code paths")
     variants = [parse_variant(x.strip(), a.cpu_smoke) for x in a.variants.split(",") if x.strip()]
     init_distributed()
-    hf = TINY if a.cpu_smoke else SMOLLM2_1_7B
+    names = ["tiny"] if a.cpu_smoke else [x.strip() for x in a.models.split(",") if x.strip()]
+    archs = {n: model_arch(n) for n in names}                       # refuse a bad name before any work
+    specs = [x.strip() for x in a.specs.split(",") if x.strip()]
     rows, samples, response, prange = (16, 4, 16, (4, 7)) if a.cpu_smoke else (PROMPTS * SAMPLES, SAMPLES,
                                                                              NEW_TOKENS, (20, 24))
     reps = 1 if a.cpu_smoke else a.reps
     peak_8192 = matmul_peak(torch.device("cuda" if gpu else "cpu"))
-    parts = build_model(hf, gpu)
-    batch, work = make_batch(rows, samples, response, hf["vocab_size"], prange)
     dev = torch.cuda.get_device_name() if gpu else "cpu"
-    print(f"device {dev}; torch {torch.__version__}; {sum(p.numel() for p in parts[1][0].parameters()) / 1e9:.3f}B "
-          f"parameters; {rows} rows x ({prange[0]}..{prange[1]} prompt + {response} response) tokens; "
-          f"bf16 matmul 8192^3 {peak_8192:.0f} TFLOP/s\n", flush=True)
-    rope = rope_parity(parts, batch) if parts[1][0].config.apply_rope_fusion else None
-    if rope:
-        print(f"fused vs unfused RoPE, same weights and rows: log-prob max abs diff {rope['max_abs']:.3e}, "
-              f"mean {rope['mean_abs']:.3e} (bf16 forward, {rope['tokens']} tokens)\n", flush=True)
-    results = []
-    for v in variants:
-        try:
-            r = run_variant(parts, v, batch, work, reps, gpu, a.trace_dir)
-        except Exception as e:         # noqa: BLE001 - one failing variant must not lose the others
-            r = Result(v.label, v.micro_batch_size, v.max_tokens_per_microbatch, error=f"{type(e).__name__}: {e}"[:500])
-        gc.collect()
-        if gpu:
-            torch.cuda.empty_cache()
-        results.append(r)
-        print(table(r, peak_8192), flush=True)
+    print(f"device {dev}; torch {torch.__version__}; {rows} rows x ({prange[0]}..{prange[1]} prompt + {response} "
+          f"response) tokens; bf16 matmul 8192^3 {peak_8192:.0f} TFLOP/s\n", flush=True)
+    results, rope = [], None
+    for name, arch in archs.items():
+        batch, work = make_batch(rows, samples, response, arch.vocab_size, prange)
+        for spec in specs:
+            parts = build_model(arch, gpu, spec)
+            n_params = sum(p.numel() for p in parts[1][0].parameters()) / 1e9
+            print(f"# {name} ({n_params:.3f}B parameters), {spec} spec\n", flush=True)
+            if rope is None and parts[1][0].config.apply_rope_fusion:
+                rope = rope_parity(parts, batch)
+                print(f"fused vs unfused RoPE, same weights and rows: log-prob max abs diff {rope['max_abs']:.3e}, "
+                      f"mean {rope['mean_abs']:.3e} (bf16 forward, {rope['tokens']} tokens)\n", flush=True)
+            for v in variants:
+                v = Variant(f"{name}/{spec}/{v.label}", v.micro_batch_size, v.max_tokens_per_microbatch,
+                            v.unfused_rope, v.forward_only)
+                try:
+                    r = run_variant(parts, v, batch, work, reps, gpu, a.trace_dir)
+                except Exception as e:         # noqa: BLE001 - one failing variant must not lose the others
+                    r = Result(v.label, v.micro_batch_size, v.max_tokens_per_microbatch,
+                               error=f"{type(e).__name__}: {e}"[:500])
+                gc.collect()
+                if gpu:
+                    torch.cuda.empty_cache()
+                results.append(r)
+                print(table(r, peak_8192), flush=True)
+            del parts
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
     print(summary(results), flush=True)
     if a.json:
         a.json.write_text(json.dumps({"device": dev, "torch": torch.__version__, "matmul_8192_tflops": peak_8192,

@@ -53,6 +53,8 @@ def test_profile_update_variants_parse_and_refuse_by_name():
     assert (v.micro_batch_size, v.unfused_rope, parse_variant("packed", False).unfused_rope) == (64, True, False)
     with pytest.raises(SystemExit, match="unfusedrope"):
         parse_variant("padded+fast", False)
+    assert parse_variant("logprob", False).forward_only and not parse_variant("packed", False).forward_only
+    assert parse_variant("logprob-40960", False).max_tokens_per_microbatch == 40960
 
 
 def test_profile_update_batch_is_the_e2e_workload():
@@ -66,14 +68,16 @@ def test_profile_update_batch_is_the_e2e_workload():
 
 def test_profile_update_cpu_smoke_runs_every_code_path(tmp_path):
     out = tmp_path / "uprof.json"
-    results = main(["--cpu-smoke", "--variants", "packed,padded-8", "--json", str(out)])
-    assert [r.error for r in results] == [None, None]
-    packed, padded = results
+    results = main(["--cpu-smoke", "--variants", "packed,padded-8,logprob", "--json", str(out)])
+    assert [r.error for r in results] == [None, None, None]
+    packed, padded, logprob = results
+    assert logprob.microbatches == packed.microbatches and 0 < logprob.update_s   # the forward-only pass
     assert padded.microbatches == 2 and packed.microbatches >= 336 // 64   # 16 rows / 8; 336 tokens / 64
     for r in results:
         assert 0 < r.busy_s <= r.profiled_wall_s and r.update_s > 0 and r.real_tokens == 336
         assert sum(c["pct"] for c in r.profile["categories"]) == pytest.approx(100.0, abs=0.5)
-    assert [v["label"] for v in json.loads(out.read_text())["variants"]] == ["packed", "padded-8"]
+    assert [v["label"] for v in json.loads(out.read_text())["variants"]] == [
+        "tiny/sdpa/packed", "tiny/sdpa/padded-8", "tiny/sdpa/logprob"]
 
 
 def test_profile_update_a_failed_profile_keeps_the_timings_in_the_tables():
