@@ -43,6 +43,9 @@ def run_microbatches(model, microbatches: list[dict[str, torch.Tensor]],
         raise ValueError(f"all micro-batches need one [batch, seq] shape under the pipeline schedule, got {shapes}")
     check_interleaved_microbatches(len(microbatches), len(model), pp)
     mbs, seq = max(shapes)
+    cp = mpu.get_context_parallel_world_size()
+    if cp > 1:      # the CP forward pads s to a multiple of 2*cp; Megatron's p2p shapes take seq / cp
+        seq = -(-seq // (2 * cp)) * 2 * cp
     it = iter(microbatches) if len(model) == 1 else [iter(microbatches) for _ in model]
     results: list[dict] = []
 

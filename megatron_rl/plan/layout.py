@@ -121,13 +121,13 @@ def check_no_moe_options(moe) -> None:
 
 def check_context_parallel(m, shape: Shape | None) -> None:
     """`model.cp > 1` against the rest of the model section (parallel/context_parallel.py covers
-    dense text models without pipelining; docs/run_plan.md)."""
+    dense text models; docs/run_plan.md)."""
     cp = m.cp
     if cp == 1:
         return
-    if m.pp > 1:
-        raise PlanError(f"model.cp={cp} with model.pp={m.pp}: not covered (the pipeline schedule's p2p shapes and "
-                        "micro-batch padding are not split over CP here); set model.pp=1 or model.cp=1")
+    if m.vpp is not None:
+        raise PlanError(f"model.cp={cp} with model.vpp={m.vpp}: not covered (the interleaved schedule is untested "
+                        "under CP; PP without VPP is); set model.vpp=null or model.cp=1")
     if m.ep > 1 or m.etp > 1 or (shape is not None and shape.is_moe):
         raise PlanError(f"model.cp={cp}: not covered for mixture-of-experts models (router aux losses and token "
                         "dispatch are untested under CP); set model.cp=1")

@@ -493,8 +493,7 @@ def candidates(p: PlanInputs, gpus_per_node: int = 8):
         if tp > gpus_per_node or s.num_kv_heads % tp or p.gpus % tp:
             continue
         for pp in range(1, s.num_layers + 1):
-            if (s.num_layers % pp or p.gpus % (tp * pp * p.cp) or p.gpus % (p.etp * p.ep * pp)
-                    or (p.cp > 1 and pp > 1)):          # CP with PP is refused (plan/layout.py)
+            if s.num_layers % pp or p.gpus % (tp * pp * p.cp) or p.gpus % (p.etp * p.ep * pp):
                 continue
             for rc in RECOMPUTE:
                 if rc == "selective" and p.flash_attention:

@@ -25,7 +25,7 @@ def plan(*overrides, world_size=1, device="cpu", shape=None):
                                                        r"model.pp \* model.vpp = 4 \* 4 = 16"),
     (4, ["model.pp=4"], "smollm2-135m", r"model.pp=4: num_layers=30"),
     (2, ["model.tp=2"], "smollm2-135m", r"model.tp=2: num_kv_heads=3"),
-    (4, ["model.cp=2", "model.pp=2"], None, r"model.cp=2 with model.pp=2: not covered"),
+    (2, ["model.cp=2", "model.layer_spec=local"], None, r"model.cp=2: model.layer_spec=local resolves to local"),
     (2, ["model.ep=2"], "smollm2-135m", r"model.ep=2: expert parallelism needs a mixture-of-experts model"),
     (1, ["model.etp=2"], None, r"world size 1 is not divisible by model.etp \* model.ep \* model.pp"),
     (1, ["rollout.colocate=false"], None, r"rollout.colocate=false: set rollout.placement: disaggregated"),
