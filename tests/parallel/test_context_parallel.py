@@ -1,7 +1,8 @@
-"""Context parallelism (`model.cp`): the shard/unshard index maths, and a tiny Llama on the sdpa
-spec at CP=2 (two gloo processes) against CP=1, float32: logits, per-token log-probs and
-entropies, one PPO update's loss, gradient norm and updated weights, for padded rows (left
-padding) and packed THD micro-batches."""
+"""Context parallelism (`model.cp`): the shard/unshard index maths, the run plan's acceptances and
+refusals, the memory estimate, and a tiny Llama on the sdpa spec at CP=2 (and CP=2 x TP=2,
+CP=2 x PP=2) against CP=1, float32: logits, per-token log-probs and entropies, one PPO update's
+loss, gradient norm and weight change, for padded rows (left padding) and packed THD
+micro-batches; a critic's values and update; greedy native-engine rollouts; a GRPO run."""
 import pytest
 import torch
 
@@ -166,30 +167,30 @@ def _greedy_rollout(hf, check_split: bool = True):
     return out["response_ids"], out["rollout_logprob"], after          # after: the split forward's length
 
 
-def _values_and_grads(hf, ids, am):
-    """A critic trunk + value head: per-position values and the gradient of a weighted sum of
-    them, summed over CP ranks by hand (no DDP): exercises the gathers' backward."""
+def _critic_step(hf, batch):
+    """A critic (trunk + value head, DDP, optimizer): its values, then one clipped value-loss
+    update towards made-up returns: exercises the gathers' backward and DDP's DP x CP mean."""
+    from megatron_rl.algos.config import AlgosConfig
+    from megatron_rl.config.schema import OptimConfig
     from megatron_rl.models import iter_hf_weights, load_checkpoint
-    from megatron_rl.models.value_head import attach_value_head, value_forward
-    from megatron_rl.parallel.context_parallel import cp_group, cp_size
+    from megatron_rl.models.value_head import attach_value_head
+    from megatron_rl.trainer.build import build_optimizer, wrap_ddp
+    from megatron_rl.trainer.critic import Critic
 
     model = load_checkpoint(hf, layer_spec="sdpa")
     head = attach_value_head(model, seed=0)
-    values = value_forward(model, ids, am)                          # [b, s]
-    w = torch.linspace(-1, 1, values.numel()).reshape(values.shape) * am
-    (values * w).sum().backward()
-    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
-    if cp_size() > 1:
-        for g in grads.values():
-            torch.distributed.all_reduce(g, group=cp_group())
-    with torch.no_grad():     # HF-named gradients: swap them into the weights to gather over TP
-        saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-        for n, p in model.named_parameters():
-            p.copy_(grads[n])
-        hf_grads = {k: v.clone() for k, v in iter_hf_weights(model)}
-        for n, p in model.named_parameters():
-            p.copy_(saved[n])
-    return values.detach() * am, hf_grads, head.weight.grad.clone()
+    ddp = wrap_ddp(model, False)
+    opt, sched = build_optimizer(ddp, OptimConfig(lr=1e-3, eps=1e-3, clip_grad=1.0, distributed_optimizer=False),
+                                 "float32", 10)
+    critic = Critic(ddp, opt, sched, micro_batch_size=3)
+    values = critic.compute_values(batch)
+    batch = batch.select(range(len(batch)))
+    batch["values"] = values
+    batch["returns"] = values + torch.linspace(-1, 1, values.numel()).reshape(values.shape) * batch["response_mask"]
+    before = {k: v.clone() for k, v in iter_hf_weights(model)} | {"head": head.weight.detach().clone()}
+    metrics = critic.update(batch, AlgosConfig(), type("C", (), {"ppo_epochs": 1, "cliprange_value": 0.5})())
+    delta = {k: v - before[k] for k, v in iter_hf_weights(model)} | {"head": head.weight.detach() - before["head"]}
+    return values, metrics, delta
 
 
 def _worker(rank, world, hf, tp, cp, out, pp=1):
@@ -206,8 +207,8 @@ def _worker(rank, world, hf, tp, cp, out, pp=1):
     batch = ragged_batch(seed=1)
     res["rollout"] = _greedy_rollout(hf, check_split=pp == 1)
     ids, am = model_inputs(batch)
-    if pp == 1:          # whole-model outputs: on one stage only
-        res["values"] = _values_and_grads(hf, ids, am)
+    if pp == 1:          # the value head lives on the last stage only
+        res["critic"] = _critic_step(hf, batch)
     for budget in (0, BUDGET):
         policy = _policy(hf, budget, tp)
         if budget == 0 and pp == 1:      # whole logits of the padded batch (left-padded prompts)
@@ -242,12 +243,14 @@ def _assert_matches(ref, got):
     assert s0 == 5 and s1 in (None, 8 // got["cp"])          # the prompt (5 tokens, padded to 8) split again
     if "logits" in got:
         assert (ref["logits"] - got["logits"]).abs().max() < 1e-5
-    if "values" in got:
-        (v0, g0, h0), (v1, g1, h1) = ref["values"], got["values"]
+    if "critic" in got:
+        (v0, c0, d0), (v1, c1, d1) = ref["critic"], got["critic"]
         assert (v0 - v1).abs().max() < 1e-5 and v0.abs().max() > 0.1
-        assert (h0 - h1).abs().max() < 1e-6 * h0.abs().max()     # float32 sums of ~60-sized terms
-        for k, g in g0.items():
-            assert (g - g1[k]).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), k
+        for k in ("critic/vf_loss", "critic/grad_norm", "critic/values_mean"):
+            assert abs(c0[k] - c1[k]) < 1e-5 * max(1.0, abs(c0[k])), (k, c0[k], c1[k])      # norm ~35
+        assert c0["critic/grad_norm"] > 0 and d0["head"].abs().max() > 1e-4
+        for k, d in d0.items():
+            assert (d - d1[k]).abs().max() < 1e-5, k
     for budget in (0, BUDGET):
         (lp0, ent0, m0, d0), (lp1, ent1, m1, d1) = ref[budget], got[budget]
         assert (lp0 - lp1).abs().max() < 1e-5, budget
