@@ -218,13 +218,14 @@ def whole_sequences(chunks):
 def check_same_rows(tensor: torch.Tensor, what: str) -> None:
     """Every CP rank of a DP rank must hold the same rows (they split their tokens): compare a
     checksum over the CP group and refuse a mismatch (e.g. rollouts generated per rank)."""
-    s = torch.stack([tensor.double().sum(), (tensor.double() * torch.arange(1, tensor.numel() + 1,
-                     dtype=torch.float64, device=tensor.device).reshape(tensor.shape)).sum()])
-    lo, hi = s.clone(), s.clone()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else tensor.device
+    x = tensor.to(device, torch.float64)                 # NCCL reduces device tensors only
+    s = torch.stack([x.sum(), (x * torch.arange(1, x.numel() + 1, dtype=torch.float64,
+                                                 device=device).reshape(x.shape)).sum()])
     group = cp_group()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    if not torch.equal(lo, hi):
+    both = torch.cat([s, -s])                            # max and -min in one all-reduce
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[:2], -both[2:]):
         raise RuntimeError(f"context parallelism (model.cp={dist.get_world_size(group)}): the CP ranks of one "
                            f"data-parallel rank hold different {what}; every CP rank must see the same batch "
-                           "(rollouts must be identical on them: see docs on model.cp and the rollout engine)")
+                           "(identical rollouts: docs/run_plan.md, 'Context parallelism')")

@@ -203,6 +203,12 @@ def _worker(rank, world, hf, tp, cp, out, pp=1):
     from megatron_rl.trainer.microbatch import model_inputs
 
     init_distributed(tp=tp, pp=pp, cp=cp)
+    if cp > 1:           # CP ranks holding different rows are refused
+        from megatron_rl.parallel.context_parallel import check_same_rows, cp_rank
+
+        check_same_rows(torch.arange(6).reshape(2, 3), "rows")
+        with pytest.raises(RuntimeError, match="the CP ranks of one data-parallel rank hold different rows"):
+            check_same_rows(torch.arange(6).reshape(2, 3) + cp_rank(), "rows")
     res = {"cp": cp}
     batch = ragged_batch(seed=1)
     res["rollout"] = _greedy_rollout(hf, check_split=pp == 1)
