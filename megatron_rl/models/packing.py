@@ -237,11 +237,10 @@ def packed_forward(model, packed: PackedBatch, labels: torch.Tensor | None = Non
 
 def _context_parallel_packed_forward(model, packed: PackedBatch, labels) -> torch.Tensor:
     """THD under CP: every segment (a multiple of 2*cp long, `pack_sequences(seq_multiple=)`) split
-    in Megatron's load-balanced layout; Megatron's THD RoPE reads the global `cu_seqlens`. The sdpa
-    spec gets the causal within-segment mask of local queries against gathered keys; te does its
-    own CP attention from `cu_seqlens` (GPU only)."""
+    in Megatron's load-balanced layout; Megatron's THD RoPE and both specs' CP attention (sdpa:
+    models/sdpa_attention.py, te: Transformer Engine's, GPU only) read the global `cu_seqlens`."""
     from megatron_rl.models.forward import spec_name
-    from megatron_rl.parallel.context_parallel import CPLayout, cp_rank, cp_size, packed_attention_mask
+    from megatron_rl.parallel.context_parallel import CPLayout, cp_rank, cp_size
 
     spec = spec_name(model)
     if spec not in THD_LAYER_SPECS:
@@ -249,7 +248,6 @@ def _context_parallel_packed_forward(model, packed: PackedBatch, labels) -> torc
     if labels is not None:
         raise ValueError("packed_forward: labels (Megatron's own loss) are not supported under model.cp > 1")
     layout = CPLayout.packed(packed.cu_seqlens, cp_size(), cp_rank())
-    mask = packed_attention_mask(packed.cu_seqlens, layout) if spec == "sdpa" else None
     params = packed.packed_seq_params()
     params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = packed.cu_seqlens
-    return model(layout.shard(packed.input_ids), layout.shard(packed.position_ids), mask, packed_seq_params=params)
+    return model(layout.shard(packed.input_ids), layout.shard(packed.position_ids), None, packed_seq_params=params)

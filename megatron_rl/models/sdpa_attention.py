@@ -86,6 +86,7 @@ class SDPAttention(MegatronModule):
         tp = pg_collection.tp.size()
         # model.cp > 1: K/V all-gathered over CP, masked by global positions (_context_parallel)
         self.cp = config.context_parallel_size
+        self.cp_group = pg_collection.cp if self.cp > 1 else None
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -125,27 +126,53 @@ class SDPAttention(MegatronModule):
 
     def _context_parallel(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                           params: Optional[PackedSeqParams], p: float) -> Tensor:
-        """Local queries against K/V all-gathered over the CP group (parallel/context_parallel.py);
-        the mask `[b, 1, s/cp, s]` (padded) or `[1, 1, t/cp, t]` (packed) comes from the forward."""
+        """Local queries against K/V all-gathered over the CP group (parallel/context_parallel.py).
+        Padded: the mask `[b, 1, s/cp, s]` (causal + padding by global position) comes from the
+        forward. Packed: `_context_parallel_packed`."""
         from megatron_rl.parallel.context_parallel import all_gather_kv
 
+        k, v = all_gather_kv(key), all_gather_kv(value)
+        if params is not None:
+            if p > 0:
+                raise ValueError("SDPAttention: attention dropout is not supported with packed sequences")
+            return self._context_parallel_packed(query, k, v, params)
         if attention_mask is None:
             raise ValueError("SDPAttention under model.cp > 1 needs the context-parallel attention mask of "
-                             "parallel/context_parallel.py (run the model through models.forward.gpt_forward or "
-                             "models.packing.packed_forward)")
-        if params is not None and p > 0:
-            raise ValueError("SDPAttention: attention dropout is not supported with packed sequences")
-        k, v = all_gather_kv(key), all_gather_kv(value)
-        if params is not None:           # [t, n, d] -> [1, n, t, d]
-            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, k, v))
-        else:                            # [s, b, n, d] -> [b, n, s, d]
-            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k, v))
+                             "parallel/context_parallel.py (run the model through models.forward.gpt_forward)")
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k, v))      # [s, b, n, d] -> [b, n, s, d]
         k, v = self._expand_kv(k, v, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=p,
                                              scale=self.softmax_scale)
-        if params is not None:
-            return out[0].transpose(0, 1).reshape(query.size(0), self.heads * self.head_dim)
         return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), self.heads * self.head_dim)
+
+    def _context_parallel_packed(self, q: Tensor, k: Tensor, v: Tensor, params: PackedSeqParams) -> Tensor:
+        """q `[t/cp, n, d]` (this rank's chunks r and 2cp-1-r of every segment), k/v `[t, g, d]`
+        gathered rank-major. Each local chunk attends to its segment's keys up to the chunk's end,
+        causally aligned at the lower right (`causal_lower_right`: flash / memory-efficient kernels
+        on GPU, no `[t/cp, t]` mask, no work across segments)."""
+        from torch.nn.attention.bias import causal_lower_right
+
+        from megatron_rl.parallel.context_parallel import CPLayout
+
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        cp, rank = self.cp, self.cp_group.rank()
+        order = CPLayout.packed(cu, cp, rank).gathered.to(k.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        k, v = self._expand_kv(k.index_select(0, inverse), v.index_select(0, inverse), dim=1)   # stream order
+        bounds = cu.tolist()
+        outs, off = [], 0
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            c = (end - start) // (2 * cp)
+            for j, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+                k_end = start + (chunk + 1) * c
+                qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in
+                              (q[off + j * c: off + (j + 1) * c], k[start:k_end], v[start:k_end]))
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(c, k_end - start),
+                                                   scale=self.softmax_scale)
+                outs.append(o[0].transpose(0, 1))
+            off += 2 * c
+        return torch.cat(outs).reshape(q.size(0), self.heads * self.head_dim)
 
     def _expand_kv(self, k: Tensor, v: Tensor, dim: int):
         if self.groups == self.heads:

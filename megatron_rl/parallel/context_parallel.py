@@ -16,8 +16,9 @@ slice of the (replicated) gradient; Megatron's schedule multiplies the loss by c
 DDP averages over DP x CP, which together give cp=1's gradient.
 
 The sdpa spec's attention (models/sdpa_attention.py) all-gathers K and V over CP
-(`all_gather_kv`: backward reduce-scatters dK/dV) and masks with the causal (+padding /
-+document) mask built here from global positions (Llama-3's all-gather CP; exact).
+(`all_gather_kv`: backward reduce-scatters dK/dV; Llama-3's all-gather CP, exact): padded
+micro-batches with the causal + padding mask built here from global positions, packed ones
+one lower-right-causal call per local chunk of each segment.
 Nothing here runs at cp=1: callers test `cp_size() > 1` first.
 """
 from __future__ import annotations
@@ -161,15 +162,6 @@ def padded_attention_mask(attention_mask: torch.Tensor, layout: CPLayout) -> tor
     keep = causal[None] & attention_mask.bool()[:, k][:, None, :]
     keep = keep | (k[None, :] == q[:, None])[None]
     return (~keep)[:, None]
-
-
-def packed_attention_mask(cu_seqlens: torch.Tensor, layout: CPLayout) -> torch.Tensor:
-    """`[1, 1, t/cp, t]` (True = masked): local queries attend causally within their own segment."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
-    q, k = layout.local.to(seg.device), layout.gathered.to(seg.device)
-    keep = (seg[k][None, :] == seg[q][:, None]) & (k[None, :] <= q[:, None])
-    return (~keep)[None, None]
 
 
 def pad_sequence_dim(x: torch.Tensor, multiple: int, value: int = 0) -> torch.Tensor:
