@@ -9,8 +9,10 @@
   `model.moe.grouped_gemm: true`: TEGroupedMLP experts); te for MoE models when
   transformer_engine imports (TEGroupedMLP experts: 3.23x sdpa's SequentialMLP PPO update on
   one H200, Qwen3-30B-A3B-shaped slice; bf16 logits 5.9e-3 from transformers'), sdpa where it
-  does not; else sdpa, which measured faster than te on dense shapes (one H200, llama-1b: 391
-  vs 375 TFLOP/s dense, 283 vs 274 packed). Numbers: docs/BENCHMARKS.md.
+  does not; else sdpa: packed PPO updates on one H200 with fused RoPE in both, sdpa vs te:
+  llama-1b 2.13 vs 2.23 s, SmolLM2-1.7B 2.84 vs 3.05 s, Llama-3-8B shape (8 layers) 3.55 vs 3.48 s
+  (te 2% faster there, 7 GiB heavier), and te loses its fused attention on padded rows (below).
+  Numbers: docs/BENCHMARKS.md ("The e2e update by kernel category").
 
 A te forward given a padding mask runs TE's unfused attention (models/te_attention.py: TE's
 fused backends ignore the mask under `causal`): O(s^2) memory, slower. Batches without padding
@@ -98,8 +100,8 @@ def choose_layer_spec(name: str, device: str, *, te_importable: bool | None = No
         if te_importable:
             return "te", MOE_TE_WHY
         return "sdpa", "auto on GPU, MoE model, transformer_engine not importable: sdpa (SequentialMLP experts)"
-    return "sdpa", ("auto on GPU, dense shape: sdpa measured faster than te (H200 llama-1b: 391 vs 375 TFLOP/s "
-                    "dense, 283 vs 274 packed; docs/BENCHMARKS.md)")
+    return "sdpa", ("auto on GPU, dense shape: sdpa measured faster than te at 1-2B and within 2% at 8B, with "
+                    "less memory (H200 packed PPO update, llama-1b 2.13 vs 2.23 s; docs/BENCHMARKS.md)")
 
 
 def config_features(config) -> dict:

@@ -5,7 +5,7 @@ outside torch's caching allocator, so blocks the update freed but torch still ho
 memory vLLM cannot have. The offloader empties the cache when it runs; with
 `actor.offload_during_rollout=none` nothing did, and `actor.max_tokens_per_microbatch=20480`
 then hit a CUDA OOM in vLLM's wake (H200, docs/BENCHMARKS.md). The engine calls this before
-every wake. With `rollout.vllm.release_torch_cache: auto` (default) the cache stays when what
+every wake. With `rollout.vllm.release_torch_cache: auto` (opt-in) the cache stays when what
 vLLM's last sleep gave back (`wake_need`, measured) fits in the free memory with a margin:
 emptying it costs the next update its allocator warm-up (cudaMalloc of every block again).
 
@@ -49,7 +49,8 @@ def release_torch_cache(policy: str = "always", wake_need: int | None = None) ->
     before = torch.cuda.memory_reserved()
     free, total = (torch.cuda.mem_get_info() if policy != "always" else (None, None))
     if keep_torch_cache(policy, free, wake_need, total):
-        return {"perf/torch_reserved_gib": before / _GIB, "perf/torch_released_gib": 0.0}
+        return {"perf/torch_reserved_gib": before / _GIB, "perf/torch_released_gib": 0.0,
+                "perf/torch_cache_kept": 1.0}
     torch.cuda.empty_cache()
     return {"perf/torch_reserved_gib": before / _GIB,
-            "perf/torch_released_gib": (before - torch.cuda.memory_reserved()) / _GIB}
+            "perf/torch_released_gib": (before - torch.cuda.memory_reserved()) / _GIB, "perf/torch_cache_kept": 0.0}

@@ -258,6 +258,10 @@ class VLLMEngine:
     def wake(self) -> dict[str, float]:
         """Wake for generation; torch's cached blocks go back first (vllm_device.py says why)."""
         metrics = self._release_torch_cache() if self.state != "awake" else {}
+        first = getattr(self, "_weights_wake_metrics", {}) if self.state == "weights" else {}
+        if first and metrics:            # the weights woke (for the sync) after a first release: count both
+            metrics = {**first, "perf/torch_released_gib": first["perf/torch_released_gib"]
+                       + metrics["perf/torch_released_gib"]}
         if self.state == "asleep":
             self.llm.wake_up()
         elif self.state == "weights":
@@ -277,7 +281,7 @@ class VLLMEngine:
 
     def _wake_weights(self) -> None:
         if self.state == "asleep":
-            self._release_torch_cache()
+            self._weights_wake_metrics = self._release_torch_cache()
             self.llm.wake_up(tags=["weights"])
             self.state = "weights"
 

@@ -89,7 +89,7 @@ def test_plan_with_fp8_picks_te_and_says_why():
 def test_auto_layer_spec_choice():
     assert choose_layer_spec("auto", "cpu", fp8=True)[0] == "local"
     spec, why = choose_layer_spec("auto", "cuda")
-    assert spec == "sdpa" and "391 vs 375" in why
+    assert spec == "sdpa" and "2.13 vs 2.23 s" in why
     assert choose_layer_spec("auto", "cuda", fp8=True)[0] == "te"
     assert choose_layer_spec("auto", "cuda", cp=2)[0] == "te"
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=2)[0] == "te"

@@ -91,7 +91,7 @@ def test_rollout_vllm_device_steps_are_noops_without_cuda(monkeypatch):
 def test_rollout_vllm_wake_releases_torch_cache_first(fake_vllm, monkeypatch):
     """offload_during_rollout=none: nothing else empties the cache before vLLM's cumem wake."""
     cuda = FakeCuda(monkeypatch, reserved=(6 * 2 ** 30, 2 ** 30))
-    eng = _engine(sleep_level=1, release_torch_cache="always")     # auto: the next test
+    eng = _engine(sleep_level=1)                                  # always (default); auto: the next test
     eng.state = "asleep"
     order = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: order.append("empty_cache"))
@@ -100,7 +100,7 @@ def test_rollout_vllm_wake_releases_torch_cache_first(fake_vllm, monkeypatch):
     eng.generate(_prompts(), SamplingParams(max_new_tokens=1))
     assert order == ["empty_cache", "wake"]
     assert {k: v for k, v in eng.last_metrics.items() if not k.startswith("perf/vllm_")} == {
-        "perf/torch_reserved_gib": 6.0, "perf/torch_released_gib": 5.0}
+        "perf/torch_reserved_gib": 6.0, "perf/torch_released_gib": 5.0, "perf/torch_cache_kept": 0.0}
     eng.update_weights(iter([("w", torch.ones(2))]))          # asleep again: the weights' wake releases too
     assert order[2:] == ["empty_cache", "wake"] and cuda is not None
 
@@ -111,7 +111,7 @@ def test_rollout_vllm_keeps_torch_cache_when_the_wake_fits(fake_vllm, monkeypatc
     gib = 2 ** 30
     cuda = FakeCuda(monkeypatch, reserved=(6 * gib, 6 * gib), free=60 * gib, total=100 * gib)
     sleep = []
-    eng = _engine(sleep_level=1)
+    eng = _engine(sleep_level=1, release_torch_cache="auto")
     real_sleep = eng.llm.sleep
     eng.llm.sleep = lambda level=1: (sleep.append(level), setattr(cuda, "free", cuda.free + 40 * gib),
                                      real_sleep(level))[-1]
@@ -119,7 +119,7 @@ def test_rollout_vllm_keeps_torch_cache_when_the_wake_fits(fake_vllm, monkeypatc
     eng.sleep()                                             # vLLM gave back 40 GiB: that is the wake's need
     assert eng._wake_need == 40 * gib and sleep == [1]
     cuda.free = 43 * gib                                    # 40 + max(2 GiB, 3% of 100) = 43 fits
-    assert eng.wake() == {"perf/torch_reserved_gib": 6.0, "perf/torch_released_gib": 0.0}
+    assert eng.wake() == {"perf/torch_reserved_gib": 6.0, "perf/torch_released_gib": 0.0, "perf/torch_cache_kept": 1.0}
     assert ("empty_cache",) not in cuda.calls
     eng.state, cuda.free = "asleep", 42 * gib               # 1 GiB short of the margin: released
     eng.wake()
@@ -128,5 +128,6 @@ def test_rollout_vllm_keeps_torch_cache_when_the_wake_fits(fake_vllm, monkeypatc
     eng.state, cuda.free = "asleep", 90 * gib
     eng.wake()
     assert cuda.calls.count(("empty_cache",)) == 2
+    assert VLLMConfig().release_torch_cache == "always"      # the default (vllm_config.py says why)
     with pytest.raises(ValueError, match="rollout.vllm.release_torch_cache"):
         VLLMConfig(release_torch_cache="never")
