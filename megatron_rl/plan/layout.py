@@ -125,9 +125,6 @@ def check_context_parallel(m, shape: Shape | None) -> None:
     cp = m.cp
     if cp == 1:
         return
-    if m.vpp is not None:
-        raise PlanError(f"model.cp={cp} with model.vpp={m.vpp}: not covered (the interleaved schedule is untested "
-                        "under CP; PP without VPP is); set model.vpp=null or model.cp=1")
     if m.ep > 1 or m.etp > 1 or (shape is not None and shape.is_moe):
         raise PlanError(f"model.cp={cp}: not covered for mixture-of-experts models (router aux losses and token "
                         "dispatch are untested under CP); set model.cp=1")
