@@ -63,6 +63,18 @@ def test_roles_and_placement():
     assert any("ref.offload has no effect on cpu" in n for n in plan("ref.enable=true", "ref.offload=true").notes)
 
 
+def test_gpu_plan_with_padded_microbatches_notes_packing():
+    packs = lambda *o, device="cuda": any("packed ones are the faster GPU path" in n
+                                          for n in plan("model.layer_spec=sdpa", *o, device=device).notes)
+    assert packs() and not packs(device="cpu") and not packs("actor.max_tokens_per_microbatch=4096")
+    from types import SimpleNamespace as NS
+
+    from megatron_rl.plan.run_plan import _packable
+    cfg = lambda vpp=None, steer=False: NS(model=NS(vpp=vpp), steering=NS(enable=steer))
+    assert _packable(cfg(), NS(shape=None)) and not _packable(cfg(vpp=2), NS(shape=None))
+    assert not _packable(cfg(steer=True), NS(shape=None)) and not _packable(cfg(), NS(shape=NS(vision=object())))
+
+
 def test_token_weights_apply_to_follows_an_active_source():
     assert plan("algos.token_weights_apply_to=mask").token_weights_apply_to == "mask"
     assert plan("token_weights.source=reward", "token_weights.apply_to=pg",
