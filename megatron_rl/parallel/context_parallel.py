@@ -108,8 +108,9 @@ def gather_padded(x_local: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    x = x.contiguous()                  # K/V may be strided views of the fused QKV projection
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim)
 
 
