@@ -1,11 +1,11 @@
 """Layer-spec registry: which Megatron-Core transformer layer implementation to use.
 
 - "local": Megatron-Core's own modules (unfused attention); runs on CPU and GPU.
-- "te": Transformer Engine's spec; the GPU default whenever TE is importable.
+- "te": Transformer Engine's spec (FP8, sequence parallelism, grouped-GEMM experts).
 - "sdpa": local modules with PyTorch's fused scaled-dot-product attention
   (registered by `megatron_rl.models.sdpa_attention` when present).
-- "auto" (`choose_layer_spec`): local on CPU; on a GPU te where a feature needs it (FP8
-  GEMMs, context parallelism, sequence parallelism: Megatron's torch norms refuse SP,
+- "auto" (`choose_layer_spec`): local on CPU (sdpa at model.cp > 1); on a GPU te where a
+  feature needs it (FP8 GEMMs, sequence parallelism: Megatron's torch norms refuse SP,
   `model.moe.grouped_gemm: true`: TEGroupedMLP experts); te for MoE models when
   transformer_engine imports (TEGroupedMLP experts: 3.23x sdpa's SequentialMLP PPO update on
   one H200, Qwen3-30B-A3B-shaped slice; bf16 logits 5.9e-3 from transformers'), sdpa where it
@@ -61,12 +61,11 @@ def te_available() -> bool:
 
 def te_features(*, fp8: bool = False, cp: int = 1, sequence_parallel: bool = False, tp: int = 1,
                 grouped_gemm: bool = False, moe: bool = False) -> list[str]:
-    """The requested features that only the TE spec provides."""
+    """The requested features that only the TE spec provides (`cp`: none; the sdpa spec has its
+    own context-parallel attention, parallel/context_parallel.py)."""
     need = []
     if fp8:
         need.append("model.fp8 (FP8 GEMMs are Transformer Engine's)")
-    if cp > 1:
-        need.append(f"model.cp={cp} (context-parallel attention is Transformer Engine's)")
     if sequence_parallel and tp > 1:
         need.append("model.sequence_parallel (Megatron's torch norms refuse it; TE's norms support it)")
     if grouped_gemm:
@@ -94,6 +93,9 @@ def choose_layer_spec(name: str, device: str, *, te_importable: bool | None = No
     need = te_features(**features)
     if need:
         return "te", "auto: needed by " + ", ".join(need)
+    if features.get("cp", 1) > 1:
+        return "sdpa", ("auto on GPU, model.cp > 1: sdpa (its all-gather context-parallel attention covers padded "
+                        "and packed micro-batches and the native engine; te's covers packed only)")
     if features.get("moe"):
         if te_importable is None:
             return "te", MOE_TE_WHY + "; sdpa where transformer_engine does not import"

@@ -91,7 +91,8 @@ def test_auto_layer_spec_choice():
     spec, why = choose_layer_spec("auto", "cuda")
     assert spec == "sdpa" and "2.13 vs 2.23 s" in why
     assert choose_layer_spec("auto", "cuda", fp8=True)[0] == "te"
-    assert choose_layer_spec("auto", "cuda", cp=2)[0] == "te"
+    assert choose_layer_spec("auto", "cuda", cp=2)[0] == "sdpa"                 # sdpa's all-gather CP
+    assert choose_layer_spec("auto", "cuda", cp=2, fp8=True)[0] == "te"
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=2)[0] == "te"
     assert choose_layer_spec("auto", "cuda", sequence_parallel=True, tp=1)[0] == "sdpa"
     assert choose_layer_spec("auto", "cuda", grouped_gemm=True)[0] == "te"

@@ -75,6 +75,7 @@ def _plan(*overrides, world_size=2, device="cpu", shape=None):
 
 @pytest.mark.parametrize("overrides,world,device", [
     (["model.cp=2"], 2, "cpu"),                                             # auto -> sdpa on cpu
+    (["model.cp=2"], 2, "cuda"),                                            # auto -> sdpa on GPU too (padded)
     (["model.cp=2", "model.tp=2", "model.layer_spec=sdpa"], 8, "cpu"),
     (["model.cp=2", "model.layer_spec=te", "actor.max_tokens_per_microbatch=1024", "rollout.engine=vllm",
       "rollout.vllm.tensor_parallel_size=2"], 4, "cuda"),
@@ -86,6 +87,8 @@ def test_plan_accepts_covered_context_parallel_layouts(overrides, world, device)
     p = _plan(*overrides, world_size=world, device=device, shape="smollm2-135m" if device == "cuda" else None)
     assert p.layout.cp == 2 and p.layout.dp == world // (2 * p.layout.tp * p.layout.pp)
     assert p.model.layer_spec_choice in ("sdpa", "te")
+    if "model.layer_spec=te" not in overrides:
+        assert p.model.layer_spec_choice == "sdpa"
 
 
 @pytest.mark.parametrize("overrides,world,device,shape,match", [
