@@ -177,11 +177,15 @@ def check_vllm_section(cfg) -> None:
 
     from megatron_rl.rollout.vllm_config import VLLMConfig
 
-    if cfg.rollout.engine == "vllm":
-        return
     v, default = cfg.rollout.vllm, VLLMConfig()
     if isinstance(v, dict):
         v = VLLMConfig(**v)
+    if cfg.rollout.engine == "vllm":
+        if v.release_torch_cache != default.release_torch_cache and not (cfg.rollout.colocate and v.sleep_level):
+            raise PlanError(f"rollout.vllm.release_torch_cache={v.release_torch_cache!r} acts before a colocated "
+                            f"engine wakes from sleep; with rollout.colocate={cfg.rollout.colocate} and "
+                            f"rollout.vllm.sleep_level={v.sleep_level} it never does: leave it unset")
+        return
     changed = [f.name for f in dataclasses.fields(VLLMConfig) if getattr(v, f.name) != getattr(default, f.name)]
     if changed:
         raise PlanError(f"rollout.vllm.{', rollout.vllm.'.join(changed)} set with rollout.engine={cfg.rollout.engine}: "

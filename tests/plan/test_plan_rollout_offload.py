@@ -105,3 +105,17 @@ def test_vllm_keys_under_the_native_engine_are_refused_by_name():
     with pytest.raises(PlanError, match=r"rollout.vllm.sleep_level, rollout.vllm.per_request_seed set with "
                                         r"rollout.engine=native"):
         resolve_plan(cfg, world_size=1, device="cpu", shape="llama-1b")
+
+
+def test_release_torch_cache_without_a_sleeping_colocated_engine_is_refused():
+    """rollout.vllm.release_torch_cache acts before a colocated vLLM wakes from sleep, nowhere else."""
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.plan import PlanError, resolve_plan
+
+    base = ["model.path=llama-1b", "rollout.engine=vllm", "rollout.vllm.release_torch_cache=auto"]
+    plan = lambda *o: resolve_plan(load_experiment_config(None, base + list(o)), world_size=1, device="cuda",
+                                   shape="llama-1b")
+    plan()                                                           # colocated, sleep level 1: accepted
+    for extra, bad in ((["rollout.vllm.sleep_level=0"], "sleep_level=0"), (["rollout.colocate=false"], "colocate=False")):
+        with pytest.raises(PlanError, match=rf"rollout.vllm.release_torch_cache='auto'.*{bad}"):
+            plan(*extra)
