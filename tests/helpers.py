@@ -158,3 +158,17 @@ def assert_tensors_bit_exact(ref: dict, got: dict) -> None:
     assert sorted(got) == sorted(ref)
     for k in ref:
         assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+
+
+def fit_trainer(overrides: list[str]):
+    """`build_trainer` + `fit()` on config overrides, closing the logger and reward workers."""
+    from megatron_rl.config import load_experiment_config
+    from megatron_rl.trainer.main import build_trainer
+
+    trainer = build_trainer(load_experiment_config(None, overrides))
+    try:
+        trainer.fit()
+    finally:
+        trainer.logger.close()
+        trainer.rewards.close()
+    return trainer

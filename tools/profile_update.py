@@ -29,6 +29,7 @@ shape timed in the same process (and the 8192^3 one for reference). Each variant
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import re
@@ -444,8 +445,7 @@ def main(argv=None) -> list[Result]:
                 print(f"fused vs unfused RoPE, same weights and rows: log-prob max abs diff {rope['max_abs']:.3e}, "
                       f"mean {rope['mean_abs']:.3e} (bf16 forward, {rope['tokens']} tokens)\n", flush=True)
             for v in variants:
-                v = Variant(f"{name}/{spec}/{v.label}", v.micro_batch_size, v.max_tokens_per_microbatch,
-                            v.unfused_rope, v.forward_only)
+                v = dataclasses.replace(v, label=f"{name}/{spec}/{v.label}")
                 try:
                     r = run_variant(parts, v, batch, work, reps, gpu, a.trace_dir)
                 except Exception as e:         # noqa: BLE001 - one failing variant must not lose the others

@@ -86,6 +86,8 @@ class VLLMEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.state = "awake"                          # awake | asleep | weights (weights awake, KV asleep)
         self.weights_stale = False                    # level-2 sleep dropped the weights
+        self._wake_need: int | None = None            # bytes vLLM's last full sleep freed (vllm_device.py)
+        self._weights_wake_metrics: dict[str, float] = {}   # the cache release before the weights' wake
         self._broadcast = None
         self._steer_key = None                        # steering state the workers hold now (None: unknown)
         self._warned_groups = False
@@ -258,7 +260,7 @@ class VLLMEngine:
     def wake(self) -> dict[str, float]:
         """Wake for generation; torch's cached blocks go back first (vllm_device.py says why)."""
         metrics = self._release_torch_cache() if self.state != "awake" else {}
-        first = getattr(self, "_weights_wake_metrics", {}) if self.state == "weights" else {}
+        first = self._weights_wake_metrics if self.state == "weights" else {}
         if first and metrics:            # the weights woke (for the sync) after a first release: count both
             metrics = {**first, "perf/torch_released_gib": first["perf/torch_released_gib"]
                        + metrics["perf/torch_released_gib"]}
@@ -272,7 +274,7 @@ class VLLMEngine:
     # --- internals ----------------------------------------------------------------------------
     def _release_torch_cache(self) -> dict[str, float]:
         """Before a wake from full sleep (weights and KV together need `_wake_need`)."""
-        return release_torch_cache(self.cfg.release_torch_cache, getattr(self, "_wake_need", None))
+        return release_torch_cache(self.cfg.release_torch_cache, self._wake_need)
 
     def _image_pad_id(self) -> int:
         from megatron_rl.data.multimodal import VisionTokens

@@ -112,22 +112,20 @@ class Policy(Offloadable):
         """Micro-batches for log-probs and the update: packed by token budget when
         `max_tokens_per_microbatch > 0`, padded otherwise (cut to their used columns where
         `_can_trim`)."""
+        cp = cp_size()
+        if cp > 1:
+            check_same_rows(model_inputs(batch)[0], "prompt + response tokens")
         if not self.max_tokens:
-            if cp_size() > 1:
-                check_same_rows(model_inputs(batch)[0], "prompt + response tokens")
             mbs = self._microbatches(batch)
             return [trim_padding(mb) for mb in mbs] if self._can_trim(batch) else mbs
         self._check_packable(batch)
         from megatron.core import parallel_state as mpu
 
-        cp = mpu.get_context_parallel_world_size()
         pad_to, multiple = packed_shape(self.max_tokens, tp=mpu.get_tensor_model_parallel_world_size(),
                                         pp=mpu.get_pipeline_model_parallel_world_size(),
                                         sequence_parallel=getattr(self.chunks[0].config, "sequence_parallel", False),
                                         fp8=bool(getattr(self.chunks[0].config, "fp8", None)), cp=cp)
         device = self._device()
-        if cp > 1:
-            check_same_rows(model_inputs(batch)[0], "prompt + response tokens")
         return [move_microbatch(mb, device) for mb in
                 make_packed_microbatches(batch, self.max_tokens, pad_to=pad_to, pad_to_multiple_of=multiple,
                                          seq_multiple=2 * cp)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_rl.parallel.context_parallel import CPLayout, chunk_positions, thd_positions
-from tests.helpers import make_tiny_hf, run_multiproc
+from tests.helpers import fit_trainer, make_tiny_hf, run_multiproc
 from tests.trainer.test_packed_training import ragged_batch
 
 BUDGET = 48
@@ -303,15 +303,7 @@ def varied(response, sample, **kw):
 
 
 def _train(rank, world, overrides):
-    from megatron_rl.config import load_experiment_config
-    from megatron_rl.trainer.main import build_trainer
-
-    trainer = build_trainer(load_experiment_config(None, overrides))
-    try:
-        trainer.fit()
-    finally:
-        trainer.logger.close()
-        trainer.rewards.close()
+    fit_trainer(overrides)
 
 
 @pytest.mark.multiproc

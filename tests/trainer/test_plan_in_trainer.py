@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import run_multiproc
+from tests.helpers import fit_trainer, run_multiproc
 
 # 2 prompts x n=2 = 4 samples per step; global mini-batches of 2 -> 2 optimizer steps per rollout
 PLAN_KEYS = ["actor.mini_batch_size=2", "actor.optim.lr_schedule=linear", "actor.optim.min_lr=0.0",
@@ -17,22 +17,9 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def _train(overrides):
-    from megatron_rl.config import load_experiment_config
-    from megatron_rl.trainer.main import build_trainer
-
-    trainer = build_trainer(load_experiment_config(None, overrides))
-    try:
-        trainer.fit()
-    finally:
-        trainer.logger.close()
-        trainer.rewards.close()
-    return trainer
-
-
 def test_optimizer_steps_and_lr_horizon_follow_the_plan(tiny_run):
     overrides, run_dir = tiny_run
-    tr = _train(overrides + PLAN_KEYS)
+    tr = fit_trainer(overrides + PLAN_KEYS)
     actor = tr.plan.role("actor")
     assert actor.optimizer_steps_per_rollout == 2 and actor.lr_horizon_steps == 6
     rows = [r for r in _rows(run_dir) if "actor/optimizer_steps" in r]
@@ -45,7 +32,7 @@ def test_optimizer_steps_and_lr_horizon_follow_the_plan(tiny_run):
 
 
 def _dp_train(rank, world, overrides, out):
-    tr = _train(overrides)
+    tr = fit_trainer(overrides)
     torch.save({"steps": tr.plan.role("actor").optimizer_steps_per_rollout,
                 "per_rank": tr.plan.role("actor").mini_batch_samples_per_rank,
                 "sched": tr.actor.scheduler.num_steps}, f"{out}.{rank}")
